@@ -1,0 +1,32 @@
+# blockd — `make run` starts a demo daemon, `make test` runs the whole suite.
+# Feature areas add their own targets and Debian packages in mk/*.mk:
+#   APT_PACKAGES += pkg ...      packages `make deps` installs
+#   TEST_TARGETS += target ...   targets `make test` runs after the Go tests
+SHELL := /bin/bash
+GO ?= go
+export PATH := /usr/local/go/bin:$(PATH)
+BIN := bin/blockd
+STATE ?= $(CURDIR)/state
+APT_PACKAGES := fio nbdkit libnbd-bin qemu-utils python3-libnbd nbd-client e2fsprogs
+TEST_TARGETS :=
+
+include $(wildcard mk/*.mk)
+
+.PHONY: all build run test unit deps bench vet
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/blockd
+
+deps:
+	@./scripts/deps.sh $(sort $(APT_PACKAGES))
+
+vet:
+	$(GO) vet ./...
+
+unit: deps
+	$(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+
+test: unit $(TEST_TARGETS)
+	@echo "make test: all passed"

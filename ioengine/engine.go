@@ -1,0 +1,111 @@
+// Package ioengine holds the backing stores at the end of the volume
+// pipeline: a sparse file (the default) and memory. Every engine passes the
+// shared suite in package ioengine/enginetest.
+package ioengine
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/blockd/blockd/pipeline"
+)
+
+// Engine is a volume's backing store. Its methods are safe for concurrent
+// use; ranges are checked by the caller (see Handler) but engines refuse
+// out-of-range I/O too, so nothing is ever written outside the volume.
+type Engine interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	// Flush makes every completed write durable.
+	Flush() error
+	// Trim discards a range; it reads back as zeroes afterwards.
+	Trim(off, length int64) error
+	// WriteZeroes zeroes a range; with noHole the range stays allocated.
+	WriteZeroes(off, length int64, noHole bool) error
+	Size() int64
+	// Resize grows the store; shrinking is refused by the volume layer.
+	Resize(size int64) error
+	Close() error
+}
+
+// FUAWriter is implemented by engines that can make one write durable
+// cheaper than WriteAt followed by Flush.
+type FUAWriter interface {
+	WriteAtFUA(p []byte, off int64) (int, error)
+}
+
+// Kinds of engine, as stored in volume metadata.
+const (
+	KindFile   = "file"
+	KindMemory = "memory"
+)
+
+// Kinds lists the engine kinds Open accepts.
+var Kinds = []string{KindFile, KindMemory}
+
+// Open opens (creating if needed) the engine of kind at path with size.
+// The memory engine ignores path.
+func Open(kind, path string, size int64) (Engine, error) {
+	switch kind {
+	case KindFile, "":
+		return OpenFile(path, size)
+	case KindMemory:
+		return NewMemory(size)
+	}
+	return nil, fmt.Errorf("unknown engine %q (want one of %v)", kind, Kinds)
+}
+
+// Handler returns the pipeline Handler that ends every pipeline: it checks
+// the range and performs the request on e.
+func Handler(e Engine) pipeline.Handler {
+	h := &handler{e: e}
+	h.fua, _ = e.(FUAWriter)
+	return h
+}
+
+type handler struct {
+	e   Engine
+	fua FUAWriter
+}
+
+func (h *handler) Handle(_ context.Context, r *pipeline.Request) error {
+	if r.Offset < 0 || r.End() > h.e.Size() {
+		return pipeline.ErrOutOfRange
+	}
+	switch r.Op {
+	case pipeline.OpRead:
+		_, err := h.e.ReadAt(r.Buf[:r.Length], r.Offset)
+		return err
+	case pipeline.OpWrite:
+		if r.Flags&pipeline.FlagFUA != 0 {
+			if h.fua != nil {
+				_, err := h.fua.WriteAtFUA(r.Buf[:r.Length], r.Offset)
+				return err
+			}
+			if _, err := h.e.WriteAt(r.Buf[:r.Length], r.Offset); err != nil {
+				return err
+			}
+			return h.e.Flush()
+		}
+		_, err := h.e.WriteAt(r.Buf[:r.Length], r.Offset)
+		return err
+	case pipeline.OpFlush:
+		return h.e.Flush()
+	case pipeline.OpTrim:
+		if err := h.e.Trim(r.Offset, int64(r.Length)); err != nil {
+			return err
+		}
+	case pipeline.OpWriteZeroes:
+		if err := h.e.WriteZeroes(r.Offset, int64(r.Length), r.Flags&pipeline.FlagNoHole != 0); err != nil {
+			return err
+		}
+	case pipeline.OpCache:
+		return nil
+	default:
+		return pipeline.ErrNotSupported
+	}
+	if r.Flags&pipeline.FlagFUA != 0 {
+		return h.e.Flush()
+	}
+	return nil
+}

@@ -1,0 +1,162 @@
+package ioengine
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+
+	"github.com/blockd/blockd/pipeline"
+)
+
+// memChunk is the unit of allocation of the memory engine: untouched chunks
+// cost no memory and read as zeroes.
+const memChunk = 1 << 20
+
+type chunk struct {
+	mu   sync.RWMutex
+	data []byte // nil until first written
+}
+
+// Memory is an engine that keeps the volume in RAM, allocated lazily in
+// 1 MiB chunks. It is for benchmarks and ephemeral volumes: nothing survives
+// Close.
+type Memory struct {
+	size   atomic.Int64
+	chunks atomic.Pointer[[]*chunk]
+	grow   sync.Mutex // serializes Resize
+}
+
+// NewMemory returns an empty memory engine of size bytes.
+func NewMemory(size int64) (*Memory, error) {
+	if size < 0 {
+		return nil, fmt.Errorf("memory engine: negative size %d", size)
+	}
+	m := &Memory{}
+	cs := make([]*chunk, (size+memChunk-1)/memChunk)
+	for i := range cs {
+		cs[i] = &chunk{}
+	}
+	m.chunks.Store(&cs)
+	m.size.Store(size)
+	return m, nil
+}
+
+func (m *Memory) check(off, n int64) error {
+	if off < 0 || n < 0 || off+n > m.size.Load() {
+		return pipeline.ErrOutOfRange
+	}
+	return nil
+}
+
+// each calls fn for every chunk piece of [off, off+n).
+func (m *Memory) each(off, n int64, fn func(c *chunk, coff int64, lo, hi int64)) {
+	cs := *m.chunks.Load()
+	for n > 0 {
+		idx := off / memChunk
+		coff := off % memChunk
+		l := min(n, memChunk-coff)
+		fn(cs[idx], coff, off, off+l)
+		off += l
+		n -= l
+	}
+}
+
+// ReadAt implements Engine.
+func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
+	if err := m.check(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	base := off
+	m.each(off, int64(len(p)), func(c *chunk, coff, lo, hi int64) {
+		dst := p[lo-base : hi-base]
+		c.mu.RLock()
+		if c.data == nil {
+			clear(dst)
+		} else {
+			copy(dst, c.data[coff:])
+		}
+		c.mu.RUnlock()
+	})
+	return len(p), nil
+}
+
+// WriteAt implements Engine.
+func (m *Memory) WriteAt(p []byte, off int64) (int, error) {
+	if err := m.check(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	base := off
+	m.each(off, int64(len(p)), func(c *chunk, coff, lo, hi int64) {
+		c.mu.Lock()
+		if c.data == nil {
+			c.data = make([]byte, memChunk)
+		}
+		copy(c.data[coff:], p[lo-base:hi-base])
+		c.mu.Unlock()
+	})
+	return len(p), nil
+}
+
+// Flush implements Engine; memory is as durable as it gets.
+func (m *Memory) Flush() error { return nil }
+
+// Trim implements Engine: whole chunks are freed, partial ones zeroed.
+func (m *Memory) Trim(off, length int64) error { return m.zero(off, length, false) }
+
+// WriteZeroes implements Engine.
+func (m *Memory) WriteZeroes(off, length int64, noHole bool) error {
+	return m.zero(off, length, noHole)
+}
+
+func (m *Memory) zero(off, length int64, keep bool) error {
+	if err := m.check(off, length); err != nil {
+		return err
+	}
+	m.each(off, length, func(c *chunk, coff, lo, hi int64) {
+		c.mu.Lock()
+		switch {
+		case c.data == nil:
+		case hi-lo == memChunk && !keep:
+			c.data = nil
+		default:
+			clear(c.data[coff : coff+hi-lo])
+		}
+		c.mu.Unlock()
+	})
+	return nil
+}
+
+// Size implements Engine.
+func (m *Memory) Size() int64 { return m.size.Load() }
+
+// Resize implements Engine. Growing keeps the data; shrinking drops the tail.
+func (m *Memory) Resize(size int64) error {
+	if size < 0 {
+		return fmt.Errorf("memory engine: negative size %d", size)
+	}
+	m.grow.Lock()
+	defer m.grow.Unlock()
+	old := *m.chunks.Load()
+	n := int((size + memChunk - 1) / memChunk)
+	cs := make([]*chunk, n)
+	copy(cs, old)
+	for i := len(old); i < n; i++ {
+		cs[i] = &chunk{}
+	}
+	if size < m.size.Load() {
+		m.size.Store(size)
+		m.chunks.Store(&cs)
+	} else {
+		m.chunks.Store(&cs)
+		m.size.Store(size)
+	}
+	return nil
+}
+
+// Close implements Engine.
+func (m *Memory) Close() error {
+	cs := []*chunk{}
+	m.size.Store(0)
+	m.chunks.Store(&cs)
+	return nil
+}

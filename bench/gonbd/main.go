@@ -6,8 +6,8 @@ package main
 import (
 	"errors"
 	"flag"
-	"io"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"os"

@@ -68,7 +68,7 @@ func (r *Runner) Run(ctx context.Context) (*Report, error) {
 	var failures []string
 	for _, s := range r.Servers {
 		if ctx.Err() != nil {
-			failures = append(failures, ctx.Err().Error())
+			failures = append(failures, "interrupted: "+ctx.Err().Error())
 			break
 		}
 		if err := r.runServer(ctx, s, rep); err != nil {

@@ -274,6 +274,9 @@ func (q QemuNBD) Start(ctx context.Context, dir string, size int64) (in *Instanc
 	if err := startNBD(ctx, in, dir, "qemu-nbd", port, argv); err != nil {
 		return nil, err
 	}
+	// qemu-nbd holds the image open; unlinking it now means the tmpfs
+	// memory is freed however the run ends, even by SIGKILL.
+	_ = os.RemoveAll(imgDir)
 	return in, nil
 }
 

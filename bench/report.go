@@ -17,6 +17,8 @@ type Result struct {
 	Server string `json:"server"`
 	Job    Job    `json:"job"`
 	Metrics
+	// Samples are the IOPS of every repetition; Metrics is the median one.
+	Samples []float64 `json:"iops_samples,omitempty"`
 	// Err is set when the run failed; the metrics are then zero.
 	Err string `json:"error,omitempty"`
 	// Fio is fio's own JSON output, kept for anything not summarized.

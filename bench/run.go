@@ -6,11 +6,12 @@
 // Server starts one NBD server and returns an Instance with its URI; Fio
 // runs a Job against a URI and parses fio's JSON into Metrics; Report holds
 // Results and prints them. Runner ties them together for `make bench`:
-// servers run one after another, never side by side, so that they do not
-// compete for the machine's CPUs.
+// one fio runs at a time, so servers never compete with each other for the
+// machine's CPUs.
 package bench
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -18,11 +19,19 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"time"
 )
 
 // Runner runs Rows against Servers.
+//
+// All servers are started (and prefilled) first and stay up for the whole
+// run; the rows then run server after server, one fio at a time, with the
+// server order rotated from row to row. On a shared machine the background
+// load drifts over minutes, and interleaving spreads that drift over every
+// server instead of charging it to whichever ran last. An idle server costs
+// next to no CPU.
 type Runner struct {
 	Fio     Fio
 	Servers []Server
@@ -34,8 +43,11 @@ type Runner struct {
 	Ramp    time.Duration
 	// Size is the export size in bytes.
 	Size int64
-	// Prefill writes every export once before its rows run.
+	// Prefill writes every export once before the rows run.
 	Prefill bool
+	// Repeat runs the whole matrix this many times (at least once); each
+	// cell reports the repetition with the median IOPS.
+	Repeat int
 	// Dir holds the server logs and fio output.
 	Dir string
 	// Primary is the server the ratio column compares with its best peer.
@@ -48,6 +60,20 @@ func (r *Runner) logf(format string, args ...any) {
 	if r.Progress != nil {
 		fmt.Fprintf(r.Progress, format+"\n", args...)
 	}
+}
+
+// live is a started server during a run.
+type live struct {
+	s   Server
+	in  *Instance
+	f   Fio
+	err error // set once the server failed; it is skipped from then on
+}
+
+// sample is one fio run of one row against one server.
+type sample struct {
+	m   Metrics
+	raw []byte
 }
 
 // Run runs the matrix. Every server is stopped before Run returns, also
@@ -66,18 +92,119 @@ func (r *Runner) Run(ctx context.Context) (*Report, error) {
 		rep.Servers = append(rep.Servers, s.Name())
 	}
 	var failures []string
+	fail := func(l *live, row string, err error) {
+		failures = append(failures, fmt.Sprintf("%s %s: %v", l.s.Name(), row, err))
+		r.logf("   %s %s FAILED: %v", l.s.Name(), row, err)
+	}
+
+	var lives []*live
+	defer func() {
+		for i := len(lives) - 1; i >= 0; i-- {
+			if lives[i].in != nil {
+				lives[i].in.Stop()
+			}
+		}
+	}()
 	for _, s := range r.Servers {
 		if ctx.Err() != nil {
-			failures = append(failures, "interrupted: "+ctx.Err().Error())
 			break
 		}
-		if err := r.runServer(ctx, s, rep); err != nil {
-			if errors.Is(err, ErrNotBuilt) {
-				rep.Skipped[s.Name()] = err.Error()
-				r.logf("SKIP %s: %v", s.Name(), err)
+		l := &live{s: s}
+		dir := filepath.Join(r.Dir, s.Name())
+		l.f, l.f.Dir = r.Fio, dir
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return rep, fmt.Errorf("bench: %w", err)
+		}
+		r.logf("== %s: starting", s.Name())
+		in, err := s.Start(ctx, dir, r.Size)
+		if errors.Is(err, ErrNotBuilt) {
+			rep.Skipped[s.Name()] = err.Error()
+			r.logf("SKIP %s: %v", s.Name(), err)
+			continue
+		}
+		lives = append(lives, l)
+		if err != nil {
+			l.err = fmt.Errorf("start: %w", err)
+			fail(l, "start", err)
+			continue
+		}
+		l.in = in
+		rep.Instances = append(rep.Instances, *in)
+		r.logf("   %s at %s (%s)", s.Name(), in.URI, strings.Join(in.Cmdline, " "))
+		if r.Prefill {
+			t := time.Now()
+			m, err := l.f.Prefill(ctx, in.URI, "")
+			if err != nil {
+				l.err = fmt.Errorf("prefill: %w", err)
+				fail(l, "prefill", err)
 				continue
 			}
-			failures = append(failures, err.Error())
+			r.logf("   prefill: %.0f MiB/s, %.1fs", m.MiBps, time.Since(t).Seconds())
+		}
+	}
+
+	repeat := max(r.Repeat, 1)
+	samples := map[[2]string][]sample{}
+	jobs := map[string]Job{}
+	for i := 0; i < repeat && ctx.Err() == nil; i++ {
+		if repeat > 1 {
+			r.logf("== repetition %d/%d", i+1, repeat)
+		}
+		for ri, row := range r.Rows {
+			job := MakeJob(row, r.Conns, r.Runtime, r.Ramp, r.Size)
+			jobs[row.Name] = job
+			for k := range lives {
+				if ctx.Err() != nil {
+					break
+				}
+				l := lives[(k+ri+i)%len(lives)]
+				if l.err != nil {
+					continue
+				}
+				tag := ""
+				if repeat > 1 {
+					tag = fmt.Sprintf("r%d", i+1)
+				}
+				m, raw, err := l.f.Run(ctx, l.in.URI, job, tag)
+				if err == nil {
+					err = l.in.Alive()
+				}
+				if err != nil {
+					if aerr := l.in.Alive(); aerr != nil {
+						// A dead server fails every later row too.
+						l.err = aerr
+					}
+					fail(l, row.Name, err)
+					continue
+				}
+				key := [2]string{row.Name, l.s.Name()}
+				samples[key] = append(samples[key], sample{m, raw})
+				r.logf("   %-18s %-9s %2d×%-3d %9s IOPS %8.1f MiB/s  p50 %8.1fµs  p99 %8.1fµs",
+					row.Name, l.s.Name(), job.Jobs, job.IODepth, fmtIOPS(m.IOPS), m.MiBps, m.P50us, m.P99us)
+			}
+		}
+	}
+	if ctx.Err() != nil {
+		failures = append(failures, "interrupted: "+ctx.Err().Error())
+	}
+
+	for _, row := range r.Rows {
+		for _, l := range lives {
+			res := Result{Row: row.Name, Server: l.s.Name(), Job: jobs[row.Name]}
+			ss := samples[[2]string{row.Name, l.s.Name()}]
+			switch {
+			case len(ss) > 0:
+				med := medianSample(ss)
+				res.Metrics, res.Fio = med.m, med.raw
+				for _, s := range ss {
+					res.Samples = append(res.Samples, s.m.IOPS)
+				}
+			case l.err != nil:
+				res.Err = l.err.Error()
+			default:
+				res.Err = "no successful run"
+			}
+			rep.Results = append(rep.Results, res)
 		}
 	}
 	rep.Finished = time.Now().UTC()
@@ -87,64 +214,12 @@ func (r *Runner) Run(ctx context.Context) (*Report, error) {
 	return rep, nil
 }
 
-// runServer starts s, runs every row against it and stops it. Row failures
-// are recorded in rep and returned joined.
-func (r *Runner) runServer(ctx context.Context, s Server, rep *Report) error {
-	dir := filepath.Join(r.Dir, s.Name())
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("%s: %w", s.Name(), err)
-	}
-	r.logf("== %s: starting", s.Name())
-	in, err := s.Start(ctx, dir, r.Size)
-	if err != nil {
-		if errors.Is(err, ErrNotBuilt) {
-			return err
-		}
-		for _, row := range r.Rows {
-			rep.Results = append(rep.Results, Result{Row: row.Name, Server: s.Name(), Err: "start: " + err.Error()})
-		}
-		return fmt.Errorf("%s: start: %w", s.Name(), err)
-	}
-	defer in.Stop()
-	rep.Instances = append(rep.Instances, *in)
-	r.logf("   %s at %s (%s)", s.Name(), in.URI, strings.Join(in.Cmdline, " "))
-	f := r.Fio
-	f.Dir = dir
-	if r.Prefill {
-		t := time.Now()
-		m, err := f.Prefill(ctx, in.URI, "")
-		if err != nil {
-			for _, row := range r.Rows {
-				rep.Results = append(rep.Results, Result{Row: row.Name, Server: s.Name(), Err: "prefill: " + err.Error()})
-			}
-			return fmt.Errorf("%s: prefill: %w", s.Name(), err)
-		}
-		r.logf("   prefill: %.0f MiB/s, %.1fs", m.MiBps, time.Since(t).Seconds())
-	}
-	var errs []error
-	for _, row := range r.Rows {
-		job := MakeJob(row, r.Conns, r.Runtime, r.Ramp, r.Size)
-		res := Result{Row: row.Name, Server: s.Name(), Job: job}
-		m, raw, err := f.Run(ctx, in.URI, job, "")
-		if err == nil {
-			err = in.Alive()
-		}
-		if err != nil {
-			res.Err = err.Error()
-			errs = append(errs, fmt.Errorf("%s %s: %w", s.Name(), row.Name, err))
-			r.logf("   %-18s FAILED: %v", row.Name, err)
-		} else {
-			res.Metrics = m
-			r.logf("   %-18s %4d×%-3d %9s IOPS %8.1f MiB/s  p50 %7.1fµs  p99 %8.1fµs",
-				row.Name, job.Jobs, job.IODepth, fmtIOPS(m.IOPS), m.MiBps, m.P50us, m.P99us)
-		}
-		res.Fio = raw
-		rep.Results = append(rep.Results, res)
-		if ctx.Err() != nil {
-			break
-		}
-	}
-	return errors.Join(errs...)
+// medianSample returns the sample with the median IOPS (the lower middle
+// one for an even count), so that its latencies come from the same run.
+func medianSample(ss []sample) sample {
+	sorted := slices.Clone(ss)
+	slices.SortFunc(sorted, func(a, b sample) int { return cmp.Compare(a.m.IOPS, b.m.IOPS) })
+	return sorted[(len(sorted)-1)/2]
 }
 
 func hostInfo() Host {

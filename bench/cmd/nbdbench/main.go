@@ -63,6 +63,7 @@ func run() int {
 		servers   = flag.String("servers", env("BENCH_SERVERS", "blockd,nbdkit,qemu-nbd,go-nbd"), "comma-separated servers (env BENCH_SERVERS)")
 		conns     = flag.Int("conns", atoi(env("BENCH_CONNS", "2")), "NBD connections (fio jobs) per row with QD>1 (env BENCH_CONNS)")
 		sizeS     = flag.String("size", env("BENCH_SIZE", "1GiB"), "export size (env BENCH_SIZE)")
+		repeat    = flag.Int("repeat", atoi(env("BENCH_REPEAT", "1")), "repetitions of the whole matrix; cells report the median (env BENCH_REPEAT)")
 		prefill   = flag.Bool("prefill", env("BENCH_PREFILL", "1") != "0", "write every export once before reading (env BENCH_PREFILL=0 disables)")
 		blockdBin = flag.String("blockd", env("BENCH_BLOCKD", "bin/blockd"), "blockd binary")
 		gonbdBin  = flag.String("gonbd", env("BENCH_GONBD", "bin/nbdbench-gonbd"), "bench/gonbd binary")
@@ -126,7 +127,7 @@ func run() int {
 
 	r := &bench.Runner{
 		Servers: srv, Rows: sel, Conns: *conns, Runtime: rt, Ramp: ramp, Size: size,
-		Prefill: *prefill, Dir: dir, Primary: "blockd", Progress: os.Stderr,
+		Prefill: *prefill, Repeat: *repeat, Dir: dir, Primary: "blockd", Progress: os.Stderr,
 	}
 	fmt.Fprintf(os.Stderr, "nbdbench: %d rows × %d servers, runtime %v + ramp %v, export %s, up to %d conns; logs in %s\n",
 		len(sel), len(srv), rt, ramp, bench.SizeString(size), *conns, dir)

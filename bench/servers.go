@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -104,6 +105,8 @@ type Blockd struct {
 	Bin string
 	// Engine is the volume engine; "" means memory.
 	Engine string
+	// Profile is the volume's io_profile; "" leaves the daemon's default.
+	Profile string
 }
 
 // Name implements Server.
@@ -130,7 +133,7 @@ func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance
 	argv := []string{b.Bin, "serve", "--state-dir", state,
 		"--nbd-listen", "127.0.0.1:" + strconv.Itoa(port), "--api-socket", sock}
 	in = &Instance{Server: b.Name(), URI: nbdURI(port), Cmdline: argv,
-		Notes: "volume engine " + engine + "; one volume, export name = volume name"}
+		Notes: "volume engine " + engine + ", profile " + cmp.Or(b.Profile, "default") + "; export name = volume name"}
 	defer func() {
 		if err != nil {
 			in.Stop()
@@ -148,6 +151,9 @@ func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance
 	}
 	create := []string{b.Bin, "volume", "create", ExportName, "--size", SizeString(size),
 		"--engine", engine, "--api-socket", sock}
+	if b.Profile != "" {
+		create = append(create, "--profile", b.Profile)
+	}
 	if out, err := exec.CommandContext(wctx, create[0], create[1:]...).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("blockd volume create: %w: %s", err, strings.TrimSpace(string(out)))
 	}
@@ -170,8 +176,13 @@ type Nbdkit struct {
 	Threads int
 }
 
-// Name implements Server.
-func (n Nbdkit) Name() string { return "nbdkit" }
+// Name implements Server: "nbdkit", or "nbdkit-malloc" with that allocator.
+func (n Nbdkit) Name() string {
+	if n.Allocator == "" || n.Allocator == "sparse" {
+		return "nbdkit"
+	}
+	return "nbdkit-" + n.Allocator
+}
 
 // Start implements Server.
 func (n Nbdkit) Start(ctx context.Context, dir string, size int64) (in *Instance, err error) {
@@ -223,8 +234,14 @@ type QemuNBD struct {
 	AIO string
 }
 
-// Name implements Server.
-func (q QemuNBD) Name() string { return "qemu-nbd" }
+// Name implements Server: "qemu-nbd", or "qemu-nbd-io_uring" with that
+// --aio mode.
+func (q QemuNBD) Name() string {
+	if q.AIO == "" || q.AIO == "threads" {
+		return "qemu-nbd"
+	}
+	return "qemu-nbd-" + q.AIO
+}
 
 // Start implements Server.
 func (q QemuNBD) Start(ctx context.Context, dir string, size int64) (in *Instance, err error) {

@@ -60,14 +60,14 @@ func run() int {
 		runtimeS  = flag.String("runtime", env("BENCH_RUNTIME", "10"), "measured seconds per row (env BENCH_RUNTIME)")
 		rampS     = flag.String("ramp", env("BENCH_RAMP", "2"), "ramp seconds per row, not measured (env BENCH_RAMP)")
 		rows      = flag.String("rows", env("BENCH_ROWS", "all"), "comma-separated rows (env BENCH_ROWS): "+rowNames())
-		servers   = flag.String("servers", env("BENCH_SERVERS", "blockd,nbdkit,qemu-nbd,go-nbd"), "comma-separated servers (env BENCH_SERVERS)")
+		servers   = flag.String("servers", env("BENCH_SERVERS", "blockd,nbdkit,qemu-nbd,go-nbd"), "comma-separated servers (env BENCH_SERVERS): "+serverNames)
 		conns     = flag.Int("conns", atoi(env("BENCH_CONNS", "2")), "NBD connections (fio jobs) per row with QD>1 (env BENCH_CONNS)")
 		sizeS     = flag.String("size", env("BENCH_SIZE", "1GiB"), "export size (env BENCH_SIZE)")
 		repeat    = flag.Int("repeat", atoi(env("BENCH_REPEAT", "1")), "repetitions of the whole matrix; cells report the median (env BENCH_REPEAT)")
 		prefill   = flag.Bool("prefill", env("BENCH_PREFILL", "1") != "0", "write every export once before reading (env BENCH_PREFILL=0 disables)")
 		blockdBin = flag.String("blockd", env("BENCH_BLOCKD", "bin/blockd"), "blockd binary")
 		gonbdBin  = flag.String("gonbd", env("BENCH_GONBD", "bin/nbdbench-gonbd"), "bench/gonbd binary")
-		alloc     = flag.String("nbdkit-allocator", env("BENCH_NBDKIT_ALLOCATOR", ""), "nbdkit memory allocator (sparse, malloc); empty = nbdkit default")
+		profile   = flag.String("blockd-profile", env("BENCH_BLOCKD_PROFILE", ""), "io_profile of blockd's volume; empty = daemon default (env BENCH_BLOCKD_PROFILE)")
 		shm       = flag.String("qemu-dir", env("BENCH_QEMU_DIR", "/dev/shm"), "directory (tmpfs) for qemu-nbd's image")
 		out       = flag.String("out", env("BENCH_OUT", "bench/results"), "directory for the JSON report")
 		workDir   = flag.String("workdir", env("BENCH_WORKDIR", ""), "directory for logs and fio output (default: temporary, removed on success)")
@@ -94,17 +94,22 @@ func run() int {
 		fmt.Fprintf(os.Stderr, "nbdbench: %v (rows: %s)\n", err, rowNames())
 		return 2
 	}
-	all := map[string]bench.Server{
-		"blockd":   bench.Blockd{Bin: *blockdBin},
-		"nbdkit":   bench.Nbdkit{Allocator: *alloc},
-		"qemu-nbd": bench.QemuNBD{TmpDir: *shm},
-		"go-nbd":   bench.GoNBD{Bin: *gonbdBin},
+	all := map[string]bench.Server{}
+	for _, s := range []bench.Server{
+		bench.Blockd{Bin: *blockdBin, Profile: *profile},
+		bench.Nbdkit{},
+		bench.Nbdkit{Allocator: "malloc"},
+		bench.QemuNBD{TmpDir: *shm},
+		bench.QemuNBD{TmpDir: *shm, AIO: "io_uring"},
+		bench.GoNBD{Bin: *gonbdBin},
+	} {
+		all[s.Name()] = s
 	}
 	var srv []bench.Server
 	for _, n := range strings.Split(*servers, ",") {
 		s, ok := all[strings.TrimSpace(n)]
 		if !ok {
-			fmt.Fprintf(os.Stderr, "nbdbench: unknown server %q (blockd, nbdkit, qemu-nbd, go-nbd)\n", n)
+			fmt.Fprintf(os.Stderr, "nbdbench: unknown server %q (%s)\n", n, serverNames)
 			return 2
 		}
 		srv = append(srv, s)
@@ -150,6 +155,8 @@ func run() int {
 	}
 	return 0
 }
+
+const serverNames = "blockd, nbdkit, nbdkit-malloc, qemu-nbd, qemu-nbd-io_uring, go-nbd"
 
 func atoi(s string) int {
 	n, err := strconv.Atoi(s)

@@ -179,7 +179,7 @@ func (r *Runner) Run(ctx context.Context) (*Report, error) {
 				}
 				key := [2]string{row.Name, l.s.Name()}
 				samples[key] = append(samples[key], sample{m, raw})
-				r.logf("   %-18s %-9s %2d×%-3d %9s IOPS %8.1f MiB/s  p50 %8.1fµs  p99 %8.1fµs",
+				r.logf("   %-18s %-17s %2d×%-3d %9s IOPS %8.1f MiB/s  p50 %8.1fµs  p99 %8.1fµs",
 					row.Name, l.s.Name(), job.Jobs, job.IODepth, fmtIOPS(m.IOPS), m.MiBps, m.P50us, m.P99us)
 			}
 		}

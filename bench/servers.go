@@ -129,9 +129,16 @@ func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance
 	if err := os.MkdirAll(state, 0o755); err != nil {
 		return nil, fmt.Errorf("blockd: %w", err)
 	}
+	// Metrics stay on, as in production, but on a free port: the default
+	// one may belong to another blockd on this machine.
+	mport, err := FreePort()
+	if err != nil {
+		return nil, err
+	}
 	sock := filepath.Join(dir, "blockd.sock")
 	argv := []string{b.Bin, "serve", "--state-dir", state,
-		"--nbd-listen", "127.0.0.1:" + strconv.Itoa(port), "--api-socket", sock}
+		"--nbd-listen", "127.0.0.1:" + strconv.Itoa(port), "--api-socket", sock,
+		"--metrics-listen", "127.0.0.1:" + strconv.Itoa(mport)}
 	in = &Instance{Server: b.Name(), URI: nbdURI(port), Cmdline: argv,
 		Notes: "volume engine " + engine + ", profile " + cmp.Or(b.Profile, "default") + "; export name = volume name"}
 	defer func() {

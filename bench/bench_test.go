@@ -181,6 +181,23 @@ func TestWriteMarkdown(t *testing.T) {
 	}
 }
 
+func TestWriteMarkdownSpread(t *testing.T) {
+	r := testReport()
+	r.Results[0].Samples = []float64{90000, 100000, 131000}
+	var b strings.Builder
+	if err := r.WriteMarkdown(&b); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"| row | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | IOPS min–max |",
+		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 0.0 | 90000–131000 |",
+	} {
+		if !strings.Contains(b.String(), want+"\n") {
+			t.Errorf("markdown lacks line\n%s\n--- got:\n%s", want, b.String())
+		}
+	}
+}
+
 func TestFmtIOPS(t *testing.T) {
 	for in, want := range map[float64]string{0: "0", 1234.5: "1230", 17234: "17200", 99.96: "100", 1: "1", 123456789: "123000000"} {
 		if got := fmtIOPS(in); got != want {

@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 )
@@ -112,7 +113,21 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 			b.WriteString(" – |\n")
 		}
 	}
-	b.WriteString("\n| row | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs |\n|---|---|---:|---:|---:|---:|---:|\n")
+	// With repetitions, show their spread: on a shared machine it is often
+	// larger than the differences between servers.
+	spread := false
+	for _, res := range r.Results {
+		spread = spread || len(res.Samples) > 1
+	}
+	b.WriteString("\n| row | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs |")
+	if spread {
+		b.WriteString(" IOPS min–max |")
+	}
+	b.WriteString("\n|---|---|---:|---:|---:|---:|---:|")
+	if spread {
+		b.WriteString("---:|")
+	}
+	b.WriteString("\n")
 	for _, row := range r.Rows {
 		for _, s := range r.Servers {
 			res, found := r.Lookup(row.Name, s)
@@ -126,8 +141,12 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 			case res.Err != "":
 				fmt.Fprintf(&b, "| %s | %s | error: %s | | | | |\n", row.Name, s, mdEscape(firstLine(res.Err)))
 			default:
-				fmt.Fprintf(&b, "| %s | %s | %s | %.1f | %.1f | %.1f | %.1f |\n", row.Name, s,
+				fmt.Fprintf(&b, "| %s | %s | %s | %.1f | %.1f | %.1f | %.1f |", row.Name, s,
 					fmtIOPS(res.IOPS), res.MiBps, res.P50us, res.P99us, res.P999us)
+				if spread && len(res.Samples) > 0 {
+					fmt.Fprintf(&b, " %s–%s |", fmtIOPS(slices.Min(res.Samples)), fmtIOPS(slices.Max(res.Samples)))
+				}
+				b.WriteString("\n")
 			}
 		}
 	}

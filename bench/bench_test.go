@@ -136,9 +136,9 @@ func testReport() *Report {
 		Servers: []string{"blockd", "nbdkit", "qemu-nbd", "go-nbd"},
 		Skipped: map[string]string{"go-nbd": "bin/gonbd not built"},
 		Results: []Result{
-			{Row: rows[0].Name, Server: "blockd", Metrics: Metrics{IOPS: 100000, MiBps: 390.6, P50us: 300, P99us: 900}},
-			{Row: rows[0].Name, Server: "nbdkit", Metrics: Metrics{IOPS: 80000, MiBps: 312.5, P50us: 350, P99us: 1200}},
-			{Row: rows[0].Name, Server: "qemu-nbd", Metrics: Metrics{IOPS: 50000, MiBps: 195.3, P50us: 600, P99us: 2000}},
+			{Row: rows[0].Name, Server: "blockd", Metrics: Metrics{IOPS: 100000, MiBps: 390.6, P50us: 300, P99us: 900, ServerCPUPerIO: 8}},
+			{Row: rows[0].Name, Server: "nbdkit", Metrics: Metrics{IOPS: 80000, MiBps: 312.5, P50us: 350, P99us: 1200, ServerCPUPerIO: 12}},
+			{Row: rows[0].Name, Server: "qemu-nbd", Metrics: Metrics{IOPS: 50000, MiBps: 195.3, P50us: 600, P99us: 2000, ServerCPUPerIO: 10}},
 			{Row: rows[1].Name, Server: "nbdkit", Metrics: Metrics{IOPS: 17234, MiBps: 67.3, P50us: 24.4, P99us: 130.6}},
 			{Row: rows[1].Name, Server: "qemu-nbd", Err: "fio 4k-randread-qd1: exit status 1\nmore"},
 		},
@@ -167,13 +167,13 @@ func TestWriteMarkdown(t *testing.T) {
 	}
 	got := b.String()
 	for _, want := range []string{
-		"| row | blockd IOPS | nbdkit IOPS | qemu-nbd IOPS | go-nbd IOPS | blockd / best peer |",
-		"| 4k-randread-qd32 | 100000 | 80000 | 50000 | – | 1.25× (nbdkit) |",
-		"| 4k-randread-qd1 | – | 17200 | error | – | – |",
-		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 0.0 |",
-		"| 4k-randread-qd1 | qemu-nbd | error: fio 4k-randread-qd1: exit status 1 | | | | |",
-		"| 4k-randread-qd1 | go-nbd | bin/gonbd not built | | | | |",
-		"| 4k-randread-qd1 | blockd | not run | | | | |",
+		"| row | blockd IOPS | nbdkit IOPS | qemu-nbd IOPS | go-nbd IOPS | blockd / best peer | blockd CPU/IO ÷ leanest peer |",
+		"| 4k-randread-qd32 | 100000 | 80000 | 50000 | – | 1.25× (nbdkit) | 0.80× (qemu-nbd) |",
+		"| 4k-randread-qd1 | – | 17200 | error | – | – | – |",
+		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 0.0 | 0.00 | 8.0 |",
+		"| 4k-randread-qd1 | qemu-nbd | error: fio 4k-randread-qd1: exit status 1 | | | | | | |",
+		"| 4k-randread-qd1 | go-nbd | bin/gonbd not built | | | | | | |",
+		"| 4k-randread-qd1 | blockd | not run | | | | | | |",
 	} {
 		if !strings.Contains(got, want+"\n") {
 			t.Errorf("markdown lacks line\n%s\n--- got:\n%s", want, got)
@@ -184,13 +184,14 @@ func TestWriteMarkdown(t *testing.T) {
 func TestWriteMarkdownSpread(t *testing.T) {
 	r := testReport()
 	r.Results[0].Samples = []float64{90000, 100000, 131000}
+	r.Results[0].ServerCPU, r.Results[0].ServerCPUPerIO = 0.85, 8.5
 	var b strings.Builder
 	if err := r.WriteMarkdown(&b); err != nil {
 		t.Fatal(err)
 	}
 	for _, want := range []string{
-		"| row | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | IOPS min–max |",
-		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 0.0 | 90000–131000 |",
+		"| row | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | server CPU | CPU µs/IO | IOPS min–max |",
+		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 0.0 | 0.85 | 8.5 | 90000–131000 |",
 	} {
 		if !strings.Contains(b.String(), want+"\n") {
 			t.Errorf("markdown lacks line\n%s\n--- got:\n%s", want, b.String())
@@ -273,6 +274,22 @@ func TestProcStopKillsGroup(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	_ = p.Stop(time.Second) // second Stop is harmless
+}
+
+func TestParseStatCPU(t *testing.T) {
+	// A real line, with a command name that has a space and a ')'.
+	line := "4242 (qemu ) nbd) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 37 0 0 20 0 9 0 100 0 0"
+	got, err := parseStatCPU(line)
+	if err != nil || got != 2870*time.Millisecond {
+		t.Errorf("parseStatCPU = %v, %v; want 2.87s", got, err)
+	}
+	if _, err := parseStatCPU("4242 (x) S 1 2"); err == nil {
+		t.Error("short line accepted")
+	}
+	// The real file parses (its value may still be 0 ticks).
+	if self, err := procCPUTime(os.Getpid()); err != nil || self < 0 {
+		t.Errorf("own cpu time = %v, %v", self, err)
+	}
 }
 
 func TestSizeString(t *testing.T) {

@@ -171,6 +171,12 @@ type Metrics struct {
 	MeanUs float64 `json:"clat_mean_us"`
 	// IOs is the number of completed requests after ramp.
 	IOs int64 `json:"ios"`
+	// ServerCPU is the server's CPU use during the run, in cores (1.0 =
+	// one CPU busy all the time), and ServerCPUPerIO the CPU time it spent
+	// per request. Throughput on a shared machine swings with the
+	// neighbours' load; CPU per request much less so. Zero when unknown.
+	ServerCPU      float64 `json:"server_cpu_cores,omitempty"`
+	ServerCPUPerIO float64 `json:"server_cpu_us_per_io,omitempty"`
 }
 
 // fio's JSON, only the parts we read.

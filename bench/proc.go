@@ -87,6 +87,45 @@ func (p *Proc) Stop(grace time.Duration) error {
 	return nil
 }
 
+// clockTick is USER_HZ, the unit of the CPU times in /proc/PID/stat; it is
+// 100 on every Linux architecture Go supports.
+const clockTick = 10 * time.Millisecond
+
+// CPUTime returns the user plus system CPU time the process (all its
+// threads) has used so far.
+func (p *Proc) CPUTime() (time.Duration, error) {
+	return procCPUTime(p.Pid())
+}
+
+func procCPUTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, fmt.Errorf("cpu time: %w", err)
+	}
+	return parseStatCPU(string(b))
+}
+
+// parseStatCPU reads utime and stime (fields 14 and 15) from a
+// /proc/PID/stat line. The command name (field 2) may contain spaces and
+// parentheses, so fields are counted from the last ')'.
+func parseStatCPU(stat string) (time.Duration, error) {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, errors.New("cpu time: malformed stat")
+	}
+	f := strings.Fields(stat[i+1:])
+	// f[0] is field 3 (state), so field n is f[n-3].
+	if len(f) < 13 {
+		return 0, errors.New("cpu time: short stat")
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, errors.New("cpu time: malformed stat")
+	}
+	return time.Duration(utime+stime) * clockTick, nil
+}
+
 // LogTail returns the last n lines of the process log, for error messages.
 func (p *Proc) LogTail(n int) string {
 	b, err := os.ReadFile(p.Log)

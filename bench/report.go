@@ -88,26 +88,54 @@ func (r *Report) Ratio(row string) (ratio float64, peer string, ok bool) {
 	return p.IOPS / best, peer, true
 }
 
-// WriteMarkdown prints two tables: a summary (IOPS per server per row and
-// the primary/best-peer ratio) and the detail (IOPS, MiB/s, p50, p99 for
-// every cell).
+// CPURatio returns Primary's server CPU time per request on row divided by
+// the lowest of the other servers' (below 1 means blockd is leaner), and
+// that peer; ok is false if either side is missing.
+func (r *Report) CPURatio(row string) (ratio float64, peer string, ok bool) {
+	p, found := r.Lookup(row, r.Primary)
+	if !found || p.Err != "" || p.ServerCPUPerIO <= 0 {
+		return 0, "", false
+	}
+	var best float64
+	for _, res := range r.Results {
+		if res.Row != row || res.Server == r.Primary || res.Err != "" || res.ServerCPUPerIO <= 0 {
+			continue
+		}
+		if !ok || res.ServerCPUPerIO < best {
+			peer, best, ok = res.Server, res.ServerCPUPerIO, true
+		}
+	}
+	if !ok {
+		return 0, "", false
+	}
+	return p.ServerCPUPerIO / best, peer, true
+}
+
+// WriteMarkdown prints two tables: a summary (IOPS per server per row, the
+// primary/best-peer IOPS ratio and CPU-per-request ratio) and the detail
+// (IOPS, MiB/s, p50, p99, server CPU for every cell).
 func (r *Report) WriteMarkdown(w io.Writer) error {
 	var b strings.Builder
 	b.WriteString("| row |")
 	for _, s := range r.Servers {
 		fmt.Fprintf(&b, " %s IOPS |", s)
 	}
-	fmt.Fprintf(&b, " %s / best peer |\n|---|", r.Primary)
+	fmt.Fprintf(&b, " %s / best peer | %s CPU/IO ÷ leanest peer |\n|---|", r.Primary, r.Primary)
 	for range r.Servers {
 		b.WriteString("---:|")
 	}
-	b.WriteString("---:|\n")
+	b.WriteString("---:|---:|\n")
 	for _, row := range r.Rows {
 		fmt.Fprintf(&b, "| %s |", row.Name)
 		for _, s := range r.Servers {
 			fmt.Fprintf(&b, " %s |", r.cell(row.Name, s, func(m Result) string { return fmtIOPS(m.IOPS) }))
 		}
 		if ratio, peer, ok := r.Ratio(row.Name); ok {
+			fmt.Fprintf(&b, " %.2f× (%s) |", ratio, peer)
+		} else {
+			b.WriteString(" – |")
+		}
+		if ratio, peer, ok := r.CPURatio(row.Name); ok {
 			fmt.Fprintf(&b, " %.2f× (%s) |\n", ratio, peer)
 		} else {
 			b.WriteString(" – |\n")
@@ -119,11 +147,11 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 	for _, res := range r.Results {
 		spread = spread || len(res.Samples) > 1
 	}
-	b.WriteString("\n| row | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs |")
+	b.WriteString("\n| row | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | server CPU | CPU µs/IO |")
 	if spread {
 		b.WriteString(" IOPS min–max |")
 	}
-	b.WriteString("\n|---|---|---:|---:|---:|---:|---:|")
+	b.WriteString("\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
 	if spread {
 		b.WriteString("---:|")
 	}
@@ -137,12 +165,12 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 				if why == "" {
 					why = "not run"
 				}
-				fmt.Fprintf(&b, "| %s | %s | %s | | | | |\n", row.Name, s, mdEscape(why))
+				fmt.Fprintf(&b, "| %s | %s | %s | | | | | | |\n", row.Name, s, mdEscape(why))
 			case res.Err != "":
-				fmt.Fprintf(&b, "| %s | %s | error: %s | | | | |\n", row.Name, s, mdEscape(firstLine(res.Err)))
+				fmt.Fprintf(&b, "| %s | %s | error: %s | | | | | | |\n", row.Name, s, mdEscape(firstLine(res.Err)))
 			default:
-				fmt.Fprintf(&b, "| %s | %s | %s | %.1f | %.1f | %.1f | %.1f |", row.Name, s,
-					fmtIOPS(res.IOPS), res.MiBps, res.P50us, res.P99us, res.P999us)
+				fmt.Fprintf(&b, "| %s | %s | %s | %.1f | %.1f | %.1f | %.1f | %.2f | %.1f |", row.Name, s,
+					fmtIOPS(res.IOPS), res.MiBps, res.P50us, res.P99us, res.P999us, res.ServerCPU, res.ServerCPUPerIO)
 				if spread && len(res.Samples) > 0 {
 					fmt.Fprintf(&b, " %s–%s |", fmtIOPS(slices.Min(res.Samples)), fmtIOPS(slices.Max(res.Samples)))
 				}

@@ -51,6 +51,19 @@ func (in *Instance) Stop() {
 	}
 }
 
+// CPUTime returns the CPU time all processes of the instance have used.
+func (in *Instance) CPUTime() (time.Duration, error) {
+	var sum time.Duration
+	for _, p := range in.procs {
+		t, err := p.CPUTime()
+		if err != nil {
+			return 0, err
+		}
+		sum += t
+	}
+	return sum, nil
+}
+
 // Alive reports an error if any process of the instance has exited.
 func (in *Instance) Alive() error {
 	for _, p := range in.procs {

@@ -265,7 +265,7 @@ type Fio struct {
 	Dir string
 }
 
-// Run runs fio with args (which must include --output-format=json and
+// run runs fio with args (which must include --output-format=json and
 // --output=out, as Job.Args and PrefillArgs do) and returns the JSON. A
 // deadline on ctx, or its cancellation, kills fio.
 func (f Fio) run(ctx context.Context, name string, args func(out string) []string) ([]byte, error) {
@@ -291,6 +291,9 @@ func (f Fio) run(ctx context.Context, name string, args func(out string) []strin
 	cmd.WaitDelay = 5 * time.Second
 	err := cmd.Run()
 	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w (%w)", err, context.Cause(ctx))
+		}
 		return nil, fmt.Errorf("fio %s: %w: %s", name, err, strings.TrimSpace(lastLines(stderr.String(), 5)))
 	}
 	data, err := os.ReadFile(out)
@@ -306,6 +309,10 @@ func (f Fio) Run(ctx context.Context, uri string, job Job, tag string) (Metrics,
 	if tag != "" {
 		name = tag + "-" + name
 	}
+	// A hung server must not hang the run: fio gets its time plus a margin
+	// for connecting and for shutting down its connections.
+	ctx, cancel := context.WithTimeout(ctx, job.Runtime+job.Ramp+fioMargin)
+	defer cancel()
 	data, err := f.run(ctx, name, func(out string) []string { return job.Args(uri, out) })
 	if err != nil {
 		return Metrics{}, nil, err
@@ -317,12 +324,21 @@ func (f Fio) Run(ctx context.Context, uri string, job Job, tag string) (Metrics,
 	return m, data, nil
 }
 
+// Bounds on one fio run; variables so that tests can shorten them.
+var (
+	fioMargin      = time.Minute
+	prefillTimeout = 3 * time.Minute
+)
+
 // Prefill writes the whole export at uri once (see PrefillArgs).
 func (f Fio) Prefill(ctx context.Context, uri, tag string) (Metrics, error) {
 	name := "prefill"
 	if tag != "" {
 		name = tag + "-prefill"
 	}
+	// Bounded like Run; 1 GiB at even 10 MiB/s fits.
+	ctx, cancel := context.WithTimeout(ctx, prefillTimeout)
+	defer cancel()
 	data, err := f.run(ctx, name, func(out string) []string { return PrefillArgs(uri, out) })
 	if err != nil {
 		return Metrics{}, err

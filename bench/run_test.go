@@ -156,3 +156,19 @@ func TestMedianSample(t *testing.T) {
 		}
 	}
 }
+
+// A server that never answers must not hang the run: fio is killed after
+// runtime + ramp + margin.
+func TestFioTimeout(t *testing.T) {
+	defer func(m time.Duration) { fioMargin = m }(fioMargin)
+	fioMargin = 100 * time.Millisecond
+	path := filepath.Join(t.TempDir(), "fio")
+	if err := os.WriteFile(path, []byte("#!/bin/sh\nexec sleep 60\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	f := Fio{Path: path, Dir: t.TempDir()}
+	_, _, err := f.Run(context.Background(), "nbd://x/y", MakeJob(DefaultRows[4], 1, 0, 0, 1<<20), "")
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Run = %v, want deadline exceeded", err)
+	}
+}

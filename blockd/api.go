@@ -98,10 +98,17 @@ type UpdateRequest struct {
 
 type api struct {
 	m *Manager
+	k *kernelNBD // nil: attach is not offered
 }
 
-func newAPIHandler(m *Manager) http.Handler {
-	a := &api{m: m}
+// AttachRequest is the body of POST /v1/volumes/{name}/attach.
+type AttachRequest struct {
+	Frontend    string `json:"frontend,omitempty"`    // "nbd" (default)
+	Connections int    `json:"connections,omitempty"` // 0: one per CPU, at most 8
+}
+
+func newAPIHandler(m *Manager, k *kernelNBD) http.Handler {
+	a := &api{m: m, k: k}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -112,6 +119,8 @@ func newAPIHandler(m *Manager) http.Handler {
 	mux.HandleFunc("DELETE /v1/volumes/{name}", a.delete)
 	mux.HandleFunc("POST /v1/volumes/{name}/resize", a.resize)
 	mux.HandleFunc("PATCH /v1/volumes/{name}", a.update)
+	mux.HandleFunc("POST /v1/volumes/{name}/attach", a.attach)
+	mux.HandleFunc("POST /v1/volumes/{name}/detach", a.detach)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, fmt.Errorf("%w: no such API call: %s %s", ErrNotFound, r.Method, r.URL.Path))
 	})
@@ -197,6 +206,41 @@ func (a *api) update(w http.ResponseWriter, r *http.Request) {
 		}
 		return nil
 	})
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a.info(s))
+}
+
+func (a *api) attach(w http.ResponseWriter, r *http.Request) {
+	var req AttachRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	if req.Frontend != "" && req.Frontend != FrontendNBD {
+		writeError(w, fmt.Errorf("%w: frontend %q: want nbd", ErrInvalid, req.Frontend))
+		return
+	}
+	if a.k == nil {
+		writeError(w, fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict))
+		return
+	}
+	s, err := a.k.Attach(r.PathValue("name"), req.Connections)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a.info(s))
+}
+
+func (a *api) detach(w http.ResponseWriter, r *http.Request) {
+	if a.k == nil {
+		writeError(w, fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict))
+		return
+	}
+	s, err := a.k.Detach(r.PathValue("name"))
 	if err != nil {
 		writeError(w, err)
 		return

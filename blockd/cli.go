@@ -25,6 +25,8 @@ Usage:
   blockd volume delete NAME
   blockd volume resize NAME --size SIZE     grow a volume (shrinking is refused)
   blockd volume set NAME [--profile P] [--read-only=true|false]
+  blockd attach NAME [--frontend nbd] [--connections N]   expose as /dev/nbdN; prints the device
+  blockd detach NAME|DEVICE
 
 Client commands talk to the daemon's API socket: --api-socket PATH, or
 $BLOCKD_API_SOCKET, or ` + DefaultStateDir + `/blockd.sock.
@@ -45,6 +47,10 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = serveCmd(args[1:], stderr)
 	case "volume", "volumes", "vol":
 		err = volumeCmd(args[1:], stdout, stderr)
+	case "attach":
+		err = attachCmd(args[1:], stdout, stderr)
+	case "detach":
+		err = detachCmd(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0
@@ -264,7 +270,7 @@ func printVolumes(w io.Writer, format string, vs []VolumeInfo, single bool) erro
 		return fmt.Errorf("output format %q: want table or json", format)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tCREATED")
+	fmt.Fprintln(tw, "NAME\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tCREATED")
 	for _, v := range vs {
 		mode := "rw"
 		if v.ReadOnly {
@@ -274,7 +280,11 @@ func printVolumes(w io.Writer, format string, vs []VolumeInfo, single bool) erro
 		if v.Path != "" {
 			alloc = humanBytes(v.Allocated)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.SizeHuman, v.Engine, v.Profile, mode, alloc, v.CreatedAt.Format("2006-01-02 15:04:05"))
+		dev := "-"
+		if v.Attachment != nil {
+			dev = v.Attachment.Device
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.SizeHuman, v.Engine, v.Profile, mode, alloc, dev, v.CreatedAt.Format("2006-01-02 15:04:05"))
 	}
 	return tw.Flush()
 }
@@ -290,4 +300,60 @@ func humanBytes(n int64) string {
 	}
 	s := fmt.Sprintf("%.1f", f)
 	return strings.TrimSuffix(s, ".0") + units[i]
+}
+
+func attachCmd(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("attach", "blockd attach NAME [--frontend nbd] [--connections N]", stderr)
+	sock := apiSocketFlag(fs)
+	frontend := fs.String("frontend", FrontendNBD, "kernel frontend: nbd")
+	conns := fs.Int("connections", 0, "sockets (kernel hardware queues); default one per CPU, at most 8")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := wantArgs(fs, pos, 1, "attach takes one volume NAME"); err != nil {
+		return err
+	}
+	vi, err := NewClient(*sock).Attach(pos[0], AttachRequest{Frontend: *frontend, Connections: *conns})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, vi.Attachment.Device)
+	return nil
+}
+
+func detachCmd(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("detach", "blockd detach NAME|DEVICE", stderr)
+	sock := apiSocketFlag(fs)
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if err := wantArgs(fs, pos, 1, "detach takes one volume NAME or DEVICE path"); err != nil {
+		return err
+	}
+	c := NewClient(*sock)
+	name := pos[0]
+	if strings.HasPrefix(name, "/dev/") {
+		vs, err := c.ListVolumes()
+		if err != nil {
+			return err
+		}
+		found := ""
+		for _, v := range vs {
+			if v.Attachment != nil && v.Attachment.Device == name {
+				found = v.Name
+			}
+		}
+		if found == "" {
+			return fmt.Errorf("detach %s: not a device attached by blockd", name)
+		}
+		name = found
+	}
+	vi, err := c.Detach(name)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "volume %s detached\n", vi.Name)
+	return nil
 }

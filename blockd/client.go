@@ -105,3 +105,15 @@ func (c *Client) UpdateVolume(name string, req UpdateRequest) (VolumeInfo, error
 	var out VolumeInfo
 	return out, c.do("PATCH", volPath(name), req, &out)
 }
+
+// Attach exposes a volume as a kernel block device.
+func (c *Client) Attach(name string, req AttachRequest) (VolumeInfo, error) {
+	var out VolumeInfo
+	return out, c.do("POST", volPath(name)+"/attach", req, &out)
+}
+
+// Detach removes a volume's kernel block device.
+func (c *Client) Detach(name string) (VolumeInfo, error) {
+	var out VolumeInfo
+	return out, c.do("POST", volPath(name)+"/detach", struct{}{}, &out)
+}

@@ -32,6 +32,7 @@ type Config struct {
 	NBDSocket     string // unix socket for NBD clients; "" disables
 	APISocket     string // control API; default STATE/blockd.sock
 	MetricsListen string // Prometheus /metrics; "" disables
+	Kernel        KernelOptions
 	Logger        *slog.Logger
 }
 
@@ -45,6 +46,7 @@ type Daemon struct {
 	reg     *prometheus.Registry
 	volumes *Manager
 	nbd     *nbd.Server
+	kernel  *kernelNBD
 	api     *http.Server
 	metrics *http.Server
 
@@ -88,6 +90,11 @@ func (d *Daemon) start() (err error) {
 	}
 
 	d.nbd = nbd.NewServer(nbdExports{d.volumes}, nbd.Options{Logger: d.log})
+	d.kernel = newKernelNBD(d.nbd, d.volumes, d.log, cfg.Kernel)
+	if err := d.kernel.opts.LoadModule("nbd"); err != nil {
+		d.log.Warn("kernel nbd driver unavailable: attach will fail, network NBD works", "err", err)
+	}
+	d.kernel.Recover()
 	if cfg.NBDListen != "" {
 		ln, err := net.Listen("tcp", cfg.NBDListen)
 		if err != nil {
@@ -109,7 +116,7 @@ func (d *Daemon) start() (err error) {
 	if err != nil {
 		return fmt.Errorf("api socket: %w", err)
 	}
-	d.api = &http.Server{Handler: newAPIHandler(d.volumes), ReadHeaderTimeout: 10 * time.Second}
+	d.api = &http.Server{Handler: newAPIHandler(d.volumes, d.kernel), ReadHeaderTimeout: 10 * time.Second}
 	d.goServe("api", func() error { return d.api.Serve(apiLn) })
 	d.log.Info("control API", "socket", cfg.APISocket)
 
@@ -156,11 +163,18 @@ func (d *Daemon) stop(ctx context.Context) error {
 	if d.api != nil {
 		errs = append(errs, d.api.Shutdown(ctx))
 	}
+	if d.kernel != nil {
+		// Kernel devices stay: their I/O waits for the next daemon.
+		d.kernel.beginClose()
+	}
 	if d.nbd != nil {
 		if err := d.nbd.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("nbd: %w", err))
 			d.nbd.Close()
 		}
+	}
+	if d.kernel != nil {
+		d.kernel.Close()
 	}
 	d.wg.Wait()
 	if d.volumes != nil {
@@ -232,6 +246,8 @@ func serveCmd(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.NBDSocket, "nbd-socket", "", "unix socket for NBD clients (default STATE/nbd.sock; \"none\" disables)")
 	fs.StringVar(&cfg.APISocket, "api-socket", "", "control API socket (default STATE/blockd.sock, mode 0600)")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:9810", "address of the Prometheus /metrics endpoint (\"\" disables)")
+	fs.DurationVar(&cfg.Kernel.Timeout, "nbd-timeout", 30*time.Second, "kernel nbd per-request timeout; on expiry the socket is replaced and the request retried")
+	fs.DurationVar(&cfg.Kernel.DeadConnTimeout, "nbd-dead-conn-timeout", 2*time.Minute, "how long kernel nbd devices hold I/O while blockd restarts")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	shutdownTimeout := fs.Duration("shutdown-timeout", 30*time.Second, "how long SIGTERM waits for in-flight requests")

@@ -199,6 +199,9 @@ func (m *Manager) Delete(name string) error {
 	if !ok {
 		return fmt.Errorf("volume %q: %w", name, ErrNotFound)
 	}
+	if a := v.Spec().Attachment; a != nil {
+		return fmt.Errorf("delete %s: %w: volume is attached as %s; detach it first", name, ErrConflict, a.Device)
+	}
 	// Metadata goes first: a crash after this leaves an orphan backing
 	// file, which the next start removes, never a volume without data.
 	if err := removeFileDurable(m.metaDir(), name+".json"); err != nil {
@@ -228,6 +231,9 @@ func (m *Manager) Resize(name string, size int64) (Spec, error) {
 		return Spec{}, fmt.Errorf("volume %q: %w", name, ErrNotFound)
 	}
 	s := v.Spec()
+	if s.Attachment != nil && size != s.Size {
+		return Spec{}, fmt.Errorf("resize %s: %w: volume is attached as %s; detach it first (the kernel device cannot change size while attached)", name, ErrConflict, s.Attachment.Device)
+	}
 	switch {
 	case size < s.Size:
 		return Spec{}, fmt.Errorf("%w: resize %s to %s: shrinking is not supported (current size %s); create a new volume and copy the data",
@@ -273,7 +279,8 @@ func (m *Manager) Update(name string, fn func(*Spec) error) (Spec, error) {
 	if err := s.validate(); err != nil {
 		return Spec{}, err
 	}
-	if s.Size != v.Spec().Size || s.Name != name || s.Engine != v.Spec().Engine {
+	old := v.Spec()
+	if s.Size != old.Size || s.Name != name || s.Engine != old.Engine || s.Attachment != old.Attachment {
 		return Spec{}, fmt.Errorf("%w: name, size and engine cannot be changed by update", ErrInvalid)
 	}
 	if err := m.persist(s); err != nil {
@@ -286,7 +293,26 @@ func (m *Manager) Update(name string, fn func(*Spec) error) (Spec, error) {
 	return s, nil
 }
 
-// Export returns the volume name as an NBD export.
+// setAttachment records (att != nil) or clears a volume's attachment.
+func (m *Manager) setAttachment(name string, att *Attachment) (Spec, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.vols[name]
+	if !ok {
+		return Spec{}, fmt.Errorf("volume %q: %w", name, ErrNotFound)
+	}
+	s := v.Spec()
+	s.Attachment = att
+	if err := m.persist(s); err != nil {
+		return Spec{}, err
+	}
+	v.mu.Lock()
+	v.spec = s
+	v.mu.Unlock()
+	return s, nil
+}
+
+// lookup returns an open volume by name.
 func (m *Manager) lookup(name string) (*Volume, bool) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()

@@ -41,6 +41,8 @@ type Spec struct {
 	Profile   string    `json:"profile"`
 	ReadOnly  bool      `json:"read_only,omitempty"`
 	CreatedAt time.Time `json:"created_at"`
+	// Attachment is set while the volume is a kernel block device.
+	Attachment *Attachment `json:"attachment,omitempty"`
 }
 
 // validate checks a spec and fills in defaults.

@@ -18,6 +18,9 @@ all: build
 build:
 	$(GO) build -o $(BIN) ./cmd/blockd
 
+run: build
+	@BIN=$(BIN) STATE=$(STATE) ./scripts/run.sh
+
 deps:
 	@./scripts/deps.sh $(sort $(APT_PACKAGES))
 

@@ -1,0 +1,284 @@
+package blockd
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"time"
+)
+
+// The control API: HTTP+JSON on a unix socket (STATE/blockd.sock, mode
+// 0600). Every error is {"error": "...", "code": "..."} with an HTTP status
+// that matches the code; clients switch on the code, never on the text.
+//
+//	GET    /v1/volumes                 list
+//	POST   /v1/volumes                 create   {name, size, engine?, profile?, read_only?}
+//	GET    /v1/volumes/{name}          get
+//	DELETE /v1/volumes/{name}          delete
+//	POST   /v1/volumes/{name}/resize   resize   {size}
+//	PATCH  /v1/volumes/{name}          update   {profile?, read_only?}
+//	GET    /v1/health                  liveness
+//
+// Sizes are byte counts or strings with units ("1GiB").
+
+// VolumeInfo is a volume as the API shows it.
+type VolumeInfo struct {
+	Spec
+	SizeHuman string `json:"size_human"`
+	// Path is the backing file (file engine only).
+	Path string `json:"path,omitempty"`
+	// Allocated is how much of the backing file is on disk (file engine).
+	Allocated int64 `json:"allocated_bytes,omitempty"`
+}
+
+// APIError is the body of every failed API call.
+type APIError struct {
+	Message string `json:"error"`
+	Code    string `json:"code"`
+}
+
+func (e *APIError) Error() string { return e.Message }
+
+// Error codes on the API and their HTTP statuses.
+const (
+	CodeInvalid  = "invalid_argument"
+	CodeNotFound = "not_found"
+	CodeExists   = "already_exists"
+	CodeConflict = "conflict"
+	CodeInternal = "internal"
+)
+
+// Size is a byte count that unmarshals from a number or a string with
+// units.
+type Size int64
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (s *Size) UnmarshalJSON(b []byte) error {
+	var n int64
+	if err := json.Unmarshal(b, &n); err == nil {
+		if n < 0 {
+			return fmt.Errorf("size %d: negative", n)
+		}
+		*s = Size(n)
+		return nil
+	}
+	var str string
+	if err := json.Unmarshal(b, &str); err != nil {
+		return fmt.Errorf("size: want a byte count or a string such as \"1GiB\"")
+	}
+	n, err := ParseSize(str)
+	if err != nil {
+		return err
+	}
+	*s = Size(n)
+	return nil
+}
+
+// CreateRequest is the body of POST /v1/volumes.
+type CreateRequest struct {
+	Name     string `json:"name"`
+	Size     Size   `json:"size"`
+	Engine   string `json:"engine,omitempty"`
+	Profile  string `json:"profile,omitempty"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// ResizeRequest is the body of POST /v1/volumes/{name}/resize.
+type ResizeRequest struct {
+	Size Size `json:"size"`
+}
+
+// UpdateRequest is the body of PATCH /v1/volumes/{name}; absent fields stay.
+type UpdateRequest struct {
+	Profile  *string `json:"profile,omitempty"`
+	ReadOnly *bool   `json:"read_only,omitempty"`
+}
+
+type api struct {
+	m *Manager
+	k *kernelNBD // nil: attach is not offered
+}
+
+// AttachRequest is the body of POST /v1/volumes/{name}/attach.
+type AttachRequest struct {
+	Frontend    string `json:"frontend,omitempty"`    // "nbd" (default)
+	Connections int    `json:"connections,omitempty"` // 0: one per CPU, at most 8
+}
+
+func newAPIHandler(m *Manager, k *kernelNBD) http.Handler {
+	a := &api{m: m, k: k}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /v1/volumes", a.list)
+	mux.HandleFunc("POST /v1/volumes", a.create)
+	mux.HandleFunc("GET /v1/volumes/{name}", a.get)
+	mux.HandleFunc("DELETE /v1/volumes/{name}", a.delete)
+	mux.HandleFunc("POST /v1/volumes/{name}/resize", a.resize)
+	mux.HandleFunc("PATCH /v1/volumes/{name}", a.update)
+	mux.HandleFunc("POST /v1/volumes/{name}/attach", a.attach)
+	mux.HandleFunc("POST /v1/volumes/{name}/detach", a.detach)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, fmt.Errorf("%w: no such API call: %s %s", ErrNotFound, r.Method, r.URL.Path))
+	})
+	return mux
+}
+
+func (a *api) info(s Spec) VolumeInfo {
+	vi := VolumeInfo{Spec: s, SizeHuman: FormatSize(s.Size)}
+	if v, err := a.m.Get(s.Name); err == nil {
+		if f, ok := v.engine.(interface{ Allocated() (int64, error) }); ok {
+			vi.Path = a.m.DataPath(s.Name)
+			vi.Allocated, _ = f.Allocated()
+		}
+	}
+	return vi
+}
+
+func (a *api) list(w http.ResponseWriter, r *http.Request) {
+	out := []VolumeInfo{}
+	for _, s := range a.m.List() {
+		out = append(out, a.info(s))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (a *api) create(w http.ResponseWriter, r *http.Request) {
+	var req CreateRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := a.m.Create(Spec{Name: req.Name, Size: int64(req.Size), Engine: req.Engine, Profile: req.Profile, ReadOnly: req.ReadOnly})
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, a.info(s))
+}
+
+func (a *api) get(w http.ResponseWriter, r *http.Request) {
+	v, err := a.m.Get(r.PathValue("name"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a.info(v.Spec()))
+}
+
+func (a *api) delete(w http.ResponseWriter, r *http.Request) {
+	if err := a.m.Delete(r.PathValue("name")); err != nil {
+		writeError(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (a *api) resize(w http.ResponseWriter, r *http.Request) {
+	var req ResizeRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := a.m.Resize(r.PathValue("name"), int64(req.Size))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a.info(s))
+}
+
+func (a *api) update(w http.ResponseWriter, r *http.Request) {
+	var req UpdateRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := a.m.Update(r.PathValue("name"), func(s *Spec) error {
+		if req.Profile != nil {
+			s.Profile = *req.Profile
+		}
+		if req.ReadOnly != nil {
+			s.ReadOnly = *req.ReadOnly
+		}
+		return nil
+	})
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a.info(s))
+}
+
+func (a *api) attach(w http.ResponseWriter, r *http.Request) {
+	var req AttachRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	if req.Frontend != "" && req.Frontend != FrontendNBD {
+		writeError(w, fmt.Errorf("%w: frontend %q: want nbd", ErrInvalid, req.Frontend))
+		return
+	}
+	if a.k == nil {
+		writeError(w, fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict))
+		return
+	}
+	s, err := a.k.Attach(r.PathValue("name"), req.Connections)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a.info(s))
+}
+
+func (a *api) detach(w http.ResponseWriter, r *http.Request) {
+	if a.k == nil {
+		writeError(w, fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict))
+		return
+	}
+	s, err := a.k.Detach(r.PathValue("name"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, a.info(s))
+}
+
+func readJSON(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: request body: %v", ErrInvalid, err)
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	code, status := CodeInternal, http.StatusInternalServerError
+	switch {
+	case errors.Is(err, ErrInvalid):
+		code, status = CodeInvalid, http.StatusBadRequest
+	case errors.Is(err, ErrNotFound):
+		code, status = CodeNotFound, http.StatusNotFound
+	case errors.Is(err, ErrExists):
+		code, status = CodeExists, http.StatusConflict
+	case errors.Is(err, ErrConflict):
+		code, status = CodeConflict, http.StatusConflict
+	}
+	msg := err.Error()
+	writeJSON(w, status, &APIError{Message: msg, Code: code})
+}
+
+var apiTimeout = 30 * time.Second

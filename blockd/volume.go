@@ -1,0 +1,165 @@
+package blockd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/blockd/blockd/ioengine"
+	"github.com/blockd/blockd/pipeline"
+)
+
+// Profiles are the io_profile values a volume may carry.
+var Profiles = []string{"auto", "db", "db_remote", "sequential", "random", "journal", "none"}
+
+// DefaultBlockSize is the block size volumes advertise to clients and the
+// kernel.
+const DefaultBlockSize = 4096
+
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,62}$`)
+
+// Errors the control API maps to status codes.
+var (
+	ErrInvalid  = errors.New("invalid argument")
+	ErrNotFound = errors.New("not found")
+	ErrExists   = errors.New("already exists")
+	ErrConflict = errors.New("conflict")
+)
+
+// Spec is a volume's persistent metadata: the JSON stored in
+// STATE/volumes/NAME.json.
+type Spec struct {
+	Name      string    `json:"name"`
+	Size      int64     `json:"size"`
+	BlockSize uint32    `json:"block_size"`
+	Engine    string    `json:"engine"`
+	Profile   string    `json:"profile"`
+	ReadOnly  bool      `json:"read_only,omitempty"`
+	CreatedAt time.Time `json:"created_at"`
+	// Attachment is set while the volume is a kernel block device.
+	Attachment *Attachment `json:"attachment,omitempty"`
+}
+
+// validate checks a spec and fills in defaults.
+func (s *Spec) validate() error {
+	if !nameRE.MatchString(s.Name) {
+		return fmt.Errorf("%w: volume name %q: want 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit", ErrInvalid, s.Name)
+	}
+	if s.BlockSize == 0 {
+		s.BlockSize = DefaultBlockSize
+	}
+	if s.BlockSize != DefaultBlockSize {
+		return fmt.Errorf("%w: block size %d: only %d is supported", ErrInvalid, s.BlockSize, DefaultBlockSize)
+	}
+	if s.Size <= 0 {
+		return fmt.Errorf("%w: size %d: must be positive", ErrInvalid, s.Size)
+	}
+	if s.Size%int64(s.BlockSize) != 0 {
+		return fmt.Errorf("%w: size %s is not a multiple of the block size %d", ErrInvalid, FormatSize(s.Size), s.BlockSize)
+	}
+	if s.Engine == "" {
+		s.Engine = ioengine.KindFile
+	}
+	if !slices.Contains(ioengine.Kinds, s.Engine) {
+		return fmt.Errorf("%w: unknown engine %q (want one of %v)", ErrInvalid, s.Engine, ioengine.Kinds)
+	}
+	if s.Profile == "" {
+		s.Profile = "auto"
+	}
+	if !slices.Contains(Profiles, s.Profile) {
+		return fmt.Errorf("%w: unknown io_profile %q (want one of %v)", ErrInvalid, s.Profile, Profiles)
+	}
+	return nil
+}
+
+// Volume is an open volume: its metadata, engine and request pipeline. It
+// is the Export the frontends serve.
+type Volume struct {
+	name   string
+	engine ioengine.Engine
+	pipe   pipeline.Handler
+
+	// gate keeps the engine open while requests are in it: Handle holds
+	// it shared, close holds it exclusively. Closing the engine under a
+	// running pread could hand its fd number to another file.
+	gate   sync.RWMutex
+	closed bool
+
+	readOnly atomic.Bool // mirrors spec.ReadOnly for the data path
+
+	mu   sync.Mutex // guards spec
+	spec Spec
+}
+
+// Name returns the volume's name.
+func (v *Volume) Name() string { return v.name }
+
+// Spec returns a copy of the volume's metadata.
+func (v *Volume) Spec() Spec {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.spec
+}
+
+// Handle runs a request through the volume's pipeline.
+func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
+	v.gate.RLock()
+	defer v.gate.RUnlock()
+	if v.closed {
+		return pipeline.ErrShutdown
+	}
+	return v.pipe.Handle(ctx, r)
+}
+
+// Size returns the volume's current size in bytes.
+func (v *Volume) Size() int64 { return v.engine.Size() }
+
+// ReadOnly reports whether writes are refused.
+func (v *Volume) ReadOnly() bool { return v.readOnly.Load() }
+
+// Description is shown to NBD clients that ask for it.
+func (v *Volume) Description() string {
+	s := v.Spec()
+	return fmt.Sprintf("blockd volume %s (%s, engine %s, profile %s)", s.Name, FormatSize(s.Size), s.Engine, s.Profile)
+}
+
+// MinBlockSize is 1: every engine takes byte-granular requests.
+func (v *Volume) MinBlockSize() uint32 { return 1 }
+
+// PreferredBlockSize is the volume's block size.
+func (v *Volume) PreferredBlockSize() uint32 { return v.Spec().BlockSize }
+
+// close waits for in-flight requests, makes the data durable and closes the
+// engine. Later requests fail with ErrShutdown.
+func (v *Volume) close() error {
+	v.gate.Lock()
+	defer v.gate.Unlock()
+	if v.closed {
+		return nil
+	}
+	v.closed = true
+	ferr := v.engine.Flush()
+	cerr := v.engine.Close()
+	return errors.Join(ferr, cerr)
+}
+
+// readOnlyStage refuses write-type requests on read-only volumes, whatever
+// the frontend checked.
+func readOnlyStage(v *Volume) pipeline.Stage {
+	return func(next pipeline.Handler) pipeline.Handler {
+		return pipeline.HandlerFunc(func(ctx context.Context, r *pipeline.Request) error {
+			switch r.Op {
+			case pipeline.OpWrite, pipeline.OpTrim, pipeline.OpWriteZeroes:
+				if v.ReadOnly() {
+					return pipeline.ErrReadOnly
+				}
+			}
+			return next.Handle(ctx, r)
+		})
+	}
+}

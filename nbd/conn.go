@@ -1,0 +1,537 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/blockd/blockd/pipeline"
+)
+
+const (
+	readBufSize  = 128 << 10 // bufio for request headers and small payloads
+	writeBufSize = 256 << 10 // reply headers and small payloads of one batch
+	// Payloads of at least iovMin bytes are handed to writev as they are;
+	// smaller ones are copied next to their header.
+	iovMin = 2048
+	// A batch is flushed early when it holds this many iovecs or bytes, so
+	// one burst of huge reads does not delay every other reply.
+	maxBatchIov   = 512
+	maxBatchBytes = 4 << 20
+)
+
+// slot is one request in flight. A connection has MaxInFlight of them; they
+// cycle free -> reader -> worker -> writer -> free, owned by one goroutine at
+// a time, handed over through channels.
+type slot struct {
+	req    pipeline.Request
+	cookie uint64
+	cmd    uint16
+	cmdFl  uint16
+	errno  uint32 // wire error; 0 = success
+	err    error  // handler error, for the structured error message
+	buf    *pbuf
+}
+
+type conn struct {
+	srv *Server
+	nc  net.Conn
+	br  *bufio.Reader
+
+	structured bool // negotiated NBD_OPT_STRUCTURED_REPLY
+	exp        Export
+	minBS      uint32
+	maxPayload uint32
+
+	ctx      context.Context
+	cancelMu sync.Mutex // guards cancel: abort runs on another goroutine
+	cancel   context.CancelFunc
+
+	slots   []slot
+	free    chan *slot // slots not in flight
+	work    chan *slot // reader -> idle worker (unbuffered)
+	replies chan *slot // reader/workers -> writer
+	nwork   int        // workers started; touched only by the reader
+	workers sync.WaitGroup
+
+	stopping atomic.Bool // Shutdown: stop reading new requests
+	aborted  atomic.Bool // Close: tear down now
+
+	// Writer state, owned by the writer goroutine.
+	wbuf    []byte
+	segOff  int // start of wbuf not yet covered by iov
+	iov     [][]byte
+	bufs    net.Buffers
+	held    []*slot // slots whose payload is referenced by iov
+	pending int     // bytes in the current batch
+	wfailed bool
+}
+
+func newConn(s *Server, nc net.Conn) *conn {
+	return &conn{
+		srv:        s,
+		nc:         nc,
+		br:         bufio.NewReaderSize(nc, readBufSize),
+		maxPayload: s.opts.MaxPayload,
+	}
+}
+
+// stopReading makes the reader stop at the next request boundary (or now,
+// if it is waiting for one); requests in flight complete normally.
+func (c *conn) stopReading() {
+	c.stopping.Store(true)
+	c.nc.SetReadDeadline(time.Now())
+}
+
+// abort closes the connection at once and cancels requests in flight.
+func (c *conn) abort() {
+	c.aborted.Store(true)
+	c.stopping.Store(true)
+	c.nc.Close()
+	c.cancelMu.Lock()
+	if c.cancel != nil {
+		c.cancel()
+	}
+	c.cancelMu.Unlock()
+}
+
+// serve runs the connection to its end and closes it. With e != nil the
+// handshake is skipped (kernel socket).
+func (c *conn) serve(ctx context.Context, e Export) error {
+	defer c.nc.Close()
+	if c.stopping.Load() {
+		return ErrServerClosed
+	}
+	if e == nil {
+		var err error
+		e, err = c.handshake()
+		if err != nil {
+			if errors.Is(err, errAbort) || errors.Is(err, io.EOF) {
+				return nil
+			}
+			if c.stopping.Load() {
+				return ErrServerClosed
+			}
+			return err
+		}
+	}
+	c.exp = e
+	c.minBS = max(e.MinBlockSize(), 1)
+	return c.transmit(ctx)
+}
+
+// transmit runs the transmission phase. It owns the workers and the writer
+// and returns only after all of them have exited.
+func (c *conn) transmit(parent context.Context) error {
+	ctx, cancel := context.WithCancel(parent)
+	defer cancel()
+	c.cancelMu.Lock()
+	c.ctx, c.cancel = ctx, cancel
+	c.cancelMu.Unlock()
+	if c.aborted.Load() { // Close raced with the handshake
+		return ErrServerClosed
+	}
+	n := c.srv.opts.MaxInFlight
+	c.slots = make([]slot, n)
+	c.free = make(chan *slot, n)
+	for i := range c.slots {
+		c.free <- &c.slots[i]
+	}
+	c.work = make(chan *slot)
+	c.replies = make(chan *slot, n)
+	c.wbuf = make([]byte, 0, writeBufSize)
+	c.iov = make([][]byte, 0, 2*maxBatchIov+2)
+	c.held = make([]*slot, 0, n)
+
+	writerDone := make(chan struct{})
+	go func() { // the writer; exits when replies is closed and drained
+		defer close(writerDone)
+		c.writeLoop()
+	}()
+
+	rerr := c.readLoop()
+
+	// Wait for every slot to come home: then no request is in flight and
+	// every reply has been written (or dropped, if the socket failed).
+	for range n {
+		<-c.free
+	}
+	close(c.work)
+	c.workers.Wait()
+	close(c.replies)
+	<-writerDone
+	for i := range c.slots {
+		if b := c.slots[i].buf; b != nil {
+			putBuf(b)
+			c.slots[i].buf = nil
+		}
+	}
+
+	switch {
+	case rerr == nil, errors.Is(rerr, io.EOF):
+		return nil
+	case c.stopping.Load():
+		if c.aborted.Load() {
+			return ErrServerClosed
+		}
+		return nil
+	}
+	return rerr
+}
+
+// readLoop reads requests until DISC, EOF, a protocol violation or
+// shutdown. It never holds a slot when it returns.
+func (c *conn) readLoop() error {
+	for {
+		if c.stopping.Load() {
+			return nil
+		}
+		hdr, err := c.br.Peek(requestSize)
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && c.stopping.Load() {
+				return nil
+			}
+			if errors.Is(err, io.EOF) && len(hdr) > 0 {
+				err = io.ErrUnexpectedEOF
+			}
+			return err
+		}
+		if binary.BigEndian.Uint32(hdr[0:]) != requestMagic {
+			return fmt.Errorf("nbd request: %w %#x", errBadMagic, binary.BigEndian.Uint32(hdr[0:]))
+		}
+		cmdFl := binary.BigEndian.Uint16(hdr[4:])
+		cmd := binary.BigEndian.Uint16(hdr[6:])
+		cookie := binary.BigEndian.Uint64(hdr[8:])
+		off := binary.BigEndian.Uint64(hdr[16:])
+		length := binary.BigEndian.Uint32(hdr[24:])
+		c.br.Discard(requestSize)
+
+		if cmd == cmdDisc {
+			return nil
+		}
+		s := <-c.free
+		s.cookie, s.cmd, s.cmdFl = cookie, cmd, cmdFl
+		s.err = nil
+		s.req = pipeline.Request{Offset: int64(off), Length: length}
+
+		errno := c.check(s, off, length)
+		if cmd == cmdWrite {
+			if errno != 0 {
+				// Consume the payload so the stream stays in sync.
+				if _, err := c.br.Discard(int(length)); err != nil {
+					c.release(s)
+					return fmt.Errorf("nbd write payload: %w", err)
+				}
+			} else if length > 0 {
+				c.attachBuf(s, length)
+				if _, err := io.ReadFull(c.br, s.req.Buf); err != nil {
+					c.release(s)
+					return fmt.Errorf("nbd write payload: %w", err)
+				}
+			}
+		}
+		if errno != 0 || (length == 0 && cmd != cmdFlush) {
+			s.errno = errno
+			c.replies <- s
+			continue
+		}
+		if cmd == cmdRead {
+			c.attachBuf(s, length)
+		}
+		c.dispatch(s)
+	}
+}
+
+// check validates a request and fills s.req; it returns a wire error or 0.
+func (c *conn) check(s *slot, off uint64, length uint32) uint32 {
+	e := c.exp
+	size := uint64(max(e.Size(), 0))
+	inRange := off <= size && uint64(length) <= size-off
+	aligned := c.minBS == 1 || (off%uint64(c.minBS) == 0 && length%c.minBS == 0)
+	fl := s.cmdFl
+	if fl&cmdFlagFUA != 0 {
+		s.req.Flags |= pipeline.FlagFUA
+	}
+	switch s.cmd {
+	case cmdRead:
+		s.req.Op = pipeline.OpRead
+		allowed := uint16(cmdFlagFUA)
+		if c.structured {
+			allowed |= cmdFlagDF
+		}
+		switch {
+		case fl&^allowed != 0:
+			return errInval
+		case length > c.maxPayload:
+			return errOverflow
+		case !inRange, !aligned:
+			return errInval
+		}
+	case cmdWrite:
+		s.req.Op = pipeline.OpWrite
+		switch {
+		case fl&^cmdFlagFUA != 0:
+			return errInval
+		case e.ReadOnly():
+			return errPerm
+		case length > c.maxPayload:
+			return errOverflow
+		case !inRange:
+			return errNoSpc
+		case !aligned:
+			return errInval
+		}
+	case cmdFlush:
+		s.req.Op = pipeline.OpFlush
+		s.req.Offset, s.req.Length = 0, 0
+		if fl&^cmdFlagFUA != 0 {
+			return errInval
+		}
+	case cmdTrim:
+		s.req.Op = pipeline.OpTrim
+		switch {
+		case fl&^cmdFlagFUA != 0:
+			return errInval
+		case e.ReadOnly():
+			return errPerm
+		case !inRange, !aligned:
+			return errInval
+		}
+	case cmdWriteZeroes:
+		s.req.Op = pipeline.OpWriteZeroes
+		if fl&cmdFlagNoHole != 0 {
+			s.req.Flags |= pipeline.FlagNoHole
+		}
+		switch {
+		case fl&^(cmdFlagFUA|cmdFlagNoHole) != 0:
+			return errInval
+		case e.ReadOnly():
+			return errPerm
+		case !inRange:
+			return errNoSpc
+		case !aligned:
+			return errInval
+		}
+	case cmdCache:
+		s.req.Op = pipeline.OpCache
+		switch {
+		case fl&^cmdFlagFUA != 0:
+			return errInval
+		case !inRange, !aligned:
+			return errInval
+		}
+	default:
+		return errInval
+	}
+	return 0
+}
+
+// attachBuf gives s a payload buffer of at least length bytes.
+func (c *conn) attachBuf(s *slot, length uint32) {
+	cl := classOf(length)
+	if s.buf != nil && s.buf.class != cl {
+		putBuf(s.buf)
+		s.buf = nil
+	}
+	if s.buf == nil {
+		s.buf = getBuf(cl)
+	}
+	s.req.Buf = s.buf.b[:length]
+}
+
+// dispatch hands s to an idle worker, starting one if none is idle and
+// fewer than MaxInFlight exist. Workers are owned by the connection: they
+// exit when transmit closes c.work after every slot came home.
+func (c *conn) dispatch(s *slot) {
+	select {
+	case c.work <- s:
+		return
+	default:
+	}
+	if c.nwork < len(c.slots) {
+		c.nwork++
+		c.workers.Add(1)
+		go c.worker(s)
+		return
+	}
+	c.work <- s
+}
+
+func (c *conn) worker(s *slot) {
+	defer c.workers.Done()
+	for {
+		c.exec(s)
+		c.replies <- s
+		var ok bool
+		if s, ok = <-c.work; !ok {
+			return
+		}
+	}
+}
+
+// exec runs the request on the export; the reply is sent only afterwards.
+func (c *conn) exec(s *slot) {
+	err := c.exp.Handle(c.ctx, &s.req)
+	if err != nil {
+		s.err = err
+		s.errno = uint32(wireErrno(err))
+		return
+	}
+	s.errno = 0
+}
+
+// wireErrno maps a handler error to one of the errors the spec allows.
+func wireErrno(err error) syscall.Errno {
+	switch e := pipeline.Errno(err); e {
+	case errPerm, errIO, 12 /* ENOMEM */, errInval, errNoSpc, errOverflow, errShutdown:
+		return e
+	case syscall.EOPNOTSUPP:
+		// Not in the NBD error list; EINVAL is what the spec suggests for
+		// requests the server does not support.
+		return errInval
+	default:
+		return errIO
+	}
+}
+
+// release returns s to the free list; large buffers go back to the pool.
+func (c *conn) release(s *slot) {
+	if s.buf != nil && s.buf.class > keepClass {
+		putBuf(s.buf)
+		s.buf = nil
+	}
+	s.req.Buf = nil
+	s.err = nil
+	c.free <- s
+}
+
+// writeLoop encodes replies into batches and flushes a batch when no more
+// replies are queued, so a burst of completions costs one writev.
+func (c *conn) writeLoop() {
+	for s := range c.replies {
+		c.encode(s)
+		if len(c.replies) == 0 || len(c.iov) >= maxBatchIov || c.pending >= maxBatchBytes ||
+			len(c.wbuf) > writeBufSize-4096 {
+			c.flush()
+		}
+	}
+	c.flush()
+}
+
+func (c *conn) encode(s *slot) {
+	if c.wfailed {
+		c.release(s)
+		return
+	}
+	if s.cmd == cmdRead && c.structured {
+		c.encodeStructuredRead(s)
+		return
+	}
+	var h [simpleReplySize]byte
+	binary.BigEndian.PutUint32(h[0:], simpleMagic)
+	binary.BigEndian.PutUint32(h[4:], s.errno)
+	binary.BigEndian.PutUint64(h[8:], s.cookie)
+	c.wbuf = append(c.wbuf, h[:]...)
+	c.pending += simpleReplySize
+	if s.cmd == cmdRead && s.errno == 0 && s.req.Length > 0 {
+		c.addPayload(s)
+		return
+	}
+	c.release(s)
+}
+
+func (c *conn) encodeStructuredRead(s *slot) {
+	var h [structHeaderSize + 8]byte
+	binary.BigEndian.PutUint32(h[0:], structuredMagic)
+	binary.BigEndian.PutUint16(h[4:], replyFlagDone)
+	binary.BigEndian.PutUint64(h[8:], s.cookie)
+	switch {
+	case s.errno != 0:
+		msg := ""
+		if s.err != nil {
+			msg = s.err.Error()
+		}
+		if len(msg) > maxErrMsgLen {
+			msg = msg[:maxErrMsgLen]
+		}
+		binary.BigEndian.PutUint16(h[6:], replyTypeError)
+		binary.BigEndian.PutUint32(h[16:], uint32(6+len(msg)))
+		binary.BigEndian.PutUint32(h[20:], s.errno)
+		binary.BigEndian.PutUint16(h[24:], uint16(len(msg)))
+		c.wbuf = append(c.wbuf, h[:26]...)
+		c.wbuf = append(c.wbuf, msg...)
+		c.pending += 26 + len(msg)
+		c.release(s)
+	case s.req.Length == 0:
+		binary.BigEndian.PutUint16(h[6:], replyTypeNone)
+		c.wbuf = append(c.wbuf, h[:structHeaderSize]...)
+		c.pending += structHeaderSize
+		c.release(s)
+	default:
+		binary.BigEndian.PutUint16(h[6:], replyTypeOffsetData)
+		binary.BigEndian.PutUint32(h[16:], 8+s.req.Length)
+		binary.BigEndian.PutUint64(h[20:], uint64(s.req.Offset))
+		c.wbuf = append(c.wbuf, h[:]...)
+		c.pending += len(h)
+		c.addPayload(s)
+	}
+}
+
+// addPayload appends the read data of s to the batch, by reference for
+// large payloads (writev, no copy) and by copy for small ones.
+func (c *conn) addPayload(s *slot) {
+	p := s.req.Buf[:s.req.Length]
+	c.pending += len(p)
+	if len(p) < iovMin {
+		c.wbuf = append(c.wbuf, p...)
+		c.release(s)
+		return
+	}
+	if len(c.wbuf) > c.segOff {
+		c.iov = append(c.iov, c.wbuf[c.segOff:])
+		c.segOff = len(c.wbuf)
+	}
+	c.iov = append(c.iov, p)
+	c.held = append(c.held, s)
+}
+
+// flush writes the batch and releases the slots it referenced. After a
+// write error the connection is closed (so the reader stops) and later
+// replies are dropped.
+func (c *conn) flush() {
+	if !c.wfailed && (len(c.wbuf) > 0 || len(c.iov) > 0) {
+		var err error
+		if len(c.iov) == 0 {
+			_, err = c.nc.Write(c.wbuf)
+		} else {
+			if len(c.wbuf) > c.segOff {
+				c.iov = append(c.iov, c.wbuf[c.segOff:])
+			}
+			c.bufs = c.iov
+			_, err = c.bufs.WriteTo(c.nc)
+		}
+		if err != nil {
+			c.wfailed = true
+			c.nc.Close()
+		}
+	}
+	clear(c.iov)
+	c.iov = c.iov[:0]
+	c.wbuf = c.wbuf[:0]
+	c.segOff = 0
+	c.pending = 0
+	for i, s := range c.held {
+		c.held[i] = nil
+		c.release(s)
+	}
+	c.held = c.held[:0]
+}

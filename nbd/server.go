@@ -1,0 +1,285 @@
+// Package nbd is blockd's NBD protocol server: the fixed-newstyle handshake
+// (EXPORT_NAME, INFO, GO, LIST, ABORT, STRUCTURED_REPLY) and a concurrent
+// transmission phase that turns wire requests into pipeline requests.
+//
+// Each connection owns three kinds of goroutines: the reader (the goroutine
+// that called ServeConn/ServeKernel), a lazily grown set of workers that run
+// the export's Handler, and one writer that batches replies into few
+// syscalls. Requests live in a fixed set of per-connection slots with pooled
+// payload buffers, so the steady state allocates nothing per request. A
+// reply is only written after the Handler has returned, which is what makes
+// NBD_FLAG_CAN_MULTI_CONN honest: all connections to an export share one
+// Handler, so a FLUSH on any connection covers every write already replied
+// to on all of them.
+//
+// Choices where the spec leaves room:
+//   - READ, TRIM and CACHE past the end of the export fail with EINVAL;
+//     WRITE and WRITE_ZEROES past the end fail with ENOSPC (proto.md "Error
+//     values": "SHOULD return ENOSPC if it receives a write request including
+//     one or more sectors beyond the size of the device").
+//   - A WRITE that is rejected (too large, read-only, out of range,
+//     misaligned) has its payload read and discarded, then gets an error
+//     reply; the connection stays up. A payload is at most 4 GiB, which the
+//     client has to send anyway, and discarding uses no memory.
+//   - Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE within the export are
+//     successful no-ops that do not reach the Handler.
+//   - Replies to commands other than READ are simple replies even when
+//     structured replies were negotiated (allowed: they carry no payload).
+package nbd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/blockd/blockd/pipeline"
+)
+
+// Export is one volume as the NBD server sees it (the daemon implements it).
+type Export interface {
+	pipeline.Handler
+	// Size is read for every request, so a resize takes effect at once
+	// (clients learn the new size when they reconnect).
+	Size() int64
+	ReadOnly() bool
+	Description() string
+	// MinBlockSize is 1 for byte-granular exports; above 1, offsets and
+	// lengths must be multiples of it (a power of two).
+	MinBlockSize() uint32
+	PreferredBlockSize() uint32
+}
+
+// Exports is the set of exports a Server offers.
+type Exports interface {
+	Export(name string) (Export, bool)
+	// ExportNames lists the exports for NBD_OPT_LIST, sorted.
+	ExportNames() []string
+}
+
+// Options tune a Server. The zero value is usable.
+type Options struct {
+	// MaxPayload bounds READ and WRITE lengths (advertised as the maximum
+	// block size); default and recommended 32 MiB, at most 64 MiB.
+	MaxPayload uint32
+	// MaxInFlight bounds concurrently handled requests per connection;
+	// default 128.
+	MaxInFlight int
+	// HandshakeTimeout bounds option haggling; default 30s.
+	HandshakeTimeout time.Duration
+	// Logger receives connection-level events (never per request);
+	// default discards.
+	Logger *slog.Logger
+}
+
+const (
+	defaultMaxPayload  = 32 << 20
+	defaultMaxInFlight = 128
+	defaultHandshake   = 30 * time.Second
+)
+
+// Server serves Exports over NBD. Its methods are safe for concurrent use.
+type Server struct {
+	exps Exports
+	opts Options
+	log  *slog.Logger
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	shutting  atomic.Bool
+	closed    bool
+	wg        sync.WaitGroup // one per registered connection
+}
+
+// NewServer returns a Server for exps.
+func NewServer(exps Exports, opts Options) *Server {
+	if opts.MaxPayload == 0 {
+		opts.MaxPayload = defaultMaxPayload
+	}
+	if opts.MaxPayload > 1<<maxClassShift {
+		opts.MaxPayload = 1 << maxClassShift
+	}
+	if opts.MaxInFlight <= 0 {
+		opts.MaxInFlight = defaultMaxInFlight
+	}
+	if opts.HandshakeTimeout <= 0 {
+		opts.HandshakeTimeout = defaultHandshake
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Server{
+		exps:      exps,
+		opts:      opts,
+		log:       log,
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*conn]struct{}),
+	}
+}
+
+// ErrServerClosed is returned by ServeConn/ServeKernel after Shutdown or Close.
+var ErrServerClosed = errors.New("nbd: server closed")
+
+// Serve accepts connections on ln (TCP or unix) and serves each on its own
+// goroutine until Shutdown or Close, when it returns nil. It closes ln.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed || s.shutting.Load() {
+		s.mu.Unlock()
+		ln.Close()
+		return nil
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if s.shutting.Load() || s.isClosed() {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("nbd accept: %w", err)
+			}
+			// Resource exhaustion (EMFILE...): back off instead of spinning.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("nbd accept", "err", err, "retry", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		if tc, ok := nc.(*net.TCPConn); ok {
+			tc.SetNoDelay(true)
+		}
+		c, err := s.register(nc)
+		if err != nil {
+			nc.Close()
+			continue
+		}
+		// The connection goroutine is owned by the Server: it exits when
+		// the client disconnects or Shutdown/Close ends the connection,
+		// and Close waits for it through s.wg.
+		go func() {
+			defer s.unregister(c)
+			if err := c.serve(context.Background(), nil); err != nil {
+				s.log.Debug("nbd connection ended", "remote", nc.RemoteAddr(), "err", err)
+			}
+		}()
+	}
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// ServeConn runs the handshake and then the transmission phase on c until
+// the client disconnects or the server shuts down. It closes c. It returns
+// nil after a clean disconnect (NBD_CMD_DISC, NBD_OPT_ABORT, EOF).
+func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
+	cn, err := s.register(c)
+	if err != nil {
+		c.Close()
+		return err
+	}
+	defer s.unregister(cn)
+	return cn.serve(ctx, nil)
+}
+
+// ServeKernel runs only the transmission phase on c for export e: the Linux
+// nbd driver is handed an already negotiated socket (one end of a
+// socketpair) and uses simple replies only. It closes c.
+func (s *Server) ServeKernel(ctx context.Context, c net.Conn, e Export) error {
+	cn, err := s.register(c)
+	if err != nil {
+		c.Close()
+		return err
+	}
+	defer s.unregister(cn)
+	return cn.serve(ctx, e)
+}
+
+func (s *Server) register(nc net.Conn) (*conn, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || s.shutting.Load() {
+		return nil, ErrServerClosed
+	}
+	c := newConn(s, nc)
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	return c, nil
+}
+
+func (s *Server) unregister(c *conn) {
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+	s.wg.Done()
+}
+
+// Shutdown stops accepting connections and reading new requests, lets the
+// requests in flight finish and their replies be written, then closes the
+// connections. If ctx ends first it falls back to Close and returns
+// ctx.Err().
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.shutting.Store(true)
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.stopReading()
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() { // exits when every connection goroutine has
+		s.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		s.mu.Lock()
+		s.closed = true
+		s.mu.Unlock()
+		return nil
+	case <-ctx.Done():
+		s.Close()
+		<-done
+		return ctx.Err()
+	}
+}
+
+// Close closes listeners and connections at once, cancels the context of
+// requests in flight and waits for every connection goroutine to exit.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.abort()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}

@@ -23,10 +23,12 @@ func TestParseFio(t *testing.T) {
 		write bool
 		want  Metrics
 	}{
-		{"fio-randread-qd1.json", false, Metrics{IOPS: 14068.465767, MiBps: 57624435.0 / (1 << 20),
-			P50us: 33.536, P99us: 168.96, P999us: 342.016, MeanUs: 48.828566658, IOs: 28151}},
-		{"fio-randwrite-2jobs.json", true, Metrics{IOPS: 63687.312687, MiBps: 260926657.0 / (1 << 20),
-			P50us: 284.672, P99us: 4423.68, P999us: 8028.16, MeanUs: 483.457171965, IOs: 127502}},
+		{"fio-randread-qd1.json", false, Metrics{IOPS: 17916.541729, MiBps: 73386154.0 / (1 << 20),
+			P50us: 31.616, P99us: 125.44, P999us: 211.968, MeanUs: 32.617129341, IOs: 35851,
+			LatP50us: 46.336, LatP99us: 152.576, LatMeanUs: 54.819009791}},
+		{"fio-randwrite-2jobs.json", true, Metrics{IOPS: 34501.980198, MiBps: 141380942.0 / (1 << 20),
+			P50us: 370.688, P99us: 16318.464, P999us: 36438.016, MeanUs: 894.293889378, IOs: 69694,
+			LatP50us: 382.976, LatP99us: 16711.68, LatMeanUs: 922.017253241}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.file, func(t *testing.T) {
@@ -40,7 +42,9 @@ func TestParseFio(t *testing.T) {
 			}
 			if got.IOs != tt.want.IOs || !near(got.IOPS, tt.want.IOPS) || !near(got.MiBps, tt.want.MiBps) ||
 				!near(got.P50us, tt.want.P50us) || !near(got.P99us, tt.want.P99us) ||
-				!near(got.P999us, tt.want.P999us) || !near(got.MeanUs, tt.want.MeanUs) {
+				!near(got.P999us, tt.want.P999us) || !near(got.MeanUs, tt.want.MeanUs) ||
+				!near(got.LatP50us, tt.want.LatP50us) || !near(got.LatP99us, tt.want.LatP99us) ||
+				!near(got.LatMeanUs, tt.want.LatMeanUs) {
 				t.Errorf("got %+v\nwant %+v", got, tt.want)
 			}
 			// The other direction did no I/O: that must be an error, not
@@ -136,7 +140,7 @@ func testReport() *Report {
 		Servers: []string{"blockd", "nbdkit", "qemu-nbd", "go-nbd"},
 		Skipped: map[string]string{"go-nbd": "bin/gonbd not built"},
 		Results: []Result{
-			{Row: rows[0].Name, Server: "blockd", Metrics: Metrics{IOPS: 100000, MiBps: 390.6, P50us: 300, P99us: 900, ServerCPUPerIO: 8}},
+			{Row: rows[0].Name, Server: "blockd", Metrics: Metrics{IOPS: 100000, MiBps: 390.6, P50us: 300, P99us: 900, LatP50us: 350, LatP99us: 1000, ServerCPUPerIO: 8}},
 			{Row: rows[0].Name, Server: "nbdkit", Metrics: Metrics{IOPS: 80000, MiBps: 312.5, P50us: 350, P99us: 1200, ServerCPUPerIO: 12}},
 			{Row: rows[0].Name, Server: "qemu-nbd", Metrics: Metrics{IOPS: 50000, MiBps: 195.3, P50us: 600, P99us: 2000, ServerCPUPerIO: 10}},
 			{Row: rows[1].Name, Server: "nbdkit", Metrics: Metrics{IOPS: 17234, MiBps: 67.3, P50us: 24.4, P99us: 130.6}},
@@ -170,10 +174,10 @@ func TestWriteMarkdown(t *testing.T) {
 		"| row | blockd IOPS | nbdkit IOPS | qemu-nbd IOPS | go-nbd IOPS | blockd / best peer | blockd CPU/IO ÷ leanest peer |",
 		"| 4k-randread-qd32 | 100000 | 80000 | 50000 | – | 1.25× (nbdkit) | 0.80× (qemu-nbd) |",
 		"| 4k-randread-qd1 | – | 17200 | error | – | – | – |",
-		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 0.0 | 0.00 | 8.0 |",
-		"| 4k-randread-qd1 | qemu-nbd | error: fio 4k-randread-qd1: exit status 1 | | | | | | |",
-		"| 4k-randread-qd1 | go-nbd | bin/gonbd not built | | | | | | |",
-		"| 4k-randread-qd1 | blockd | not run | | | | | | |",
+		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 350.0 | 1000.0 | 0.00 | 8.0 |",
+		"| 4k-randread-qd1 | qemu-nbd | error: fio 4k-randread-qd1: exit status 1 | | | | | | | |",
+		"| 4k-randread-qd1 | go-nbd | bin/gonbd not built | | | | | | | |",
+		"| 4k-randread-qd1 | blockd | not run | | | | | | | |",
 	} {
 		if !strings.Contains(got, want+"\n") {
 			t.Errorf("markdown lacks line\n%s\n--- got:\n%s", want, got)
@@ -190,8 +194,8 @@ func TestWriteMarkdownSpread(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{
-		"| row | server | IOPS | MiB/s | p50 µs | p99 µs | p99.9 µs | server CPU | CPU µs/IO | IOPS min–max |",
-		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 0.0 | 0.85 | 8.5 | 90000–131000 |",
+		"| row | server | IOPS | MiB/s | clat p50 µs | clat p99 µs | lat p50 µs | lat p99 µs | server CPU | CPU µs/IO | IOPS min–max |",
+		"| 4k-randread-qd32 | blockd | 100000 | 390.6 | 300.0 | 900.0 | 350.0 | 1000.0 | 0.85 | 8.5 | 90000–131000 |",
 	} {
 		if !strings.Contains(b.String(), want+"\n") {
 			t.Errorf("markdown lacks line\n%s\n--- got:\n%s", want, b.String())

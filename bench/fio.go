@@ -119,6 +119,8 @@ func (j Job) Args(uri, out string) []string {
 		"--runtime=" + fioDuration(j.Runtime),
 		"--ramp_time=" + fioDuration(j.Ramp),
 		"--percentile_list=" + percentileList,
+		"--clat_percentiles=1",
+		"--lat_percentiles=1",
 		"--output-format=json",
 		"--output=" + out,
 	}
@@ -169,6 +171,12 @@ type Metrics struct {
 	P99us  float64 `json:"clat_p99_us"`
 	P999us float64 `json:"clat_p99_9_us"`
 	MeanUs float64 `json:"clat_mean_us"`
+	// Lat* are the total latency (submission + completion) as the
+	// application sees it. With fio's nbd engine, submission includes
+	// sending the request on the socket, which clat leaves out.
+	LatP50us  float64 `json:"lat_p50_us"`
+	LatP99us  float64 `json:"lat_p99_us"`
+	LatMeanUs float64 `json:"lat_mean_us"`
 	// IOs is the number of completed requests after ramp.
 	IOs int64 `json:"ios"`
 	// ServerCPU is the server's CPU use during the run, in cores (1.0 =
@@ -197,10 +205,13 @@ type fioDir struct {
 	BWBytes  float64 `json:"bw_bytes"`
 	IOPS     float64 `json:"iops"`
 	TotalIOs int64   `json:"total_ios"`
-	Clat     struct {
-		Mean       float64            `json:"mean"`
-		Percentile map[string]float64 `json:"percentile"`
-	} `json:"clat_ns"`
+	Clat     fioLat  `json:"clat_ns"`
+	Lat      fioLat  `json:"lat_ns"`
+}
+
+type fioLat struct {
+	Mean       float64            `json:"mean"`
+	Percentile map[string]float64 `json:"percentile"`
 }
 
 // ParseFio extracts the metrics of the write or read direction from fio's
@@ -216,7 +227,7 @@ func ParseFio(data []byte, write bool) (Metrics, error) {
 		return Metrics{}, errors.New("parse fio json: no jobs")
 	}
 	var m Metrics
-	var meanWeighted float64
+	var meanWeighted, latMeanWeighted float64
 	for _, j := range out.Jobs {
 		if j.Error != 0 {
 			return Metrics{}, fmt.Errorf("fio job %s: error %d (%s)", j.Name, j.Error, syscall.Errno(j.Error))
@@ -229,6 +240,9 @@ func ParseFio(data []byte, write bool) (Metrics, error) {
 		m.MiBps += d.BWBytes / (1 << 20)
 		m.IOs += d.TotalIOs
 		meanWeighted += d.Clat.Mean * float64(d.TotalIOs)
+		latMeanWeighted += d.Lat.Mean * float64(d.TotalIOs)
+		m.LatP50us = max(m.LatP50us, d.Lat.Percentile["50.000000"]/1e3)
+		m.LatP99us = max(m.LatP99us, d.Lat.Percentile["99.000000"]/1e3)
 		m.P50us = max(m.P50us, d.Clat.Percentile["50.000000"]/1e3)
 		m.P99us = max(m.P99us, d.Clat.Percentile["99.000000"]/1e3)
 		m.P999us = max(m.P999us, d.Clat.Percentile["99.900000"]/1e3)
@@ -237,6 +251,7 @@ func ParseFio(data []byte, write bool) (Metrics, error) {
 		return Metrics{}, errors.New("parse fio json: no I/O completed")
 	}
 	m.MeanUs = meanWeighted / float64(m.IOs) / 1e3
+	m.LatMeanUs = latMeanWeighted / float64(m.IOs) / 1e3
 	return m, nil
 }
 

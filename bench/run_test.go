@@ -102,7 +102,7 @@ func TestRunner(t *testing.T) {
 			}
 		}
 		// The write row parsed the write direction.
-		if res, _ := rep.Lookup(DefaultRows[1].Name, "a"); res.IOs != 127502 {
+		if res, _ := rep.Lookup(DefaultRows[1].Name, "a"); res.IOs != 69694 {
 			t.Errorf("write row IOs = %d", res.IOs)
 		}
 		for _, s := range []string{"broken", "c"} {

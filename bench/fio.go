@@ -171,8 +171,8 @@ type Metrics struct {
 	P99us  float64 `json:"clat_p99_us"`
 	P999us float64 `json:"clat_p99_9_us"`
 	MeanUs float64 `json:"clat_mean_us"`
-	// Lat* are the total latency (submission + completion) as the
-	// application sees it. With fio's nbd engine, submission includes
+	// Lat* are the total latency (submission + completion), what the
+	// application waits. With fio's nbd engine, submission includes libnbd
 	// sending the request on the socket, which clat leaves out.
 	LatP50us  float64 `json:"lat_p50_us"`
 	LatP99us  float64 `json:"lat_p99_us"`

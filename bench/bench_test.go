@@ -106,6 +106,10 @@ func TestJobArgs(t *testing.T) {
 		}
 	}
 	rnd := MakeJob(Row{Name: "4k", RW: "randwrite", BS: 4096, QD: 32}, 2, time.Second, 0, 1<<30)
+	rnd.Extra = []string{"--rate_iops=500"}
+	if a := rnd.Args("u", "o"); a[len(a)-1] != "--rate_iops=500" {
+		t.Errorf("extra args not last: %v", a)
+	}
 	for _, a := range rnd.Args("u", "o") {
 		// Random jobs cover the whole export on every connection.
 		if strings.HasPrefix(a, "--size=") || strings.HasPrefix(a, "--offset_increment=") {

@@ -80,6 +80,9 @@ type Job struct {
 	// Size is the export size; sequential jobs each get a disjoint
 	// Size/Jobs slice so that two connections do not read the same bytes.
 	Size int64 `json:"size"`
+	// Extra fio options appended as given (e.g. "--rate_iops=500" for a
+	// QoS benchmark); none in the standard matrix.
+	Extra []string `json:"extra,omitempty"`
 }
 
 // MakeJob spreads row.QD over up to conns connections. The queue depth is
@@ -132,7 +135,7 @@ func (j Job) Args(uri, out string) []string {
 		slice -= slice % j.Row.BS
 		args = append(args, "--size="+strconv.FormatInt(slice, 10), "--offset_increment="+strconv.FormatInt(slice, 10))
 	}
-	return args
+	return append(args, j.Extra...)
 }
 
 // PrefillArgs returns the fio command line that writes the whole export

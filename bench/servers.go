@@ -120,6 +120,10 @@ type Blockd struct {
 	Engine string
 	// Profile is the volume's io_profile; "" leaves the daemon's default.
 	Profile string
+	// CreateArgs are appended to `blockd volume create` (e.g. QoS limits).
+	CreateArgs []string
+	// ServeArgs are appended to `blockd serve`.
+	ServeArgs []string
 }
 
 // Name implements Server.
@@ -152,6 +156,7 @@ func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance
 	argv := []string{b.Bin, "serve", "--state-dir", state,
 		"--nbd-listen", "127.0.0.1:" + strconv.Itoa(port), "--api-socket", sock,
 		"--metrics-listen", "127.0.0.1:" + strconv.Itoa(mport)}
+	argv = append(argv, b.ServeArgs...)
 	in = &Instance{Server: b.Name(), URI: nbdURI(port), Cmdline: argv,
 		Notes: "volume engine " + engine + ", profile " + cmp.Or(b.Profile, "default") + "; export name = volume name"}
 	defer func() {
@@ -174,6 +179,7 @@ func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance
 	if b.Profile != "" {
 		create = append(create, "--profile", b.Profile)
 	}
+	create = append(create, b.CreateArgs...)
 	if out, err := exec.CommandContext(wctx, create[0], create[1:]...).CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("blockd volume create: %w: %s", err, strings.TrimSpace(string(out)))
 	}

@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/kernel/module"
@@ -193,16 +194,13 @@ func TestNBDReconfigure(t *testing.T) {
 		r.stop()
 		t.Fatal(err)
 	}
-	defer c.Disconnect(idx)
+	defer c.Disconnect(idx) // on failure paths; an error then is moot
 	dev := nbdnl.DevicePath(idx)
 
-	// "Crash" the server: its socket ends close, the kernel marks the
-	// connection dead.
+	// "Crash" the server: its socket ends close, the kernel's receive
+	// thread sees EOF and marks the connection dead. (NBD_CMD_STATUS keeps
+	// reporting "connected": that means configured, which it still is.)
 	r.stop()
-	guest.WaitFor(t, dev+" link dead", 10*time.Second, func() bool {
-		st, err := c.Status(idx)
-		return err == nil && !st.Connected
-	})
 
 	got := make([]byte, len(want))
 	readErr := make(chan error, 1)
@@ -227,10 +225,17 @@ func TestNBDReconfigure(t *testing.T) {
 	kern2, srv2 := socketPairs(t, 1)
 	r2 := serve(e, srv2)
 	defer r2.stop()
-	err = c.Reconfigure(idx, kern2, 0, 0, 0)
+	// The kernel only swaps sockets it has already marked dead and says
+	// ENOSPC otherwise; by now the blocked read has made sure it noticed,
+	// but allow it a moment.
+	var rerr error
+	guest.WaitFor(t, "reconfigure accepted", 10*time.Second, func() bool {
+		rerr = c.Reconfigure(idx, kern2, 0, 0, 0)
+		return !errors.Is(rerr, syscall.ENOSPC)
+	})
 	closeAll(kern2)
-	if err != nil {
-		t.Fatal(err)
+	if rerr != nil {
+		t.Fatal(rerr)
 	}
 	select {
 	case err := <-readErr:
@@ -247,12 +252,22 @@ func TestNBDReconfigure(t *testing.T) {
 	if err != nil || !st.Connected {
 		t.Fatalf("Status after reconfigure = %+v, %v; want connected", st, err)
 	}
+	if err := c.Disconnect(idx); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { r2.wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("reconfigured connection still open 10s after disconnect")
+	}
 }
 
 // alignedBuf returns a page-aligned buffer for O_DIRECT.
 func alignedBuf(n int) []byte {
 	b := make([]byte, n+4096)
-	off := 4096 - int(uintptrOf(b)&4095)
+	off := 4096 - int(uintptr(unsafe.Pointer(unsafe.SliceData(b)))&4095)
 	if off == 4096 {
 		off = 0
 	}

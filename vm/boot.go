@@ -125,13 +125,15 @@ func (r *Result) parse(line string) {
 		}
 		return
 	}
-	if rest, ok := strings.CutPrefix(line, "VMTEST EXIT "); ok {
+	// The markers may follow terminal escapes the firmware left on the
+	// same line, so look for them anywhere.
+	if _, rest, ok := strings.Cut(line, "VMTEST EXIT "); ok {
 		if n, err := strconv.Atoi(strings.TrimSpace(rest)); err == nil {
 			r.ExitCode = n
 		}
 		return
 	}
-	if rest, ok := strings.CutPrefix(line, "VMTEST KERNEL "); ok {
+	if _, rest, ok := strings.Cut(line, "VMTEST KERNEL "); ok {
 		r.Release, _, _ = strings.Cut(rest, " ")
 		return
 	}

@@ -273,3 +273,77 @@ func alignedBuf(n int) []byte {
 	}
 	return b[off : off+n]
 }
+
+// TestNBDDiscardAndWriteZeroes checks that the advertised TRIM and
+// WRITE_ZEROES flags reach the server as those commands and that both
+// ranges read back as zeroes.
+func TestNBDDiscardAndWriteZeroes(t *testing.T) {
+	c := loadNBD(t)
+	const size = 64 << 20
+	e, err := ioengine.NewMemory(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kern, srv := socketPairs(t, 1)
+	r := serve(e, srv)
+	defer r.stop()
+	idx, err := c.Connect(nbdnl.Config{
+		Index: nbdnl.AnyIndex, Socks: kern, SizeBytes: size, BlockSize: 4096,
+		ServerFlags: nbdnl.FlagsDefault, Timeout: 60 * time.Second,
+	})
+	closeAll(kern)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Disconnect(idx)
+	dev := nbdnl.DevicePath(idx)
+	guest.WaitFor(t, dev+" size", 10*time.Second, func() bool {
+		n, _ := guest.DeviceSize(dev)
+		return n == size
+	})
+
+	f, err := os.OpenFile(dev, os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	const mib = 1 << 20
+	fill := alignedBuf(4 * mib)
+	for i := range fill {
+		fill[i] = 0xa5
+	}
+	if _, err := f.WriteAt(fill, 0); err != nil {
+		t.Fatal(err)
+	}
+	guest.Run(t, "/usr/sbin/blkdiscard", "-o", "0", "-l", "1048576", dev)
+	guest.Run(t, "/usr/sbin/blkdiscard", "-z", "-o", "2097152", "-l", "1048576", dev)
+
+	got := alignedBuf(4 * mib)
+	if _, err := f.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	for _, rg := range []struct {
+		off  int
+		zero bool
+	}{{0, true}, {mib, false}, {2 * mib, true}, {3 * mib, false}} {
+		for i, b := range got[rg.off : rg.off+mib] {
+			if (b == 0) != rg.zero {
+				t.Fatalf("byte %d = %#x after discard/zero-out (range zero=%v)", rg.off+i, b, rg.zero)
+			}
+		}
+	}
+	if n := r.ops[cmdTrim].Load(); n == 0 {
+		t.Error("blkdiscard sent no NBD_CMD_TRIM")
+	}
+	// Kernels that support NBD_CMD_WRITE_ZEROES advertise it in the queue
+	// limits; there a zero-out must arrive as that command.
+	if lim, err := os.ReadFile("/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/queue/write_zeroes_max_bytes"); err == nil &&
+		strings.TrimSpace(string(lim)) != "0" {
+		if r.ops[cmdWriteZeroes].Load() == 0 {
+			t.Error("write_zeroes is enabled but blkdiscard -z sent no NBD_CMD_WRITE_ZEROES")
+		}
+	} else {
+		t.Logf("kernel does not use NBD_CMD_WRITE_ZEROES (write_zeroes_max_bytes=%q)", strings.TrimSpace(string(lim)))
+	}
+	t.Logf("ops: trim=%d write_zeroes=%d write=%d", r.ops[cmdTrim].Load(), r.ops[cmdWriteZeroes].Load(), r.ops[cmdWrite].Load())
+}

@@ -40,6 +40,8 @@ type responder struct {
 	conns []*os.File
 	// served counts requests per connection, to prove multi-conn use.
 	served []atomic.Int64
+	// ops counts requests by NBD command type.
+	ops [8]atomic.Int64
 }
 
 // socketPairs returns n connected pairs: kernel ends and server ends.
@@ -108,6 +110,7 @@ func (r *responder) conn(i int, c *os.File) {
 			return // the kernel never sends more than max_sectors
 		}
 		r.served[i].Add(1)
+		r.ops[typ&7].Add(1)
 		var err error
 		var payload []byte
 		switch typ {

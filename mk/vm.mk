@@ -5,7 +5,7 @@ TEST_TARGETS += test-kernel
 
 VM_KERNELS ?= 6.12 6.1
 VM_RUN ?=
-VM_TIMEOUT ?= 5m
+VM_TIMEOUT ?= 10m
 VM_DIR := bin/vm
 # The daemon goes into the guest as /usr/bin/blockd once it exists.
 VM_BLOCKD := $(if $(wildcard cmd/blockd),$(VM_DIR)/blockd)
@@ -19,4 +19,4 @@ test-kernel:
 	$(GO) build -o $(VM_DIR)/vmrun ./vm/cmd/vmrun
 	time $(VM_DIR)/vmrun -kernels "$(VM_KERNELS)" -run "$(VM_RUN)" -timeout $(VM_TIMEOUT) -work $(VM_DIR) \
 		-bin $(VM_DIR)/kerneltest.test $(addprefix -bin ,$(VM_BLOCKD)) \
-		-- /usr/bin/kerneltest.test -test.v -test.timeout 4m
+		-- /usr/bin/kerneltest.test -test.v -test.timeout 8m

@@ -13,6 +13,8 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/mdlayher/genetlink"
@@ -121,9 +123,21 @@ type DeviceStatus struct {
 // DevicePath returns the block device node for index.
 func DevicePath(index int) string { return fmt.Sprintf("/dev/nbd%d", index) }
 
+// Backend returns the BackendID a device was connected with, from
+// /sys/block/nbdN/backend (empty when none was set). A restarted daemon
+// uses it with List to find the devices it owns before Reconfigure.
+func Backend(index int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", index))
+	if err != nil {
+		return "", fmt.Errorf("nbd backend %d: %w", index, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
 // Client is a generic netlink connection to the nbd family. It is safe
-// for use by one goroutine at a time; the daemon serializes device setup.
+// for concurrent use: requests are serialized, one reply at a time.
 type Client struct {
+	mu     sync.Mutex // serializes Execute so replies match requests
 	c      *genetlink.Conn
 	family genetlink.Family
 }
@@ -269,6 +283,8 @@ func (c *Client) execute(cmd uint8, data []byte) ([]genetlink.Message, error) {
 	if cmd == cmdDisconnect || cmd == cmdReconfigure {
 		flags |= netlink.Acknowledge
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	return c.c.Execute(genetlink.Message{
 		Header: genetlink.Header{Command: cmd, Version: familyVersion},
 		Data:   data,

@@ -149,3 +149,25 @@ func TestDevicePath(t *testing.T) {
 		t.Errorf("DevicePath(12) = %q", p)
 	}
 }
+
+func FuzzDecodeStatus(f *testing.F) {
+	ae := netlink.NewAttributeEncoder()
+	ae.Nested(attrDeviceList, func(l *netlink.AttributeEncoder) error {
+		l.Nested(deviceItem, func(d *netlink.AttributeEncoder) error {
+			d.Uint32(deviceIndex, 7)
+			d.Uint8(deviceConnected, 1)
+			return nil
+		})
+		return nil
+	})
+	seed, _ := ae.Encode()
+	f.Add(seed)
+	f.Add([]byte{})
+	f.Add([]byte{4, 0, 9, 0})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		// Kernel replies are trusted, but a malformed one must be an
+		// error, never a panic in the daemon.
+		_, _ = decodeStatus(b)
+		_, _, _ = decodeIndex(b)
+	})
+}

@@ -101,6 +101,7 @@ func TestNBDExt4(t *testing.T) {
 		BlockSize:   4096,
 		ServerFlags: nbdnl.FlagsDefault,
 		Timeout:     60 * time.Second,
+		BackendID:   "blockd-test-ext4",
 	})
 	closeAll(kern)
 	if err != nil {
@@ -108,6 +109,9 @@ func TestNBDExt4(t *testing.T) {
 	}
 	dev := nbdnl.DevicePath(idx)
 	t.Logf("connected %s", dev)
+	if id, err := nbdnl.Backend(idx); err != nil || id != "blockd-test-ext4" {
+		t.Errorf("Backend(%d) = %q, %v; want blockd-test-ext4", idx, id, err)
+	}
 	detached := false
 	defer func() {
 		if !detached {

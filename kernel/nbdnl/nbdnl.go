@@ -19,6 +19,7 @@ import (
 
 	"github.com/mdlayher/genetlink"
 	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Server flags (transmission flags, NBD protocol) the kernel honours.
@@ -80,6 +81,11 @@ const (
 // i.e. the nbd module is not loaded.
 var ErrNoFamily = errors.New("nbd generic netlink family not found (is the nbd module loaded?)")
 
+// ErrNoDeadSocket reports that Reconfigure found no dead socket to replace
+// (the kernel's ENOSPC): the old server's sockets are still alive, or the
+// kernel has not yet noticed they died. A restarted server retries briefly.
+var ErrNoDeadSocket = errors.New("no dead socket to replace")
+
 // ErrNoDevice reports that no /dev/nbdN with the given index exists.
 var ErrNoDevice = errors.New("no such nbd device")
 
@@ -118,6 +124,23 @@ type Config struct {
 type DeviceStatus struct {
 	Index     int
 	Connected bool
+}
+
+// SocketPair returns a connected AF_UNIX stream pair: kernel is for
+// Config.Socks (blocking, as the kernel client expects; close it after
+// Connect), server is for the NBD server and is non-blocking so the Go
+// runtime polls it and Close interrupts a blocked Read.
+func SocketPair() (kernel, server *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("nbd socketpair: %w", err)
+	}
+	if err := unix.SetNonblock(fds[1], true); err != nil {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
+		return nil, nil, fmt.Errorf("nbd socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "nbd-kernel"), os.NewFile(uintptr(fds[1]), "nbd-server"), nil
 }
 
 // DevicePath returns the block device node for index.
@@ -208,6 +231,9 @@ func (c *Client) Reconfigure(index int, socks []*os.File, timeout, deadConnTimeo
 		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
 	}
 	if _, err := c.execute(cmdReconfigure, data); err != nil {
+		if errors.Is(err, unix.ENOSPC) {
+			return fmt.Errorf("nbd reconfigure %d: %w: %w", index, ErrNoDeadSocket, err)
+		}
 		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
 	}
 	return nil

@@ -171,3 +171,32 @@ func FuzzDecodeStatus(f *testing.F) {
 		_, _, _ = decodeIndex(b)
 	})
 }
+
+func TestSocketPairCloseUnblocksRead(t *testing.T) {
+	k, srv, err := SocketPair()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	done := make(chan error, 1)
+	go func() { // owner: this test; exits when Read returns
+		var b [1]byte
+		_, err := srv.Read(b[:])
+		done <- err
+	}()
+	if _, err := k.Write([]byte{1}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("read across the pair: %v", err)
+	}
+	go func() {
+		var b [1]byte
+		_, err := srv.Read(b[:])
+		done <- err
+	}()
+	srv.Close()
+	if err := <-done; !errors.Is(err, os.ErrClosed) {
+		t.Fatalf("Read after Close = %v, want os.ErrClosed", err)
+	}
+}

@@ -229,13 +229,13 @@ func TestNBDReconfigure(t *testing.T) {
 	kern2, srv2 := socketPairs(t, 1)
 	r2 := serve(e, srv2)
 	defer r2.stop()
-	// The kernel only swaps sockets it has already marked dead and says
-	// ENOSPC otherwise; by now the blocked read has made sure it noticed,
-	// but allow it a moment.
+	// The kernel only swaps sockets it has already marked dead
+	// (ErrNoDeadSocket otherwise); by now the blocked read has made sure
+	// it noticed, but allow it a moment.
 	var rerr error
 	guest.WaitFor(t, "reconfigure accepted", 10*time.Second, func() bool {
 		rerr = c.Reconfigure(idx, kern2, 0, 0, 0)
-		return !errors.Is(rerr, syscall.ENOSPC)
+		return !errors.Is(rerr, nbdnl.ErrNoDeadSocket)
 	})
 	closeAll(kern2)
 	if rerr != nil {

@@ -11,8 +11,8 @@ import (
 	"testing"
 
 	"github.com/blockd/blockd/ioengine"
+	"github.com/blockd/blockd/kernel/nbdnl"
 	"github.com/blockd/blockd/pipeline"
-	"golang.org/x/sys/unix"
 )
 
 // This is a deliberately minimal transmission-phase NBD server (simple
@@ -48,18 +48,12 @@ type responder struct {
 func socketPairs(t testing.TB, n int) (kernel, server []*os.File) {
 	t.Helper()
 	for range n {
-		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		k, srv, err := nbdnl.SocketPair()
 		if err != nil {
 			t.Fatal(err)
 		}
-		// The server end is non-blocking so os.File puts it in the runtime
-		// poller and Close interrupts a blocked Read (needed by stop); the
-		// kernel end stays as the kernel client expects it.
-		if err := unix.SetNonblock(fds[1], true); err != nil {
-			t.Fatal(err)
-		}
-		kernel = append(kernel, os.NewFile(uintptr(fds[0]), "nbd-kernel"))
-		server = append(server, os.NewFile(uintptr(fds[1]), "nbd-server"))
+		kernel = append(kernel, k)
+		server = append(server, srv)
 	}
 	return kernel, server
 }

@@ -43,6 +43,8 @@ func main() {
 	run := flag.String("run", "", "only tests matching this regexp (passed as -test.run)")
 	timeout := flag.Duration("timeout", 5*time.Minute, "hard limit per kernel boot")
 	mem := flag.Int("m", 1024, "guest memory in MiB")
+	smp := flag.Int("smp", 2, "guest CPUs")
+	appendArgs := flag.String("append", "", "extra kernel command line")
 	tools := flag.String("tools", "/sbin/mke2fs,/sbin/e2fsck,/usr/sbin/blkdiscard", "dynamic host tools copied with their libraries")
 	modules := flag.String("modules", strings.Join(vm.DefaultModules, ","), "kernel modules to stage (with dependencies)")
 	flag.Var(&bins, "bin", "static binary host[:guest] to include (repeatable)")
@@ -70,7 +72,8 @@ func main() {
 	}
 	var rows []row
 	for _, alias := range strings.FieldsFunc(*kernels, func(r rune) bool { return r == ',' || r == ' ' }) {
-		res, err := one(ctx, alias, *cache, *work, split(*modules), split(*tools), bins, command, *mem, *timeout, logf)
+		res, err := one(ctx, alias, *cache, *work, split(*modules), split(*tools), bins, command,
+			vm.BootOptions{MemMiB: *mem, CPUs: *smp, Timeout: *timeout, Append: *appendArgs}, logf)
 		rows = append(rows, row{alias, res, err})
 		if ctx.Err() != nil {
 			break
@@ -102,7 +105,8 @@ func main() {
 	}
 }
 
-func one(ctx context.Context, alias, cache, work string, modules, tools []string, bins []vm.Binary, command []string, mem int, timeout time.Duration, logf func(string, ...any)) (vm.Result, error) {
+// one fetches, builds and boots one kernel; boot carries the QEMU settings.
+func one(ctx context.Context, alias, cache, work string, modules, tools []string, bins []vm.Binary, command []string, boot vm.BootOptions, logf func(string, ...any)) (vm.Result, error) {
 	k, err := vm.Fetch(ctx, cache, alias, modules, logf)
 	if err != nil {
 		return vm.Result{ExitCode: -1}, err
@@ -136,13 +140,9 @@ func one(ctx context.Context, alias, cache, work string, modules, tools []string
 	}
 	defer lf.Close()
 	logf("booting %s (%s, release %s), console log %s", alias, k.Package, k.Release, logPath)
-	return vm.Boot(ctx, vm.BootOptions{
-		Kernel:  k,
-		Initrd:  initrd,
-		MemMiB:  mem,
-		Timeout: timeout,
-		Console: io.MultiWriter(os.Stdout, lf),
-	})
+	boot.Kernel, boot.Initrd = k, initrd
+	boot.Console = io.MultiWriter(os.Stdout, lf)
+	return vm.Boot(ctx, boot)
 }
 
 // busybox finds a static busybox (Debian's busybox-static installs it as

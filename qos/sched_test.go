@@ -110,9 +110,8 @@ type harness struct {
 	flows  map[string]*Flow
 	names  map[*Flow]string
 	nextID map[string]uint64
-	ids    map[uint64]string // id -> "vol#n"
-	flowOf map[uint64]*Flow
-	seq    uint64
+	reqs   []simReq // by id
+
 }
 
 func newHarness() *harness {
@@ -121,8 +120,7 @@ func newHarness() *harness {
 		flows:  map[string]*Flow{},
 		names:  map[*Flow]string{},
 		nextID: map[string]uint64{},
-		ids:    map[uint64]string{},
-		flowOf: map[uint64]*Flow{},
+		reqs:   []simReq{{}}, // ids start at 1
 	}
 }
 
@@ -204,9 +202,9 @@ func (h *harness) run(cmd string) string {
 		}
 		return h.dispatch()
 	case "cancel":
-		for id, name := range h.ids {
-			if name == args[1] {
-				ok := h.s.Cancel(h.flowOf[id], id, h.now)
+		for id, r := range h.reqs {
+			if r.String() == args[1] {
+				ok := h.s.Cancel(r.f, uint64(id), h.now)
 				return fmt.Sprintf("cancelled=%v\n", ok) + h.dispatch()
 			}
 		}
@@ -258,19 +256,29 @@ func (h *harness) run(cmd string) string {
 }
 
 func (h *harness) enqueue(name string, f *Flow, write bool, size int64) uint64 {
-	h.seq++
 	h.nextID[name]++
-	h.ids[h.seq] = fmt.Sprintf("%s#%d", name, h.nextID[name])
-	h.flowOf[h.seq] = f
-	h.s.Enqueue(f, h.seq, write, size, h.now)
-	return h.seq
+	id := uint64(len(h.reqs))
+	h.reqs = append(h.reqs, simReq{name: name, n: h.nextID[name], f: f, issued: h.now})
+	h.s.Enqueue(f, id, write, size, h.now)
+	return id
 }
+
+// simReq is a request a scenario queued; named "vol#n" in the output.
+type simReq struct {
+	name   string
+	n      uint64
+	f      *Flow
+	c      *simClient // nil outside sim
+	issued time.Duration
+}
+
+func (r simReq) String() string { return fmt.Sprintf("%s#%d", r.name, r.n) }
 
 func (h *harness) fmtIDs(ids []uint64) string {
 	var b strings.Builder
 	for _, id := range ids {
 		b.WriteString(" ")
-		b.WriteString(h.ids[id])
+		b.WriteString(h.reqs[id].String())
 	}
 	return b.String()
 }
@@ -299,7 +307,6 @@ type simClient struct {
 	lat     time.Duration
 	start   time.Duration // clients may join late
 	stop    time.Duration
-	issued  map[uint64]time.Duration
 	windows []int
 	waits   []time.Duration
 }
@@ -321,7 +328,7 @@ func (h *harness) sim(args []string) string {
 		size, _ := ParseSize(p[1])
 		qd, _ := strconv.Atoi(p[2])
 		vol, _, _ := strings.Cut(k, "/") // "vol/tag" runs a second client on vol
-		c := &simClient{name: k, f: h.flows[vol], write: p[0] == "write", size: size, qd: qd, stop: dur, issued: map[uint64]time.Duration{}}
+		c := &simClient{name: k, f: h.flows[vol], write: p[0] == "write", size: size, qd: qd, stop: dur}
 		if len(p) > 3 {
 			c.lat, _ = time.ParseDuration(p[3])
 		}
@@ -340,14 +347,14 @@ func (h *harness) sim(args []string) string {
 		c  *simClient
 	}
 	var pending []completion // small; kept sorted by time
-	byID := map[uint64]*simClient{}
+	waiting := map[uint64]bool{}
 	submit := func(c *simClient) {
 		if h.now-t0 < c.start || h.now-t0 >= c.stop {
 			return
 		}
 		id := h.enqueue(c.name, c.f, c.write, c.size)
-		c.issued[id] = h.now
-		byID[id] = c
+		h.reqs[id].c = c
+		waiting[id] = true
 	}
 	started := map[*simClient]bool{}
 	var out []uint64
@@ -368,10 +375,9 @@ func (h *harness) sim(args []string) string {
 		}
 		out = h.s.Dispatch(h.now, out[:0])
 		for _, id := range out {
-			c := byID[id]
-			delete(byID, id)
-			c.waits = append(c.waits, h.now-c.issued[id])
-			delete(c.issued, id)
+			c := h.reqs[id].c
+			delete(waiting, id)
+			c.waits = append(c.waits, h.now-h.reqs[id].issued)
 			if w := int((h.now - t0) / window); w < len(c.windows) {
 				c.windows[w]++
 			}
@@ -403,8 +409,8 @@ func (h *harness) sim(args []string) string {
 	}
 	h.now = t0 + dur
 	// Fail what is still queued so the next scenario starts clean.
-	for id, c := range byID {
-		h.s.Cancel(c.f, id, h.now)
+	for id := range waiting {
+		h.s.Cancel(h.reqs[id].f, id, h.now)
 	}
 	h.s.Dispatch(h.now, nil)
 	var b strings.Builder

@@ -46,7 +46,7 @@ type Flow struct {
 	limits  Limits
 	caps    [nCaps]bucket
 	q       [2]ring // reads, writes: a write waiting for write credit must not hold up reads
-	active  int // index in s.active, -1 when idle
+	active  int     // index in s.active, -1 when idle
 	removed bool
 
 	resIOPS, resBPS float64

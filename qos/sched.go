@@ -216,6 +216,9 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 		s.now = t
 	}
 	t = s.now
+	if t > s.next && len(s.active) > 0 {
+		s.catchUp(math.Max(s.next, t-MaxLag), t)
+	}
 	s.next = math.Inf(1)
 	s.nodeIO.refill(t)
 	s.nodeBS.refill(t)
@@ -279,6 +282,27 @@ func dir(write bool) int {
 		return 1
 	}
 	return 0
+}
+
+// MaxLag bounds how late a Dispatch may be and still have the credit of
+// the late interval honoured (see catchUp).
+const MaxLag = 1.0
+
+// catchUp handles a Dispatch that comes later than the event it was due
+// for (the timer goroutine was not scheduled in time, which on a loaded
+// host happens for tens of milliseconds): requests were waiting since from
+// and the credit that accrued since then would, with plain buckets, be
+// clipped at the burst size and lost, so a capped volume would fall short
+// of its cap. The buckets of the waiting flows and of the node take the
+// late interval's credit unclipped instead: the late requests catch up.
+func (s *Scheduler) catchUp(from, t float64) {
+	for _, f := range s.active {
+		for i := range f.caps {
+			f.caps[i].refillLate(from, t)
+		}
+	}
+	s.nodeIO.refillLate(from, t)
+	s.nodeBS.refillLate(from, t)
 }
 
 func (s *Scheduler) dispatch(f *Flow, d int, res bool, t float64) {
@@ -402,6 +426,20 @@ func (b *bucket) refill(t float64) {
 		return
 	}
 	b.tokens = math.Min(b.size, b.tokens+(t-b.last)*b.rate)
+	b.last = t
+}
+
+// refillLate refills up to from as usual and from from to t without
+// clipping at the size.
+func (b *bucket) refillLate(from, t float64) {
+	if b.rate == 0 {
+		return
+	}
+	b.refill(from)
+	if t <= b.last {
+		return
+	}
+	b.tokens = math.Min(b.size+(t-from)*b.rate, b.tokens+(t-b.last)*b.rate)
 	b.last = t
 }
 

@@ -218,15 +218,11 @@ func (h *harness) run(cmd string) string {
 		return b.String()
 	case "at":
 		// at TIME: advance the clock and dispatch.
-		d, err := time.ParseDuration(args[1])
-		if err != nil {
-			return "error: " + err.Error()
-		}
-		h.now = d
+		h.now = h.parseTime(args[1])
 		return h.dispatch()
 	case "tick":
 		// tick UNTIL: follow NextEvent until UNTIL, printing each dispatch.
-		until, _ := time.ParseDuration(args[1])
+		until := h.parseTime(args[1])
 		for {
 			next, ok := h.s.NextEvent()
 			if !ok || next > until {
@@ -253,6 +249,19 @@ func (h *harness) run(cmd string) string {
 		return h.sim(args[1:])
 	}
 	return "error: unknown command " + args[0]
+}
+
+// parseTime reads an absolute time ("150ms") or one relative to now
+// ("+150ms").
+func (h *harness) parseTime(s string) time.Duration {
+	d, err := time.ParseDuration(strings.TrimPrefix(s, "+"))
+	if err != nil {
+		panic(err)
+	}
+	if strings.HasPrefix(s, "+") {
+		return h.now + d
+	}
+	return d
 }
 
 func (h *harness) enqueue(name string, f *Flow, write bool, size int64) uint64 {

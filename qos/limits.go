@@ -30,10 +30,13 @@ type Limits struct {
 }
 
 const (
-	// MinBurst is the credit (in seconds) every cap keeps at least. Timers
-	// fire late by up to a millisecond or so; a bucket that small would lose
-	// the credit that accrues meanwhile and undershoot the cap.
-	MinBurst = 0.02
+	// MinBurst is the credit (in seconds) every cap keeps at least. A
+	// client that stalls briefly (on a loaded host, for tens of
+	// milliseconds) leaves the volume idle; the credit saved meanwhile lets
+	// it catch up, where a smaller bucket would lose it and undershoot the
+	// cap. The price is that a volume idle for 100 ms may run that much
+	// ahead of its cap for a moment.
+	MinBurst = 0.1
 	// MaxBurst bounds Burst so that a typo cannot grant hours of credit.
 	MaxBurst = 3600
 	// DefaultWeight is the weight of a volume that sets none.

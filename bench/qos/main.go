@@ -442,4 +442,3 @@ func rounded(v []float64) []int {
 	}
 	return out
 }
-

@@ -99,8 +99,10 @@ func (n *Node) run() {
 
 // dispatchLocked lets through every request whose time has come and makes
 // sure the timer goroutine wakes for the next event.
-func (n *Node) dispatchLocked() {
-	n.out = n.s.Dispatch(n.now(), n.out[:0])
+func (n *Node) dispatchLocked() { n.dispatchAtLocked(n.now()) }
+
+func (n *Node) dispatchAtLocked(now time.Duration) {
+	n.out = n.s.Dispatch(now, n.out[:0])
 	for _, id := range n.out {
 		n.wakeLocked(id, nil)
 	}
@@ -380,8 +382,9 @@ func (v *VolumeQoS) Wait(ctx context.Context, write bool, bytes int64) error {
 	}
 	id := n.getSlotLocked()
 	s := n.slots[id]
-	n.s.Enqueue(v.f, id, write, bytes, n.now())
-	n.dispatchLocked()
+	now := n.now()
+	n.s.Enqueue(v.f, id, write, bytes, now)
+	n.dispatchAtLocked(now)
 	n.mu.Unlock()
 
 	var err error

@@ -357,7 +357,8 @@ func (s *Scheduler) NextEvent() (time.Duration, bool) {
 	if math.IsInf(s.next, 1) {
 		return 0, false
 	}
-	return toDuration(s.next), true
+	// Strictly after the last Dispatch, whatever the float rounding.
+	return max(toDuration(s.next), toDuration(s.now)+1), true
 }
 
 // Waiting returns how many requests of f wait.
@@ -454,10 +455,14 @@ func (b *bucket) readyAt(cost, t float64) float64 {
 	}
 	b.refill(t)
 	need := math.Min(cost, b.size)
-	if b.tokens >= need-eps*math.Max(need, 1) {
+	wait := (need - b.tokens) / b.rate
+	if wait < 1e-9 || b.tokens >= need-eps*math.Max(need, 1) {
+		// Ready, or ready within a nanosecond, the resolution of the
+		// caller's clock: waiting for it would mean waking at the same
+		// Duration again.
 		return t
 	}
-	return t + (need-b.tokens)/b.rate
+	return t + wait
 }
 
 func (b *bucket) take(cost float64) {

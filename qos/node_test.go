@@ -87,16 +87,17 @@ func TestThrottledRequestsPass(t *testing.T) {
 	n := newNode(t, Capacity{})
 	v := newVolume(t, n, "a", Limits{IOPS: 2000})
 	ctx := context.Background()
-	for i := 0; i < 100; i++ {
+	for i := 0; i < 250; i++ {
 		if err := v.Wait(ctx, i%2 == 0, 4096); err != nil {
 			t.Fatal(err)
 		}
 	}
 	st := v.Stats()
-	if st.Passed != 100 || st.Waiting != 0 {
-		t.Fatalf("stats %+v: want 100 passed, none waiting", st)
+	if st.Passed != 250 || st.Waiting != 0 {
+		t.Fatalf("stats %+v: want 250 passed, none waiting", st)
 	}
-	// 100 requests at 2000 IOPS with 40 of credit: some had to wait.
+	// 250 requests at 2000 IOPS with 200 of credit (MinBurst): some had
+	// to wait.
 	if st.Throttled <= 0 {
 		t.Fatalf("throttled %v: want > 0", st.Throttled)
 	}

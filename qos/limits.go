@@ -101,7 +101,7 @@ func (l Limits) Validate() error {
 			continue
 		}
 		if v := f.get(&l); v < 0 {
-			return fmt.Errorf("%s %d is negative", f.json, int64(v))
+			return fmt.Errorf("%s %d is negative", f.json, v)
 		}
 	}
 	if math.IsNaN(l.Burst) || math.IsInf(l.Burst, 0) || l.Burst < 0 {
@@ -180,23 +180,23 @@ const (
 type field struct {
 	flag, json string
 	kind       fieldKind
-	get        func(*Limits) float64
-	set        func(*Limits, float64)
+	get        func(*Limits) int64           // integer fields
+	set        func(*Limits, int64, float64) // integer value, or seconds for burst
 }
 
 // fields lists every setting under its CLI flag name and JSON name, in the
 // order of the issue's `volume set` flags.
 var fields = []field{
-	{"iops-limit", "iops_limit", kindCount, func(l *Limits) float64 { return float64(l.IOPS) }, func(l *Limits, v float64) { l.IOPS = int64(v) }},
-	{"read-iops-limit", "read_iops_limit", kindCount, func(l *Limits) float64 { return float64(l.ReadIOPS) }, func(l *Limits, v float64) { l.ReadIOPS = int64(v) }},
-	{"write-iops-limit", "write_iops_limit", kindCount, func(l *Limits) float64 { return float64(l.WriteIOPS) }, func(l *Limits, v float64) { l.WriteIOPS = int64(v) }},
-	{"bps-limit", "bps_limit", kindSize, func(l *Limits) float64 { return float64(l.BPS) }, func(l *Limits, v float64) { l.BPS = int64(v) }},
-	{"read-bps-limit", "read_bps_limit", kindSize, func(l *Limits) float64 { return float64(l.ReadBPS) }, func(l *Limits, v float64) { l.ReadBPS = int64(v) }},
-	{"write-bps-limit", "write_bps_limit", kindSize, func(l *Limits) float64 { return float64(l.WriteBPS) }, func(l *Limits, v float64) { l.WriteBPS = int64(v) }},
-	{"burst", "burst", kindFloat, func(l *Limits) float64 { return l.Burst }, func(l *Limits, v float64) { l.Burst = v }},
-	{"iops-reservation", "iops_reservation", kindCount, func(l *Limits) float64 { return float64(l.IOPSReservation) }, func(l *Limits, v float64) { l.IOPSReservation = int64(v) }},
-	{"bps-reservation", "bps_reservation", kindSize, func(l *Limits) float64 { return float64(l.BPSReservation) }, func(l *Limits, v float64) { l.BPSReservation = int64(v) }},
-	{"weight", "weight", kindWeight, func(l *Limits) float64 { return float64(l.Weight) }, func(l *Limits, v float64) { l.Weight = int(v) }},
+	{"iops-limit", "iops_limit", kindCount, func(l *Limits) int64 { return l.IOPS }, func(l *Limits, v int64, _ float64) { l.IOPS = v }},
+	{"read-iops-limit", "read_iops_limit", kindCount, func(l *Limits) int64 { return l.ReadIOPS }, func(l *Limits, v int64, _ float64) { l.ReadIOPS = v }},
+	{"write-iops-limit", "write_iops_limit", kindCount, func(l *Limits) int64 { return l.WriteIOPS }, func(l *Limits, v int64, _ float64) { l.WriteIOPS = v }},
+	{"bps-limit", "bps_limit", kindSize, func(l *Limits) int64 { return l.BPS }, func(l *Limits, v int64, _ float64) { l.BPS = v }},
+	{"read-bps-limit", "read_bps_limit", kindSize, func(l *Limits) int64 { return l.ReadBPS }, func(l *Limits, v int64, _ float64) { l.ReadBPS = v }},
+	{"write-bps-limit", "write_bps_limit", kindSize, func(l *Limits) int64 { return l.WriteBPS }, func(l *Limits, v int64, _ float64) { l.WriteBPS = v }},
+	{"burst", "burst", kindFloat, func(l *Limits) int64 { return 0 }, func(l *Limits, _ int64, v float64) { l.Burst = v }},
+	{"iops-reservation", "iops_reservation", kindCount, func(l *Limits) int64 { return l.IOPSReservation }, func(l *Limits, v int64, _ float64) { l.IOPSReservation = v }},
+	{"bps-reservation", "bps_reservation", kindSize, func(l *Limits) int64 { return l.BPSReservation }, func(l *Limits, v int64, _ float64) { l.BPSReservation = v }},
+	{"weight", "weight", kindWeight, func(l *Limits) int64 { return int64(l.Weight) }, func(l *Limits, v int64, _ float64) { l.Weight = int(v) }},
 }
 
 // FlagNames lists the CLI flag names SetFlag accepts, without dashes in
@@ -230,64 +230,65 @@ func (l *Limits) SetFlag(name, value string, parseSize func(string) (int64, erro
 	if f == nil {
 		return fmt.Errorf("%w: unknown setting %q (want one of %s)", ErrBadLimit, name, strings.Join(FlagNames(), ", "))
 	}
-	v, err := parseValue(f, strings.TrimSpace(value), parseSize)
+	n, secs, err := parseValue(f, strings.TrimSpace(value), parseSize)
 	if err != nil {
 		return fmt.Errorf("%w: %s", ErrBadLimit, err)
 	}
-	f.set(l, v)
+	f.set(l, n, secs)
 	return nil
 }
 
-func parseValue(f *field, s string, parseSize func(string) (int64, error)) (float64, error) {
+// parseValue returns an integer value, or seconds for burst.
+func parseValue(f *field, s string, parseSize func(string) (int64, error)) (int64, float64, error) {
 	if strings.EqualFold(s, "none") {
-		return 0, nil
+		return 0, 0, nil
 	}
 	if s == "" {
-		return 0, fmt.Errorf("%s: empty value (use none or 0 to clear)", f.flag)
+		return 0, 0, fmt.Errorf("%s: empty value (use none or 0 to clear)", f.flag)
 	}
 	switch f.kind {
 	case kindFloat:
 		v, err := strconv.ParseFloat(strings.TrimSuffix(s, "s"), 64)
 		if err != nil || math.IsNaN(v) || math.IsInf(v, 0) {
-			return 0, fmt.Errorf("%s %q is not a number of seconds", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is not a number of seconds", f.flag, s)
 		}
 		if v < 0 {
-			return 0, fmt.Errorf("%s %q is negative", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
 		}
 		if v > MaxBurst {
-			return 0, fmt.Errorf("%s %q exceeds the maximum of %d seconds", f.flag, s, MaxBurst)
+			return 0, 0, fmt.Errorf("%s %q exceeds the maximum of %d seconds", f.flag, s, MaxBurst)
 		}
-		return v, nil
+		return 0, v, nil
 	case kindSize:
 		if parseSize == nil {
 			parseSize = ParseSize
 		}
 		if strings.HasPrefix(s, "-") {
-			return 0, fmt.Errorf("%s %q is negative", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
 		}
 		v, err := parseSize(s)
 		if err != nil {
-			return 0, fmt.Errorf("%s %q is not a size: %v", f.flag, s, err)
+			return 0, 0, fmt.Errorf("%s %q is not a size: %v", f.flag, s, err)
 		}
 		if v < 0 {
-			return 0, fmt.Errorf("%s %q is negative", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
 		}
-		return float64(v), nil
+		return v, 0, nil
 	default:
 		v, err := strconv.ParseInt(s, 10, 64)
 		if err != nil {
 			if strings.HasPrefix(s, "-") {
-				return 0, fmt.Errorf("%s %q is negative", f.flag, s)
+				return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
 			}
-			return 0, fmt.Errorf("%s %q is not a whole number", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is not a whole number", f.flag, s)
 		}
 		if v < 0 {
-			return 0, fmt.Errorf("%s %q is negative", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
 		}
 		if f.kind == kindWeight && v > MaxWeight {
-			return 0, fmt.Errorf("%s %q exceeds the maximum of %d", f.flag, s, MaxWeight)
+			return 0, 0, fmt.Errorf("%s %q exceeds the maximum of %d", f.flag, s, MaxWeight)
 		}
-		return float64(v), nil
+		return v, 0, nil
 	}
 }
 

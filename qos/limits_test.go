@@ -58,6 +58,7 @@ func TestSetFlag(t *testing.T) {
 		{"burst", "0.5", Limits{IOPS: 7, BPS: 9, Weight: 3, Burst: 0.5}, ""},
 		{"burst", "3s", Limits{IOPS: 7, BPS: 9, Weight: 3, Burst: 3}, ""},
 		{"weight", "NONE", Limits{IOPS: 7, BPS: 9, Burst: 2}, ""},
+		{"iops-limit", "9223372036854775807", Limits{IOPS: math.MaxInt64, BPS: 9, Weight: 3, Burst: 2}, ""}, // exact, no float detour
 		{"iops-limit", "-5", base, `iops-limit "-5" is negative`},
 		{"iops-limit", "1k", base, `iops-limit "1k" is not a whole number`},
 		{"iops-limit", "", base, "empty value"},
@@ -148,4 +149,31 @@ func TestParseSize(t *testing.T) {
 			t.Errorf("ParseSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.err)
 		}
 	}
+}
+
+// FuzzSetFlag: any name and value either fail with ErrBadLimit leaving
+// the limits untouched, or set a non-negative field; ParseSize never
+// returns a negative size without an error.
+func FuzzSetFlag(f *testing.F) {
+	for _, s := range [][2]string{{"iops-limit", "100"}, {"bps-limit", "50MiB"}, {"burst", "1.5"}, {"weight", "none"}, {"x", "-1"}, {"bps_limit", "9999999999999T"}} {
+		f.Add(s[0], s[1])
+	}
+	f.Fuzz(func(t *testing.T, name, value string) {
+		base := Limits{IOPS: 1, BPS: 2, Weight: 3}
+		l := base
+		err := l.SetFlag(name, value, nil)
+		if err != nil {
+			if !errors.Is(err, ErrBadLimit) || l != base {
+				t.Fatalf("SetFlag(%q, %q): %v, limits %+v", name, value, err, l)
+			}
+			return
+		}
+		// Only range checks across fields may fail now, never a sign.
+		if err := l.Validate(); err != nil && strings.Contains(err.Error(), "negative") {
+			t.Fatalf("SetFlag(%q, %q) stored a negative value: %v", name, value, err)
+		}
+		if n, err := ParseSize(value); err == nil && n < 0 {
+			t.Fatalf("ParseSize(%q) = %d", value, n)
+		}
+	})
 }

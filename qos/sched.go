@@ -28,8 +28,10 @@ import (
 //     busy reserved volume gets its floor plus its weighted share of what
 //     the floors leave.
 //   - The node capacity is one more token bucket (IOPS and/or bytes/s)
-//     shared by all flows. The picked flow waits for it; no flow overtakes
-//     another for capacity, so large requests are not starved by small ones.
+//     shared by all flows. The picked flow waits for it (except in the
+//     reservation phase, which may run the bucket into debt); no flow
+//     overtakes another for capacity, so large requests are not starved by
+//     small ones.
 type Scheduler struct {
 	cap    Capacity
 	nodeIO bucket
@@ -246,7 +248,13 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 			break
 		}
 		h := best.q[bestDir].peek()
-		if at := s.nodeReadyAt(h, t); at > t {
+		// A request due in the reservation phase does not wait for node
+		// capacity: it takes the node's tokens into debt, which the
+		// weight phase then waits out. The floors are promised out of the
+		// capacity (Node refuses reservations that sum beyond it), so the
+		// debt stays bounded, and a reserved volume's latency does not
+		// depend on the timer goroutine being scheduled in time.
+		if at := s.nodeReadyAt(h, t); at > t && !bestRes {
 			s.next = math.Min(capWait, at)
 			break
 		}

@@ -228,13 +228,18 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 		var best *Flow
 		bestRes, bestDir := false, 0
 		capWait := math.Inf(1) // earliest time a flow not yet within its caps is
+		resWait := math.Inf(1) // earliest time a flow within its caps becomes due for its reservation
 		for _, f := range s.active {
 			d, at := f.head(t)
 			if at > t {
 				capWait = math.Min(capWait, at)
 				continue
 			}
-			res := (f.resIOPS > 0 || f.resBPS > 0) && f.rNext <= t
+			hasRes := f.resIOPS > 0 || f.resBPS > 0
+			res := hasRes && f.rNext <= t
+			if hasRes && !res {
+				resWait = math.Min(resWait, f.rNext)
+			}
 			switch {
 			case best == nil,
 				res && !bestRes,
@@ -255,7 +260,10 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 		// debt stays bounded, and a reserved volume's latency does not
 		// depend on the timer goroutine being scheduled in time.
 		if at := s.nodeReadyAt(h, t); at > t && !bestRes {
-			s.next = math.Min(capWait, at)
+			// Wake when the node has capacity for it, or earlier if a flow
+			// gets within its caps or becomes due for its reservation (it
+			// would not wait for the node).
+			s.next = math.Min(math.Min(capWait, at), resWait)
 			break
 		}
 		s.dispatch(best, bestDir, bestRes, t)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/blockd/blockd/qos"
 	"io"
 	"os"
 	"strings"
@@ -132,6 +133,8 @@ func volumeCmd(args []string, stdout, stderr io.Writer) error {
 		profile := fs.String("profile", "auto", "io_profile: auto, db, db_remote, sequential, random, journal, none")
 		ro := fs.Bool("read-only", false, "refuse writes")
 		out := fs.String("o", "table", "output: table or json")
+		qosSet := map[string]string{}
+		qosFlags(fs, qosSet)
 		pos, err := parseInterleaved(fs, args)
 		if err != nil {
 			return err
@@ -146,7 +149,7 @@ func volumeCmd(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		vi, err := NewClient(*sock).CreateVolume(CreateRequest{Name: pos[0], Size: Size(n), Engine: *engine, Profile: *profile, ReadOnly: *ro})
+		vi, err := NewClient(*sock).CreateVolume(CreateRequest{Name: pos[0], Size: Size(n), Engine: *engine, Profile: *profile, ReadOnly: *ro, QoS: qosSet})
 		if err != nil {
 			return err
 		}
@@ -224,6 +227,8 @@ func volumeCmd(args []string, stdout, stderr io.Writer) error {
 		sock := apiSocketFlag(fs)
 		out := fs.String("o", "table", "output: table or json")
 		var req UpdateRequest
+		req.QoS = map[string]string{}
+		qosFlags(fs, req.QoS)
 		fs.Func("profile", "io_profile: auto, db, db_remote, sequential, random, journal, none", func(s string) error {
 			req.Profile = &s
 			return nil
@@ -243,7 +248,7 @@ func volumeCmd(args []string, stdout, stderr io.Writer) error {
 		if err := wantArgs(fs, pos, 1, "volume set takes one NAME"); err != nil {
 			return err
 		}
-		if req == (UpdateRequest{}) {
+		if req.Profile == nil && req.ReadOnly == nil && len(req.QoS) == 0 {
 			return fmt.Errorf("volume set %s: nothing to change (see 'blockd volume set -h')", pos[0])
 		}
 		vi, err := NewClient(*sock).UpdateVolume(pos[0], req)
@@ -290,6 +295,15 @@ func printVolumes(w io.Writer, format string, vs []VolumeInfo, single bool) erro
 }
 
 // humanBytes renders n rounded to one decimal in binary units.
+func qosFlags(fs *flag.FlagSet, set map[string]string) {
+	for _, name := range qos.FlagNames() {
+		fs.Func(name, "QoS "+name+" (none or 0 clears)", func(s string) error {
+			set[name] = s
+			return nil
+		})
+	}
+}
+
 func humanBytes(n int64) string {
 	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB"}
 	f := float64(n)

@@ -8,6 +8,7 @@ import (
 	"github.com/blockd/blockd/qos"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 )
@@ -275,7 +276,7 @@ func printVolumes(w io.Writer, format string, vs []VolumeInfo, single bool) erro
 		return fmt.Errorf("output format %q: want table or json", format)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tCREATED")
+	fmt.Fprintln(tw, "NAME\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tQOS\tCREATED")
 	for _, v := range vs {
 		mode := "rw"
 		if v.ReadOnly {
@@ -289,7 +290,7 @@ func printVolumes(w io.Writer, format string, vs []VolumeInfo, single bool) erro
 		if v.Attachment != nil {
 			dev = v.Attachment.Device
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.SizeHuman, v.Engine, v.Profile, mode, alloc, dev, v.CreatedAt.Format("2006-01-02 15:04:05"))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.SizeHuman, v.Engine, v.Profile, mode, alloc, dev, qosSummary(v.QoS), v.CreatedAt.Format("2006-01-02 15:04:05"))
 	}
 	return tw.Flush()
 }
@@ -370,4 +371,33 @@ func detachCmd(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "volume %s detached\n", vi.Name)
 	return nil
+}
+
+// qosSummary renders the limits that are set, in flag names: caps as
+// "iops-limit=5000", so the table reads like the command that set them.
+func qosSummary(l qos.Limits) string {
+	var parts []string
+	add := func(name string, n int64, size bool) {
+		if n == 0 {
+			return
+		}
+		v := strconv.FormatInt(n, 10)
+		if size {
+			v = humanBytes(n) + "/s"
+		}
+		parts = append(parts, name+"="+v)
+	}
+	add("iops", l.IOPS, false)
+	add("read-iops", l.ReadIOPS, false)
+	add("write-iops", l.WriteIOPS, false)
+	add("bps", l.BPS, true)
+	add("read-bps", l.ReadBPS, true)
+	add("write-bps", l.WriteBPS, true)
+	add("iops-reservation", l.IOPSReservation, false)
+	add("bps-reservation", l.BPSReservation, true)
+	add("weight", int64(l.Weight), false)
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, ",")
 }

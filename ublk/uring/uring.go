@@ -111,10 +111,10 @@ type Ring struct {
 
 	sqRing, cqRing, sqeMem []byte // cqRing aliases sqRing with FeatSingleMmap
 
-	sqHead, sqTail *uint32
-	sqMask, sqEntries       uint32
-	sqeSize                 uint32
-	tail                    uint32 // next SQE to hand out; published at submit
+	sqHead, sqTail    *uint32
+	sqMask, sqEntries uint32
+	sqeSize           uint32
+	tail              uint32 // next SQE to hand out; published at submit
 
 	cqHead, cqTail *uint32
 	cqMask         uint32

@@ -168,6 +168,31 @@ func TestVMAttachDetach(t *testing.T) {
 	}
 }
 
+// waitBlocked waits until n of this process's threads sit in
+// uninterruptible sleep: the application I/O waiting for a server, so that
+// recovery is tested with I/O pending on it. (The block layer's inflight
+// counters do not count requests held while the device is quiesced.)
+func waitBlocked(t *testing.T, n int) {
+	t.Helper()
+	got := 0
+	for i := 0; i < 500; i++ {
+		got = 0
+		tasks, _ := filepath.Glob("/proc/self/task/*/stat")
+		for _, p := range tasks {
+			b, _ := os.ReadFile(p)
+			// state follows the parenthesised command name
+			if i := bytes.LastIndexByte(b, ')'); i > 0 && i+2 < len(b) && b[i+2] == 'D' {
+				got++
+			}
+		}
+		if got >= n {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("%d threads blocked in I/O, want %d", got, n)
+}
+
 type checksums map[string][32]byte
 
 func writeFiles(t *testing.T, dir string, n, size int) checksums {
@@ -251,6 +276,9 @@ func TestVMReleaseRecover(t *testing.T) {
 		t.Fatal(err)
 	}
 	id := dev.ID()
+	// On failure, removing the device fails the pending I/O instead of
+	// leaving the process stuck in it.
+	t.Cleanup(func() { Remove(id, nil) })
 	f, err := os.OpenFile(dev.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -270,6 +298,7 @@ func TestVMReleaseRecover(t *testing.T) {
 		_, err := f.ReadAt(r, 1<<20)
 		done <- err
 	}()
+	waitBlocked(t, 1)
 	dev2, err := Recover(context.Background(), id, Config{Handler: ioengine.Handler(mem)})
 	if err != nil {
 		t.Fatal(err)
@@ -348,6 +377,7 @@ func TestVMKillRecover(t *testing.T) {
 	requireUblk(t)
 	file := filepath.Join(t.TempDir(), "vol")
 	child, id := startChild(t, "attach", file)
+	t.Cleanup(func() { child.Process.Kill(); Remove(id, nil) })
 	dev := BlockPath(id)
 	f, err := os.OpenFile(dev, os.O_RDWR|syscall.O_DIRECT, 0)
 	if err != nil {
@@ -375,7 +405,9 @@ func TestVMKillRecover(t *testing.T) {
 		done <- err
 	}()
 
+	waitBlocked(t, 2)
 	child2, id2 := startChild(t, "recover:"+strconv.Itoa(id), file)
+	t.Cleanup(func() { child2.Process.Kill() })
 	if id2 != id {
 		t.Fatalf("recovered %d, want %d", id2, id)
 	}

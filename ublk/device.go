@@ -36,6 +36,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/blockd/blockd/kernel/module"
 	"github.com/blockd/blockd/pipeline"
 )
 
@@ -60,7 +61,7 @@ type Config struct {
 	// Logger (default slog.Default()).
 	Logger *slog.Logger
 	// LoadModule loads a kernel module by name when /dev/ublk-control is
-	// missing; nil means don't try.
+	// missing (default module.Load).
 	LoadModule func(name string) error
 	// ReadOnly marks the block device read-only.
 	ReadOnly bool
@@ -78,6 +79,9 @@ func (c *Config) defaults() error {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	if c.LoadModule == nil {
+		c.LoadModule = module.Load
 	}
 	switch {
 	case c.Handler == nil:
@@ -333,6 +337,9 @@ func Recover(ctx context.Context, id int, cfg Config) (*Device, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
+	if cfg.LoadModule == nil {
+		cfg.LoadModule = module.Load
+	}
 	ctrl, err := OpenControl(cfg.LoadModule)
 	if err != nil {
 		return nil, err
@@ -404,8 +411,12 @@ func recoverDev(ctx context.Context, ctrl *Control, id uint32, cfg Config) (*Dev
 	return d, nil
 }
 
-// List returns the ublk devices in the kernel, blockd's or not.
+// List returns the ublk devices in the kernel, blockd's or not. load
+// loads ublk_drv if needed (nil: module.Load).
 func List(load func(string) error) ([]DevInfo, error) {
+	if load == nil {
+		load = module.Load
+	}
 	ctrl, err := OpenControl(load)
 	if err != nil {
 		return nil, err
@@ -458,6 +469,9 @@ func (n dirName) Info() (os.FileInfo, error) { return nil, os.ErrNotExist }
 
 // Remove stops and deletes device id, which no process may be serving.
 func Remove(id int, load func(string) error) error {
+	if load == nil {
+		load = module.Load
+	}
 	ctrl, err := OpenControl(load)
 	if err != nil {
 		return err
@@ -479,6 +493,9 @@ func remove(ctrl *Control, id uint32) error {
 // recovering the devices the registry still wants, with keep reporting
 // those. It returns the ids removed.
 func Cleanup(keep func(DevInfo) bool, load func(string) error) ([]int, error) {
+	if load == nil {
+		load = module.Load
+	}
 	infos, err := List(load)
 	if err != nil {
 		return nil, err

@@ -275,6 +275,11 @@ func newKernelRing(charFd, qid, depth int, wbuf []byte) (*kernelRing, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Wait in the netpoller, not in io_uring_enter: see uring.EnablePolling.
+	if err := r.EnablePolling(); err != nil {
+		r.Close()
+		return nil, err
+	}
 	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
 	if err != nil {
 		r.Close()
@@ -315,7 +320,7 @@ func (k *kernelRing) submitAndWait(wait bool) error {
 		_, err := k.ring.Submit()
 		return err
 	}
-	return k.ring.SubmitAndWait(1)
+	return k.ring.WaitPoll()
 }
 
 func (k *kernelRing) reap(cqes []uring.CQE) int { return k.ring.Reap(cqes) }

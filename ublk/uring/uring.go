@@ -13,7 +13,9 @@ package uring
 import (
 	"errors"
 	"fmt"
+	"os"
 	"sync/atomic"
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -121,6 +123,12 @@ type Ring struct {
 	cqEntries      uint32
 	cqeSize        uint32
 	cqes           unsafe.Pointer
+
+	// Set by EnablePolling: the ring fd in Go's netpoller.
+	file    *os.File
+	rc      syscall.RawConn
+	pollFn  func(uintptr) bool
+	pollErr error
 }
 
 // New sets up a ring with at least entries SQEs and the given Setup* flags.
@@ -330,6 +338,53 @@ func (r *Ring) SubmitAndWait(want uint32) error {
 	}
 }
 
+// EnablePolling puts the ring's fd in Go's netpoller so that WaitPoll can
+// wait for completions without occupying a P. A goroutine blocked in
+// io_uring_enter keeps its P until sysmon retakes it (up to 10 ms when the
+// process is idle), and a goroutine it just readied (a worker it handed a
+// request to) waits that long; parked in the netpoller it holds nothing.
+func (r *Ring) EnablePolling() error {
+	if r.fd < 0 {
+		return ErrClosed
+	}
+	if err := unix.SetNonblock(r.fd, true); err != nil {
+		return fmt.Errorf("ring nonblock: %w", err)
+	}
+	r.file = os.NewFile(uintptr(r.fd), "io_uring")
+	rc, err := r.file.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("ring poll: %w", err)
+	}
+	r.rc = rc
+	// Made once: a closure per wait would allocate.
+	r.pollFn = func(uintptr) bool {
+		// Submit, run pending task work and flush completions, without
+		// blocking; report whether there is something to reap.
+		_, err := r.enter(r.pending(), 0, enterGetEvents)
+		switch err {
+		case nil, unix.EINTR, unix.EAGAIN, unix.EBUSY:
+		default:
+			r.pollErr = fmt.Errorf("io_uring_enter: %w", err)
+			return true
+		}
+		return r.Ready() > 0
+	}
+	return nil
+}
+
+// WaitPoll submits every prepared SQE and waits, parked in the netpoller,
+// until a completion is ready. It needs EnablePolling.
+func (r *Ring) WaitPoll() error {
+	if r.rc == nil {
+		return errors.New("uring: WaitPoll without EnablePolling")
+	}
+	r.pollErr = nil
+	if err := r.rc.Read(r.pollFn); err != nil {
+		return fmt.Errorf("ring poll: %w", err)
+	}
+	return r.pollErr
+}
+
 // Ready returns the number of completions waiting to be reaped.
 func (r *Ring) Ready() uint32 {
 	return atomic.LoadUint32(r.cqTail) - atomic.LoadUint32(r.cqHead)
@@ -369,7 +424,11 @@ func (r *Ring) Close() error {
 	if r.sqRing != nil {
 		errs = append(errs, unix.Munmap(r.sqRing))
 	}
-	errs = append(errs, unix.Close(r.fd))
+	if r.file != nil {
+		errs = append(errs, r.file.Close())
+	} else {
+		errs = append(errs, unix.Close(r.fd))
+	}
 	r.fd = -1
 	r.sqRing, r.cqRing, r.sqeMem = nil, nil, nil
 	if err := errors.Join(errs...); err != nil {

@@ -1,6 +1,7 @@
 package ublk
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
@@ -89,9 +90,9 @@ func (c *Control) Close() error {
 	return err
 }
 
-// run issues one control command and waits for its result. fill may write
-// the command's input into the scratch buffer; the kernel's output, if
-// any, is in c.scratch afterwards (valid until c.mu is released).
+// runLocked issues one control command and waits for its result. Input
+// and output buffers live in c.scratch, which callers fill and read while
+// holding c.mu.
 func (c *Control) runLocked(op uint32, cmd ctrlCmd) (int32, error) {
 	if c.fd < 0 {
 		return 0, uring.ErrClosed
@@ -125,8 +126,7 @@ func (c *Control) Features() (uint64, error) {
 	if err != nil {
 		return 0, fmt.Errorf("ublk get features: %w", err)
 	}
-	return uint64(c.scratch[0]) | uint64(c.scratch[1])<<8 | uint64(c.scratch[2])<<16 | uint64(c.scratch[3])<<24 |
-		uint64(c.scratch[4])<<32 | uint64(c.scratch[5])<<40 | uint64(c.scratch[6])<<48 | uint64(c.scratch[7])<<56, nil
+	return binary.LittleEndian.Uint64(c.scratch), nil
 }
 
 // AddDev creates a device as described by info (DevID ^0 lets the kernel

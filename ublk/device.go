@@ -27,7 +27,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
@@ -441,31 +440,21 @@ func List(load func(string) error) ([]DevInfo, error) {
 }
 
 func deviceIDs() ([]int, error) {
+	// The class exists while ublk_drv is loaded, which OpenControl ensured.
 	ents, err := os.ReadDir("/sys/class/ublk-char")
-	if errors.Is(err, os.ErrNotExist) {
-		ents = nil
-		m, _ := filepath.Glob("/dev/ublkc*")
-		for _, p := range m {
-			ents = append(ents, dirName(filepath.Base(p)))
-		}
-	} else if err != nil {
+	if err != nil {
 		return nil, fmt.Errorf("list ublk devices: %w", err)
 	}
 	var ids []int
 	for _, e := range ents {
-		if n, err := strconv.Atoi(strings.TrimPrefix(e.Name(), "ublkc")); err == nil && strings.HasPrefix(e.Name(), "ublkc") {
-			ids = append(ids, n)
+		if rest, ok := strings.CutPrefix(e.Name(), "ublkc"); ok {
+			if n, err := strconv.Atoi(rest); err == nil {
+				ids = append(ids, n)
+			}
 		}
 	}
 	return ids, nil
 }
-
-type dirName string
-
-func (n dirName) Name() string               { return string(n) }
-func (n dirName) IsDir() bool                { return false }
-func (n dirName) Type() os.FileMode          { return 0 }
-func (n dirName) Info() (os.FileInfo, error) { return nil, os.ErrNotExist }
 
 // Remove stops and deletes device id, which no process may be serving.
 func Remove(id int, load func(string) error) error {

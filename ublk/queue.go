@@ -134,6 +134,13 @@ func (q *queue) run(ready chan<- error) {
 }
 
 func (q *queue) loop(ring qring) {
+	// A stop requested before the ring existed could not wake us.
+	q.mu.Lock()
+	stopped := q.stopping
+	q.mu.Unlock()
+	if stopped {
+		return
+	}
 	cqes := make([]uring.CQE, len(q.slots)+1)
 	for {
 		if err := ring.submitAndWait(true); err != nil {

@@ -378,3 +378,29 @@ func TestQueueGoroutinesExit(t *testing.T) {
 		t.Fatalf("goroutines before %d after %d", before, n)
 	}
 }
+
+// TestQueueStopBeforeRing: a stop requested while the queue is still
+// setting up (as when another queue of the device failed) must not leave
+// the queue waiting forever.
+func TestQueueStopBeforeRing(t *testing.T) {
+	f := newFakeDriver(t, 2, 4096)
+	gate := make(chan struct{})
+	work := make(chan *slot, 2)
+	q := newQueue(0, 1<<20, f.descs, f.bufs, work, slog.New(slog.NewTextHandler(io.Discard, nil)),
+		func() (qring, error) { <-gate; return f, nil })
+	ready := make(chan error, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		q.run(ready)
+	}()
+	q.requestStop()
+	close(gate)
+	if err := <-ready; err != nil {
+		t.Fatal(err)
+	}
+	<-done
+	if !f.closed {
+		t.Fatal("ring not closed")
+	}
+}

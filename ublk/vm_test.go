@@ -10,7 +10,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -29,6 +28,7 @@ import (
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/kernel/module"
 	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/vm/guest"
 )
 
 func TestMain(m *testing.M) {
@@ -40,9 +40,7 @@ func TestMain(m *testing.M) {
 
 func requireUblk(t *testing.T) {
 	t.Helper()
-	if os.Getenv("BLOCKD_VM") != "1" {
-		t.Fatal("vmtest binaries run only inside the blockd VM")
-	}
+	guest.RequireVM(t)
 	if err := module.Load("ublk_drv"); err != nil {
 		t.Fatal(err)
 	}
@@ -66,15 +64,6 @@ func waitGone(t *testing.T, path string) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatalf("%s still exists", path)
-}
-
-func run(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %v: %v\n%s", name, args, err, out)
-	}
-	return string(out)
 }
 
 // alignedBuf is page-aligned memory for O_DIRECT.
@@ -149,7 +138,7 @@ func TestVMAttachDetach(t *testing.T) {
 		}
 		directIO(t, dev.Path(), size)
 		// Discard through the block layer reaches the engine as a trim.
-		run(t, "blkdiscard", "-o", "0", "-l", "1048576", dev.Path())
+		guest.Run(t, "blkdiscard", "-o", "0", "-l", "1048576", dev.Path())
 		if err := dev.Detach(); err != nil {
 			t.Fatal(err)
 		}
@@ -194,37 +183,6 @@ func waitBlocked(t *testing.T, n int) {
 	t.Fatalf("%d threads blocked in I/O, want %d", got, n)
 }
 
-type checksums map[string][32]byte
-
-func writeFiles(t *testing.T, dir string, n, size int) checksums {
-	t.Helper()
-	sums := checksums{}
-	buf := make([]byte, size)
-	for i := 0; i < n; i++ {
-		rand.Read(buf[:size-i*1000])
-		name := filepath.Join(dir, fmt.Sprintf("f%03d", i))
-		if err := os.WriteFile(name, buf[:size-i*1000], 0o644); err != nil {
-			t.Fatal(err)
-		}
-		sums[name] = sha256.Sum256(buf[:size-i*1000])
-	}
-	run(t, "sync")
-	return sums
-}
-
-func verifyFiles(t *testing.T, sums checksums) {
-	t.Helper()
-	for name, want := range sums {
-		b, err := os.ReadFile(name)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if sha256.Sum256(b) != want {
-			t.Fatalf("%s: checksum mismatch", name)
-		}
-	}
-}
-
 func TestVMExt4(t *testing.T) {
 	requireUblk(t)
 	for _, m := range []string{"crc32c_generic", "ext4"} {
@@ -243,18 +201,18 @@ func TestVMExt4(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer dev.Detach()
-	run(t, "/sbin/mke2fs", "-q", "-F", "-t", "ext4", dev.Path())
-	dir := t.TempDir()
-	run(t, "mount", "-t", "ext4", dev.Path(), dir)
-	sums := writeFiles(t, dir, 20, 3<<20)
-	run(t, "umount", dir)
+	guest.Run(t, "/sbin/mke2fs", "-q", "-F", "-t", "ext4", dev.Path())
+	dir := guest.Mount(t, dev.Path(), "ext4")
+	sums := guest.WriteRandomFiles(t, dir, 24, 512<<10)
+	guest.Run(t, "sync")
+	guest.Umount(t, dir)
 	// Drop the page cache so the verification reads through ublk.
 	os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0)
-	run(t, "/sbin/e2fsck", "-f", "-n", dev.Path())
-	run(t, "mount", "-t", "ext4", dev.Path(), dir)
-	verifyFiles(t, sums)
-	run(t, "fstrim", dir)
-	run(t, "umount", dir)
+	guest.Run(t, "/sbin/e2fsck", "-f", "-n", dev.Path())
+	guest.Remount(t, dev.Path(), "ext4", dir)
+	guest.VerifyFiles(t, dir, sums)
+	guest.Run(t, "fstrim", dir)
+	guest.Umount(t, dir)
 	if err := dev.Detach(); err != nil {
 		t.Fatal(err)
 	}
@@ -474,7 +432,7 @@ func TestVMRequestAllocs(t *testing.T) {
 		}
 	}
 	io(200)
-	const n = 5000
+	const n = 2000
 	var m0, m1 runtime.MemStats
 	runtime.ReadMemStats(&m0)
 	start := time.Now()

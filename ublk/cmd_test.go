@@ -2,7 +2,10 @@ package ublk
 
 import (
 	"bytes"
+	"os"
+	"os/exec"
 	"testing"
+	"time"
 )
 
 // The expected values are the ones the kernel header's _IOR/_IOWR macros
@@ -98,5 +101,27 @@ func TestStructRoundTrips(t *testing.T) {
 	wantIO := []byte{1, 0, 5, 0, 0xfb, 0xff, 0xff, 0xff, 0, 0x10, 0, 0, 0, 0, 0, 0}
 	if !bytes.Equal(io, wantIO) {
 		t.Fatalf("io cmd % x", io)
+	}
+}
+
+func TestProcessAlive(t *testing.T) {
+	if !processAlive(os.Getpid()) {
+		t.Fatal("this process reported dead")
+	}
+	cmd := exec.Command("/bin/true")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	pid := cmd.Process.Pid
+	// Until reaped, the exited child is a zombie: dead for recovery.
+	for i := 0; i < 500 && processAlive(pid); i++ {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if processAlive(pid) {
+		t.Fatal("exited child still reported alive")
+	}
+	cmd.Wait()
+	if processAlive(pid) || processAlive(0) || processAlive(-1) {
+		t.Fatal("reaped or invalid pid reported alive")
 	}
 }

@@ -22,6 +22,7 @@
 package ublk
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -378,7 +379,7 @@ func recoverDev(ctx context.Context, ctrl *Control, id uint32, cfg Config) (*Dev
 			if !errors.Is(err, unix.EBUSY) {
 				return nil, err
 			}
-		} else if info.DaemonPID > 0 && info.DaemonPID != int32(os.Getpid()) && unix.Kill(int(info.DaemonPID), 0) == nil {
+		} else if info.DaemonPID != int32(os.Getpid()) && processAlive(int(info.DaemonPID)) {
 			return nil, fmt.Errorf("%w: server pid %d is alive", ErrNotRecoverable, info.DaemonPID)
 		}
 		if time.Now().After(deadline) {
@@ -408,6 +409,21 @@ func recoverDev(ctx context.Context, ctrl *Control, id uint32, cfg Config) (*Dev
 	}
 	d.log.Info("ublk device recovered", "dev", d.Path(), "queues", info.NrHwQueues, "depth", info.QueueDepth)
 	return d, nil
+}
+
+// processAlive reports whether pid is a running process. A zombie is dead:
+// its files, and so its hold on the device, are already released or about
+// to be.
+func processAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i > 0 && i+2 < len(b) && b[i+2] != 'Z' && b[i+2] != 'X'
 }
 
 // List returns the ublk devices in the kernel, blockd's or not. load
@@ -500,7 +516,7 @@ func Cleanup(keep func(DevInfo) bool, load func(string) error) ([]int, error) {
 		if info.ServerFlags != serverMagic || keep(info) {
 			continue
 		}
-		if info.State == StateLive && info.DaemonPID > 0 && info.DaemonPID != int32(os.Getpid()) && unix.Kill(int(info.DaemonPID), 0) == nil {
+		if info.State == StateLive && info.DaemonPID != int32(os.Getpid()) && processAlive(int(info.DaemonPID)) {
 			continue // another live blockd serves it
 		}
 		if err := remove(ctrl, info.DevID); err != nil {

@@ -8,8 +8,15 @@
 // and its descriptor mapping; a bounded set of workers that run the
 // pipeline Handler. A worker hands the result back to the queue goroutine
 // through a done list and an eventfd whose read sits in the queue's ring,
-// so the queue sleeps in one io_uring_enter for both kernel requests and
-// finished work.
+// so one wait covers both kernel requests and finished work. That wait
+// parks the goroutine in Go's netpoller on the ring fd rather than in
+// io_uring_enter, so an idle queue holds no P (see uring.EnablePolling).
+//
+// Daemon start: Recover the ublk ids the registry recorded (a failure with
+// ErrNotRecoverable means attach afresh), then Cleanup with keep reporting
+// the recovered ids, then Attach new volumes. Application I/O to an
+// orphaned device waits (USER_RECOVERY without FAIL_IO) until Recover, or
+// fails once Cleanup/Remove deletes the device.
 //
 // Data moves through per-tag buffers in one anonymous mapping per queue
 // (the driver copies into/out of them), not UBLK_F_USER_COPY: the copy
@@ -131,7 +138,8 @@ func BlockPath(id int) string { return "/dev/ublkb" + strconv.Itoa(id) }
 func CharPath(id int) string { return "/dev/ublkc" + strconv.Itoa(id) }
 
 // Attach creates a new ublk device served by cfg.Handler and returns when
-// its block device exists.
+// its block device exists. ctx is the parent of the context handlers get;
+// cancelling it later does not stop the device (Detach does).
 func Attach(ctx context.Context, cfg Config) (*Device, error) {
 	if err := cfg.defaults(); err != nil {
 		return nil, err

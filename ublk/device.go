@@ -7,10 +7,11 @@
 // queue, locked to its OS thread, owning that queue's ring on /dev/ublkcN
 // and its descriptor mapping; a bounded set of workers that run the
 // pipeline Handler. A worker hands the result back to the queue goroutine
-// through a done list and an eventfd whose read sits in the queue's ring,
-// so one wait covers both kernel requests and finished work. That wait
-// parks the goroutine in Go's netpoller on the ring fd rather than in
-// io_uring_enter, so an idle queue holds no P (see uring.EnablePolling).
+// through a done list and a channel send; a watcher goroutine parked in
+// Go's netpoller on the ring fd sends on the same channel when the driver
+// posts completions. So one wait covers both, a finished request costs no
+// syscall and no kernel round trip to reach the queue, and an idle queue
+// holds no P (a goroutine blocked in io_uring_enter would keep its P).
 //
 // Daemon start: Recover the ublk ids the registry recorded (a failure with
 // ErrNotRecoverable means attach afresh), then Cleanup with keep reporting
@@ -250,7 +251,7 @@ func serve(ctx context.Context, ctrl *Control, info DevInfo, cfg Config, size in
 			return nil, fmt.Errorf("mmap queue %d descriptors: %w", qid, err)
 		}
 		d.maps = append(d.maps, descs)
-		mem, err := unix.Mmap(-1, 0, depth*maxIO+page, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		mem, err := unix.Mmap(-1, 0, depth*maxIO, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
 		if err != nil {
 			d.shutdown(false)
 			return nil, fmt.Errorf("mmap queue %d buffers: %w", qid, err)
@@ -260,10 +261,9 @@ func serve(ctx context.Context, ctrl *Control, info DevInfo, cfg Config, size in
 		for t := range bufs {
 			bufs[t] = mem[t*maxIO : (t+1)*maxIO : (t+1)*maxIO]
 		}
-		wbuf := mem[depth*maxIO:]
 		qid := qid
 		q := newQueue(qid, size, descs, bufs, d.work, d.log, func() (qring, error) {
-			return newKernelRing(fd, qid, depth, wbuf)
+			return newKernelRing(fd, qid, depth)
 		})
 		d.queues = append(d.queues, q)
 		d.qwg.Add(1)

@@ -2,7 +2,6 @@ package ublk
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"runtime"
@@ -16,27 +15,23 @@ import (
 )
 
 // qring is what a queue needs from the kernel: the real one is an io_uring
-// on /dev/ublkcN plus an eventfd (kernelRing); tests use a fake that plays
-// the driver. Every method but wake is called only by the queue goroutine.
+// on /dev/ublkcN (kernelRing); tests use a fake that plays the driver.
+// waitReady is called by the queue's watcher goroutine, close by the queue
+// goroutine after everything else; every other method only by the queue
+// goroutine.
 type qring interface {
 	// fetch queues FETCH_REQ for tag with its data buffer at addr.
 	fetch(tag uint16, addr uint64) error
 	// commit queues COMMIT_AND_FETCH_REQ for tag with result res.
 	commit(tag uint16, res int32, addr uint64) error
-	// armWake queues the read that completes (user data wakeTag) after
-	// wake is called.
-	armWake() error
-	// submitAndWait submits what is queued and, if wait, blocks until a
-	// completion is ready.
-	submitAndWait(wait bool) error
+	// submit hands queued commands to the driver without waiting.
+	submit() error
 	reap(cqes []uring.CQE) int
-	// wake makes the armed wake read complete; safe from any goroutine
-	// until close.
-	wake() error
+	// waitReady blocks until a completion is ready to reap; it fails once
+	// the ring is closed. It may run concurrently with the methods above.
+	waitReady() error
 	close() error
 }
-
-const wakeTag = 1 << 32
 
 // Tag states, owned by the queue goroutine.
 const (
@@ -59,6 +54,12 @@ type slot struct {
 // queue serves one hardware queue. Its goroutine (run) owns the ring; it
 // exits when every tag is dead (after STOP_DEV aborts the fetches) or, once
 // stop is requested, as soon as no request is in a handler.
+//
+// The queue goroutine sleeps on kick, a Go channel, which workers (a
+// request finished) and the watcher goroutine (the ring has completions)
+// signal. A worker thus wakes the queue with a channel send, no syscall and
+// no kernel round trip; the watcher parks in the netpoller on the ring fd
+// (see uring.EnablePolling), so an idle queue holds no P.
 type queue struct {
 	id      int
 	size    int64
@@ -67,7 +68,9 @@ type queue struct {
 	work    chan<- *slot
 	log     *slog.Logger
 	newRing func() (qring, error)
-	ring    qring
+
+	kick chan struct{} // capacity 1: a pending wake-up is never lost
+	ack  chan struct{} // capacity 1: the queue reaped; the watcher may poll again
 
 	mu       sync.Mutex
 	done     []uint16 // tags whose handler finished, for the queue goroutine
@@ -79,7 +82,8 @@ type queue struct {
 }
 
 func newQueue(id int, size int64, descs []byte, bufs [][]byte, work chan<- *slot, log *slog.Logger, newRing func() (qring, error)) *queue {
-	q := &queue{id: id, size: size, descs: descs, work: work, log: log, newRing: newRing}
+	q := &queue{id: id, size: size, descs: descs, work: work, log: log, newRing: newRing,
+		kick: make(chan struct{}, 1), ack: make(chan struct{}, 1)}
 	q.slots = make([]slot, len(bufs))
 	for i := range q.slots {
 		q.slots[i] = slot{q: q, tag: uint16(i), buf: bufs[i]}
@@ -90,6 +94,13 @@ func newQueue(id int, size int64, descs []byte, bufs [][]byte, work chan<- *slot
 }
 
 func bufAddr(b []byte) uint64 { return uint64(uintptr(unsafe.Pointer(&b[0]))) }
+
+func (q *queue) wake() {
+	select {
+	case q.kick <- struct{}{}:
+	default: // a wake-up is already pending
+	}
+}
 
 // run is the queue goroutine. It reports on ready once every FETCH_REQ is
 // submitted (or setup failed) and returns when the queue is finished.
@@ -103,16 +114,15 @@ func (q *queue) run(ready chan<- error) {
 		ready <- fmt.Errorf("queue %d: %w", q.id, err)
 		return
 	}
-	q.mu.Lock()
-	q.ring = ring
-	q.mu.Unlock()
+	quit := make(chan struct{})
+	var watcher sync.WaitGroup
 	defer func() {
-		q.mu.Lock()
-		q.ring = nil
-		q.mu.Unlock()
+		close(quit)
+		// Closing the ring ends the watcher's waitReady.
 		if err := ring.close(); err != nil {
 			q.log.Warn("ublk queue close", "queue", q.id, "err", err)
 		}
+		watcher.Wait()
 	}()
 	for i := range q.slots {
 		if err := ring.fetch(uint16(i), bufAddr(q.slots[i].buf)); err != nil {
@@ -121,41 +131,54 @@ func (q *queue) run(ready chan<- error) {
 		}
 	}
 	q.live = len(q.slots)
-	if err := ring.armWake(); err != nil {
-		ready <- fmt.Errorf("queue %d: %w", q.id, err)
-		return
-	}
-	if err := ring.submitAndWait(false); err != nil {
+	if err := ring.submit(); err != nil {
 		ready <- fmt.Errorf("queue %d submit fetches: %w", q.id, err)
 		return
 	}
+	watcher.Add(1)
+	go func() { // owner: run; exits when quit closes or the ring is closed
+		defer watcher.Done()
+		q.watch(ring, quit)
+	}()
 	ready <- nil
 	q.loop(ring)
 }
 
-func (q *queue) loop(ring qring) {
-	// A stop requested before the ring existed could not wake us.
-	q.mu.Lock()
-	stopped := q.stopping
-	q.mu.Unlock()
-	if stopped {
-		return
-	}
-	cqes := make([]uring.CQE, len(q.slots)+1)
+// watch signals the queue whenever the ring has completions, then waits
+// for the queue to have reaped before looking again.
+func (q *queue) watch(ring qring, quit <-chan struct{}) {
 	for {
-		if err := ring.submitAndWait(true); err != nil {
+		if err := ring.waitReady(); err != nil {
+			return
+		}
+		q.wake()
+		select {
+		case <-q.ack:
+		case <-quit:
+			return
+		}
+	}
+}
+
+func (q *queue) loop(ring qring) {
+	cqes := make([]uring.CQE, len(q.slots))
+	for {
+		// Submit the commits queued last round; this also runs task work
+		// and so flushes the driver's completions into the ring.
+		if err := ring.submit(); err != nil {
 			// The ring itself failed; nothing more can be committed.
 			q.log.Error("ublk queue ring failed", "queue", q.id, "err", err)
 			return
 		}
 		n := ring.reap(cqes)
-		rearm := false
 		for _, c := range cqes[:n] {
-			if c.UserData == wakeTag {
-				rearm = true
-				continue
+			q.completed(c)
+		}
+		if n > 0 {
+			select {
+			case q.ack <- struct{}{}:
+			default:
 			}
-			q.completed(ring, c)
 		}
 		q.mu.Lock()
 		stopping := q.stopping
@@ -178,23 +201,20 @@ func (q *queue) loop(ring qring) {
 		if stopping && q.inHandler == 0 {
 			// Submit the commits, then leave the fetches to be cancelled by
 			// closing the ring.
-			if err := ring.submitAndWait(false); err != nil {
+			if err := ring.submit(); err != nil {
 				q.log.Warn("ublk queue final submit", "queue", q.id, "err", err)
 			}
 			return
 		}
-		if rearm {
-			if err := ring.armWake(); err != nil {
-				q.log.Error("ublk queue arm wake", "queue", q.id, "err", err)
-				return
-			}
+		if n == 0 && len(q.spare) == 0 {
+			<-q.kick
 		}
 	}
 }
 
 // completed handles a FETCH/COMMIT_AND_FETCH completion: a new request in
 // the tag's descriptor, or the end of the tag.
-func (q *queue) completed(ring qring, c uring.CQE) {
+func (q *queue) completed(c uring.CQE) {
 	tag := c.UserData
 	if tag >= uint64(len(q.slots)) {
 		q.log.Error("ublk completion for unknown tag", "queue", q.id, "user_data", c.UserData)
@@ -233,27 +253,20 @@ func (q *queue) completed(ring qring, c uring.CQE) {
 // finish is called by a worker when s's handler returned.
 func (q *queue) finish(s *slot) {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	q.done = append(q.done, s.tag)
-	// Wake under mu: the queue cannot exit (and close the eventfd) while a
-	// tag is in a handler, and it learns of this one only after unlock.
-	if len(q.done) == 1 && q.ring != nil {
-		if err := q.ring.wake(); err != nil {
-			q.log.Error("ublk queue wake", "queue", q.id, "err", err)
-		}
+	first := len(q.done) == 1
+	q.mu.Unlock()
+	if first {
+		q.wake()
 	}
 }
 
 // requestStop makes the queue exit once no request is in a handler.
 func (q *queue) requestStop() {
 	q.mu.Lock()
-	defer q.mu.Unlock()
 	q.stopping = true
-	if q.ring != nil {
-		if err := q.ring.wake(); err != nil {
-			q.log.Error("ublk queue wake", "queue", q.id, "err", err)
-		}
-	}
+	q.mu.Unlock()
+	q.wake()
 }
 
 // worker runs requests until work is closed.
@@ -270,29 +283,19 @@ type kernelRing struct {
 	ring   *uring.Ring
 	charFd int
 	qid    uint16
-	efd    int
-	wbuf   []byte // 8 bytes the eventfd read lands in (mmapped)
 }
 
-var one = [8]byte{1}
-
-func newKernelRing(charFd, qid, depth int, wbuf []byte) (*kernelRing, error) {
-	// Room for a command per tag plus the wake read.
-	r, err := uring.New(uint32(depth+1), uring.SetupSQE128)
+func newKernelRing(charFd, qid, depth int) (*kernelRing, error) {
+	// Room for a command per tag.
+	r, err := uring.New(uint32(depth), uring.SetupSQE128)
 	if err != nil {
 		return nil, err
 	}
-	// Wait in the netpoller, not in io_uring_enter: see uring.EnablePolling.
 	if err := r.EnablePolling(); err != nil {
 		r.Close()
 		return nil, err
 	}
-	efd, err := unix.Eventfd(0, unix.EFD_CLOEXEC)
-	if err != nil {
-		r.Close()
-		return nil, fmt.Errorf("eventfd: %w", err)
-	}
-	return &kernelRing{ring: r, charFd: charFd, qid: uint16(qid), efd: efd, wbuf: wbuf}, nil
+	return &kernelRing{ring: r, charFd: charFd, qid: uint16(qid)}, nil
 }
 
 func (k *kernelRing) ioCmd(op uint32, tag uint16, res int32, addr uint64) error {
@@ -313,30 +316,7 @@ func (k *kernelRing) commit(tag uint16, res int32, addr uint64) error {
 	return k.ioCmd(ioCommitAndFetch, tag, res, addr)
 }
 
-func (k *kernelRing) armWake() error {
-	s := k.ring.GetSQE()
-	if s == nil {
-		return uring.ErrRingFull
-	}
-	s.PrepRead(k.efd, k.wbuf[:8], 0, wakeTag)
-	return nil
-}
-
-func (k *kernelRing) submitAndWait(wait bool) error {
-	if !wait {
-		_, err := k.ring.Submit()
-		return err
-	}
-	return k.ring.WaitPoll()
-}
-
+func (k *kernelRing) submit() error             { return k.ring.Flush() }
 func (k *kernelRing) reap(cqes []uring.CQE) int { return k.ring.Reap(cqes) }
-
-func (k *kernelRing) wake() error {
-	_, err := unix.Write(k.efd, one[:])
-	return err
-}
-
-func (k *kernelRing) close() error {
-	return errors.Join(k.ring.Close(), unix.Close(k.efd))
-}
+func (k *kernelRing) waitReady() error          { return k.ring.WaitReady() }
+func (k *kernelRing) close() error              { return k.ring.Close() }

@@ -20,8 +20,7 @@ import (
 )
 
 // fakeDriver plays ublk_drv for one queue: it owns the descriptor array,
-// posts requests for fetched tags and records commits, with eventfd-like
-// wake semantics (a wake before the read is armed is remembered).
+// posts requests for fetched tags and records commits.
 type fakeDriver struct {
 	t     *testing.T
 	descs []byte
@@ -31,8 +30,6 @@ type fakeDriver struct {
 	cond      *sync.Cond
 	cqes      []uring.CQE
 	inKernel  []bool
-	armed     bool
-	woken     bool
 	closed    bool
 	results   map[uint16][]int32
 	committed int
@@ -76,41 +73,17 @@ func (f *fakeDriver) commit(tag uint16, res int32, addr uint64) error {
 	return nil
 }
 
-func (f *fakeDriver) armWake() error {
+func (f *fakeDriver) submit() error { return nil }
+
+// waitReady is called by the queue's watcher goroutine.
+func (f *fakeDriver) waitReady() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.armed {
-		f.fail = errors.New("wake read armed twice")
-	}
-	f.armed = true
-	f.fireLocked()
-	return nil
-}
-
-func (f *fakeDriver) fireLocked() {
-	if f.armed && f.woken {
-		f.armed, f.woken = false, false
-		f.cqes = append(f.cqes, uring.CQE{UserData: wakeTag, Res: 8})
-		f.cond.Broadcast()
-	}
-}
-
-func (f *fakeDriver) wake() error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.closed {
-		f.fail = errors.New("wake after close")
-	}
-	f.woken = true
-	f.fireLocked()
-	return nil
-}
-
-func (f *fakeDriver) submitAndWait(wait bool) error {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	for wait && len(f.cqes) == 0 {
+	for len(f.cqes) == 0 && !f.closed {
 		f.cond.Wait()
+	}
+	if f.closed {
+		return errors.New("closed")
 	}
 	return nil
 }
@@ -127,6 +100,7 @@ func (f *fakeDriver) close() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.closed = true
+	f.cond.Broadcast()
 	return nil
 }
 

@@ -128,6 +128,7 @@ type Ring struct {
 	file    *os.File
 	rc      syscall.RawConn
 	pollFn  func(uintptr) bool
+	readyFn func(uintptr) bool
 	pollErr error
 }
 
@@ -357,6 +358,7 @@ func (r *Ring) EnablePolling() error {
 	}
 	r.rc = rc
 	// Made once: a closure per wait would allocate.
+	r.readyFn = func(uintptr) bool { return r.Ready() > 0 }
 	r.pollFn = func(uintptr) bool {
 		// Submit, run pending task work and flush completions, without
 		// blocking; report whether there is something to reap.
@@ -383,6 +385,44 @@ func (r *Ring) WaitPoll() error {
 		return fmt.Errorf("ring poll: %w", err)
 	}
 	return r.pollErr
+}
+
+// Flush submits every prepared SQE without waiting. Unlike Submit it
+// makes no syscall when nothing is prepared. It retries EINTR.
+func (r *Ring) Flush() error {
+	if r.fd < 0 {
+		return ErrClosed
+	}
+	for {
+		n := r.pending()
+		if n == 0 {
+			return nil
+		}
+		_, err := r.enter(n, 0, enterGetEvents)
+		switch err {
+		case nil:
+			return nil
+		case unix.EINTR:
+		default:
+			return fmt.Errorf("io_uring_enter: %w", err)
+		}
+	}
+}
+
+// WaitReady parks the calling goroutine in the netpoller until a
+// completion is ready to reap. Unlike every other method it may be called
+// from a goroutine other than the ring's owner, concurrently with it: it
+// only reads the completion ring's indices. It returns an error once Close
+// has been called (Close waits for it to return before unmapping). It
+// needs EnablePolling.
+func (r *Ring) WaitReady() error {
+	if r.rc == nil {
+		return errors.New("uring: WaitReady without EnablePolling")
+	}
+	if err := r.rc.Read(r.readyFn); err != nil {
+		return fmt.Errorf("ring poll: %w", err)
+	}
+	return nil
 }
 
 // Ready returns the number of completions waiting to be reaped.
@@ -415,6 +455,11 @@ func (r *Ring) Close() error {
 		return nil
 	}
 	var errs []error
+	// With polling, close the file first: it waits for a WaitReady in
+	// progress to return, after which nothing reads the rings.
+	if r.file != nil {
+		errs = append(errs, r.file.Close())
+	}
 	if r.sqeMem != nil {
 		errs = append(errs, unix.Munmap(r.sqeMem))
 	}
@@ -424,9 +469,7 @@ func (r *Ring) Close() error {
 	if r.sqRing != nil {
 		errs = append(errs, unix.Munmap(r.sqRing))
 	}
-	if r.file != nil {
-		errs = append(errs, r.file.Close())
-	} else {
+	if r.file == nil {
 		errs = append(errs, unix.Close(r.fd))
 	}
 	r.fd = -1

@@ -373,3 +373,47 @@ func TestWaitPoll(t *testing.T) {
 		t.Fatalf("Close of a polled ring: fds %d -> %d", before, after)
 	}
 }
+
+// TestWaitReadyFromAnotherGoroutine: a watcher goroutine waits for
+// completions while the owner submits and reaps; Close ends the watcher.
+func TestWaitReadyFromAnotherGoroutine(t *testing.T) {
+	r, err := New(8, SetupSQE128)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.EnablePolling(); err != nil {
+		t.Fatal(err)
+	}
+	ready := make(chan error)
+	next := make(chan struct{})
+	go func() {
+		for range next {
+			ready <- r.WaitReady()
+		}
+		ready <- r.WaitReady() // after Close: must fail, not hang
+	}()
+	var c [4]CQE
+	for i := 0; i < 20; i++ {
+		next <- struct{}{}
+		r.GetSQE().PrepNop(uint64(i))
+		if err := r.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-ready; err != nil {
+			t.Fatal(err)
+		}
+		if n := r.Reap(c[:]); n != 1 || c[0].UserData != uint64(i) {
+			t.Fatalf("reaped %d %+v", n, c[0])
+		}
+	}
+	close(next)
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-ready; err == nil {
+		t.Fatal("WaitReady after Close returned nil")
+	}
+	if err := r.Flush(); err != ErrClosed {
+		t.Fatalf("Flush after Close: %v", err)
+	}
+}

@@ -328,8 +328,26 @@ func (d *Device) Detach() error {
 func (d *Device) Release() error {
 	d.closeOnce.Do(func() {
 		d.shutdown(false)
-		d.closeErr = d.ctrl.Close()
-		d.log.Info("ublk device released for recovery", "dev", d.Path())
+		// The driver quiesces the device asynchronously, once the rings'
+		// teardown has cancelled the fetches. Return only then, so that
+		// the caller's next step (Recover, or I/O that must wait) meets a
+		// settled device.
+		var err error
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			var info DevInfo
+			info, err = d.ctrl.DevInfo(d.id)
+			if err != nil || info.State != StateLive {
+				break
+			}
+			if time.Now().After(deadline) {
+				err = fmt.Errorf("ublk release %d: device still live after 10s", d.id)
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		d.closeErr = errors.Join(err, d.ctrl.Close())
+		d.log.Info("ublk device released for recovery", "dev", d.Path(), "err", d.closeErr)
 	})
 	return d.closeErr
 }

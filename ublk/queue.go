@@ -163,8 +163,9 @@ func (q *queue) watch(ring qring, quit <-chan struct{}) {
 func (q *queue) loop(ring qring) {
 	cqes := make([]uring.CQE, len(q.slots))
 	for {
-		// Submit the commits queued last round; this also runs task work
-		// and so flushes the driver's completions into the ring.
+		// Submit the commits queued last round. (The driver's completions
+		// reach the ring as task work on this thread, which the kernel
+		// runs whenever the thread wakes; no syscall is needed for them.)
 		if err := ring.submit(); err != nil {
 			// The ring itself failed; nothing more can be committed.
 			q.log.Error("ublk queue ring failed", "queue", q.id, "err", err)

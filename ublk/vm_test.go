@@ -260,6 +260,8 @@ func TestVMReleaseRecover(t *testing.T) {
 	waitBlocked(t, 1)
 	dev2, err := Recover(context.Background(), id, Config{Handler: ioengine.Handler(mem)})
 	if err != nil {
+		out, _ := guest.Exec("dmesg")
+		t.Logf("dmesg:\n%s", out)
 		t.Fatal(err)
 	}
 	defer dev2.Detach()

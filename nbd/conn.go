@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -61,6 +62,7 @@ type conn struct {
 	work    chan *slot // reader -> idle worker (unbuffered)
 	replies chan *slot // reader/workers -> writer
 	nwork   int        // workers started; touched only by the reader
+	busy    atomic.Int32 // requests a worker is executing
 	workers sync.WaitGroup
 
 	stopping atomic.Bool // Shutdown: stop reading new requests
@@ -352,6 +354,7 @@ func (c *conn) attachBuf(s *slot, length uint32) {
 // fewer than MaxInFlight exist. Workers are owned by the connection: they
 // exit when transmit closes c.work after every slot came home.
 func (c *conn) dispatch(s *slot) {
+	c.busy.Add(1)
 	select {
 	case c.work <- s:
 		return
@@ -370,6 +373,7 @@ func (c *conn) worker(s *slot) {
 	defer c.workers.Done()
 	for {
 		c.exec(s)
+		c.busy.Add(-1)
 		c.replies <- s
 		var ok bool
 		if s, ok = <-c.work; !ok {
@@ -419,6 +423,11 @@ func (c *conn) release(s *slot) {
 func (c *conn) writeLoop() {
 	for s := range c.replies {
 		c.encode(s)
+		if len(c.replies) == 0 && c.busy.Load() > 0 {
+			// Requests are executing right now: give their workers a
+			// chance to finish so their replies share this write.
+			runtime.Gosched()
+		}
 		if len(c.replies) == 0 || len(c.iov) >= maxBatchIov || c.pending >= maxBatchBytes ||
 			len(c.wbuf) > writeBufSize-4096 {
 			c.flush()

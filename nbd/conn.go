@@ -50,6 +50,7 @@ type conn struct {
 
 	structured bool // negotiated NBD_OPT_STRUCTURED_REPLY
 	exp        Export
+	published  atomic.Pointer[Export] // exp, for Server.Disconnect
 	minBS      uint32
 	maxPayload uint32
 
@@ -113,6 +114,10 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 	if c.stopping.Load() {
 		return ErrServerClosed
 	}
+	// Cancelling ctx ends the connection like Close does (the daemon uses
+	// this to drop the clients of a deleted volume).
+	stop := context.AfterFunc(ctx, c.abort)
+	defer stop()
 	if e == nil {
 		var err error
 		e, err = c.handshake()
@@ -127,6 +132,7 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 		}
 	}
 	c.exp = e
+	c.published.Store(&e)
 	c.minBS = max(e.MinBlockSize(), 1)
 	return c.transmit(ctx)
 }

@@ -143,9 +143,18 @@ func (h *handshaker) option(opt uint32, data []byte, noZeroes bool) (Export, err
 			return nil, h.replyErr(opt, repErrInvalid, "NBD_OPT_LIST takes no data")
 		}
 		for _, name := range c.srv.exps.ExportNames() {
-			p := make([]byte, 4+len(name))
+			// The description follows the name, for humans (nbdinfo
+			// --list shows it).
+			var desc string
+			if e, ok := c.srv.exps.Export(name); ok {
+				desc = e.Description()
+			}
+			if len(desc) > maxNameLen {
+				desc = desc[:maxNameLen]
+			}
+			p := make([]byte, 4, 4+len(name)+len(desc))
 			binary.BigEndian.PutUint32(p, uint32(len(name)))
-			copy(p[4:], name)
+			p = append(append(p, name...), desc...)
 			if err := h.send(opt, repServer, p); err != nil {
 				return nil, err
 			}

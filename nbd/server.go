@@ -192,7 +192,9 @@ func (s *Server) isClosed() bool {
 
 // ServeConn runs the handshake and then the transmission phase on c until
 // the client disconnects or the server shuts down. It closes c. It returns
-// nil after a clean disconnect (NBD_CMD_DISC, NBD_OPT_ABORT, EOF).
+// nil after a clean disconnect (NBD_CMD_DISC, NBD_OPT_ABORT, EOF) or a
+// Shutdown, and ErrServerClosed when Close, Disconnect or the cancellation of
+// ctx cut it short. ctx is also the parent of the Handler's context.
 func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 	cn, err := s.register(c)
 	if err != nil {
@@ -233,6 +235,31 @@ func (s *Server) unregister(c *conn) {
 	delete(s.conns, c)
 	s.mu.Unlock()
 	s.wg.Done()
+}
+
+// NumConns returns the number of open connections (in handshake or
+// transmission), for metrics.
+func (s *Server) NumConns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// Disconnect closes every connection in transmission on export e (compared
+// by identity) at once, as Close does for all; it returns how many it
+// closed. Clients learn a new size or a deletion by reconnecting. Export
+// values must be comparable (pointers are).
+func (s *Server) Disconnect(e Export) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.conns {
+		if p := c.published.Load(); p != nil && *p == e {
+			c.abort()
+			n++
+		}
+	}
+	return n
 }
 
 // Shutdown stops accepting connections and reading new requests, lets the

@@ -89,7 +89,9 @@ func TestHandshakeBadOptionMagic(t *testing.T) {
 func TestList(t *testing.T) {
 	a, _ := memExport(t, 1<<20)
 	b, _ := memExport(t, 2<<20)
-	_, addr := startServer(t, exportSet{"b": b, "a": a, "": a}, Options{})
+	def, _ := memExport(t, 2<<20)
+	a.desc, b.desc, def.desc = "desc a", "desc b", "desc "
+	_, addr := startServer(t, exportSet{"b": b, "a": a, "": def}, Options{})
 	c := dialRaw(t, addr)
 	c.greet(clientFixedNewstyle)
 	c.sendOpt(optList, nil)
@@ -104,6 +106,9 @@ func TestList(t *testing.T) {
 		}
 		n := binary.BigEndian.Uint32(r.data)
 		names = append(names, string(r.data[4:4+n]))
+		if desc := string(r.data[4+n:]); desc != "desc "+string(r.data[4:4+n]) {
+			t.Fatalf("description %q", desc)
+		}
 	}
 	if want := []string{"", "a", "b"}; !equalStrings(names, want) {
 		t.Fatalf("names %q, want %q", names, want)
@@ -626,4 +631,41 @@ func nopConn() net.Conn {
 	a, b := net.Pipe()
 	b.Close()
 	return a
+}
+
+func TestDisconnectAndContextEndConnections(t *testing.T) {
+	a, _ := memExport(t, testSize)
+	b, _ := memExport(t, testSize)
+	s, addr := startServer(t, exportSet{"a": a, "b": b}, Options{})
+	ca1 := connect(t, addr, "a", false)
+	ca2 := connect(t, addr, "a", true)
+	cb := connect(t, addr, "b", false)
+	for _, c := range []*rawClient{ca1, ca2, cb} {
+		c.mustOK(cmdFlush, 0, 0, 0, nil)
+	}
+	if n := s.NumConns(); n != 3 {
+		t.Fatalf("NumConns %d", n)
+	}
+	if n := s.Disconnect(a); n != 2 {
+		t.Fatalf("Disconnect closed %d connections, want 2", n)
+	}
+	ca1.expectClosed()
+	ca2.expectClosed()
+	cb.mustOK(cmdFlush, 0, 0, 0, nil)
+
+	// Cancelling the context given to ServeConn ends that connection.
+	ctx, cancel := context.WithCancel(context.Background())
+	srvEnd, cliEnd := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- s.ServeConn(ctx, srvEnd) }()
+	c := &rawClient{t: t, nc: cliEnd, br: newReader(cliEnd), lens: map[uint64]uint32{}}
+	cliEnd.SetDeadline(time.Now().Add(30 * time.Second))
+	c.greet(clientFixedNewstyle | clientNoZeroes)
+	c.goExport("b")
+	c.mustOK(cmdFlush, 0, 0, 0, nil)
+	cancel()
+	if err := <-done; !errors.Is(err, ErrServerClosed) {
+		t.Fatalf("ServeConn after cancel: %v", err)
+	}
+	c.expectClosed()
 }

@@ -59,10 +59,10 @@ type conn struct {
 	cancel   context.CancelFunc
 
 	slots   []slot
-	free    chan *slot // slots not in flight
-	work    chan *slot // reader -> idle worker (unbuffered)
-	replies chan *slot // reader/workers -> writer
-	nwork   int        // workers started; touched only by the reader
+	free    chan *slot   // slots not in flight
+	work    chan *slot   // reader -> idle worker (unbuffered)
+	replies chan *slot   // reader/workers -> writer
+	nwork   int          // workers started; touched only by the reader
 	busy    atomic.Int32 // requests a worker is executing
 	workers sync.WaitGroup
 

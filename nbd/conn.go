@@ -48,7 +48,9 @@ type conn struct {
 	nc  net.Conn
 	br  *bufio.Reader
 
-	structured bool // negotiated NBD_OPT_STRUCTURED_REPLY
+	structured bool   // negotiated NBD_OPT_STRUCTURED_REPLY
+	metaAlloc  bool   // base:allocation selected (for metaName)
+	metaName   string // export the meta context selection applies to
 	exp        Export
 	published  atomic.Pointer[Export] // exp, for Server.Disconnect
 	minBS      uint32
@@ -247,7 +249,7 @@ func (c *conn) readLoop() error {
 				}
 			}
 		}
-		if errno != 0 || (length == 0 && cmd != cmdFlush) {
+		if errno != 0 || (length == 0 && cmd != cmdFlush) || cmd == cmdBlockStatus {
 			s.errno = errno
 			c.replies <- s
 			continue
@@ -333,6 +335,16 @@ func (c *conn) check(s *slot, off uint64, length uint32) uint32 {
 		s.req.Op = pipeline.OpCache
 		switch {
 		case fl&^cmdFlagFUA != 0:
+			return errInval
+		case !inRange, !aligned:
+			return errInval
+		}
+	case cmdBlockStatus:
+		// Answered by the reader: engines do not report holes, so the
+		// whole range is "allocated, contents unknown" (status 0), which
+		// the spec allows for any block.
+		switch {
+		case !c.metaAlloc, fl&^(cmdFlagFUA|cmdFlagReqOne) != 0, length == 0:
 			return errInval
 		case !inRange, !aligned:
 			return errInval
@@ -449,6 +461,21 @@ func (c *conn) encode(s *slot) {
 	}
 	if s.cmd == cmdRead && c.structured {
 		c.encodeStructuredRead(s)
+		return
+	}
+	if s.cmd == cmdBlockStatus && s.errno == 0 {
+		var h [structHeaderSize + 12]byte
+		binary.BigEndian.PutUint32(h[0:], structuredMagic)
+		binary.BigEndian.PutUint16(h[4:], replyFlagDone)
+		binary.BigEndian.PutUint16(h[6:], replyTypeBlockStatus)
+		binary.BigEndian.PutUint64(h[8:], s.cookie)
+		binary.BigEndian.PutUint32(h[16:], 12)
+		binary.BigEndian.PutUint32(h[20:], metaIDBaseAllocation)
+		binary.BigEndian.PutUint32(h[24:], s.req.Length)
+		binary.BigEndian.PutUint32(h[28:], 0)
+		c.wbuf = append(c.wbuf, h[:]...)
+		c.pending += len(h)
+		c.release(s)
 		return
 	}
 	var h [simpleReplySize]byte

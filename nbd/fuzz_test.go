@@ -46,6 +46,9 @@ func handshakeSeeds() [][]byte {
 		cat(flags, optBytes(99, []byte("x")), optBytes(optStartTLS, nil), optBytes(optGo, infoGoData("nope"))),
 		cat(flags, optBytes(optGo, []byte{0, 0, 0, 9, 'v'})),
 		cat(be32(0xffffffff)),
+		cat(flags, optBytes(optStructuredReply, nil), optBytes(optListMetaContext, metaData("vol")),
+			optBytes(optSetMetaContext, metaData("vol", metaBaseAllocation)), optBytes(optGo, infoGoData("vol")),
+			reqBytes(cmdBlockStatus, 0, 1, 0, 4096, nil)),
 	}
 }
 

@@ -150,6 +150,12 @@ func TestInteropNbdinfoJSON(t *testing.T) {
 		t.Log(out)
 	}
 
+	// base:allocation through libnbd: the whole export is one data extent.
+	out = run(t, time.Minute, bin, "--map", fs.uri("disk"))
+	if f := strings.Fields(out); len(f) < 3 || f[0] != "0" || f[1] != "67108864" || f[2] != "0" {
+		t.Fatalf("nbdinfo --map:\n%s", out)
+	}
+
 	out = run(t, time.Minute, bin, "--json", fs.uri("ro"))
 	if !strings.Contains(out, `"is_read_only": true`) {
 		t.Fatalf("read-only export not reported read-only:\n%s", out)

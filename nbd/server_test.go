@@ -669,3 +669,70 @@ func TestDisconnectAndContextEndConnections(t *testing.T) {
 	}
 	c.expectClosed()
 }
+
+func metaData(name string, queries ...string) []byte {
+	b := be32(uint32(len(name)))
+	b = append(b, name...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(queries)))
+	for _, q := range queries {
+		b = binary.BigEndian.AppendUint32(b, uint32(len(q)))
+		b = append(b, q...)
+	}
+	return b
+}
+
+func TestMetaContextBlockStatus(t *testing.T) {
+	exps, _, _ := oneExport(t)
+	_, addr := startServer(t, exps, Options{})
+	c := dialRaw(t, addr)
+	c.greet(clientFixedNewstyle | clientNoZeroes)
+	// Meta contexts need structured replies first.
+	c.sendOpt(optSetMetaContext, metaData("vol", metaBaseAllocation))
+	c.expectOpt(optSetMetaContext, repErrInvalid)
+	c.negotiateStructured()
+
+	for _, q := range [][]string{nil, {"base:"}, {metaBaseAllocation}} {
+		c.sendOpt(optListMetaContext, metaData("vol", q...))
+		r := c.expectOpt(optListMetaContext, repMetaContext)
+		if string(r.data[4:]) != metaBaseAllocation {
+			t.Fatalf("context %q", r.data[4:])
+		}
+		c.expectOpt(optListMetaContext, repAck)
+	}
+	c.sendOpt(optListMetaContext, metaData("vol", "qemu:dirty-bitmap:x"))
+	c.expectOpt(optListMetaContext, repAck)
+	c.sendOpt(optSetMetaContext, metaData("nope", metaBaseAllocation))
+	c.expectOpt(optSetMetaContext, repErrUnknown)
+	c.sendOpt(optSetMetaContext, metaData("vol", metaBaseAllocation)[:9])
+	c.expectOpt(optSetMetaContext, repErrInvalid)
+
+	c.sendOpt(optSetMetaContext, metaData("vol", "x-other:thing", metaBaseAllocation))
+	r := c.expectOpt(optSetMetaContext, repMetaContext)
+	if id := binary.BigEndian.Uint32(r.data); id != metaIDBaseAllocation || string(r.data[4:]) != metaBaseAllocation {
+		t.Fatalf("set context id %d name %q", id, r.data[4:])
+	}
+	c.expectOpt(optSetMetaContext, repAck)
+	c.goExport("vol")
+
+	c.send(cmdBlockStatus, 0, 9, 4096, 1<<20, nil)
+	var m [4]byte
+	c.readFull(m[:])
+	var h [16]byte
+	c.readFull(h[:])
+	p := make([]byte, binary.BigEndian.Uint32(h[12:]))
+	c.readFull(p)
+	if binary.BigEndian.Uint32(m[:]) != structuredMagic || binary.BigEndian.Uint16(h[2:]) != replyTypeBlockStatus ||
+		binary.BigEndian.Uint16(h[0:])&replyFlagDone == 0 || binary.BigEndian.Uint64(h[4:]) != 9 {
+		t.Fatalf("block status chunk header %x %x", m, h)
+	}
+	if len(p) != 12 || binary.BigEndian.Uint32(p) != metaIDBaseAllocation ||
+		binary.BigEndian.Uint32(p[4:]) != 1<<20 || binary.BigEndian.Uint32(p[8:]) != 0 {
+		t.Fatalf("block status payload %x", p)
+	}
+	c.expectErr(errInval, cmdBlockStatus, 0, testSize, 512, nil)
+	c.expectErr(errInval, cmdBlockStatus, 0, 0, 0, nil)
+
+	// Without a selected context BLOCK_STATUS is refused.
+	d := connect(t, addr, "vol", true)
+	d.expectErr(errInval, cmdBlockStatus, 0, 0, 4096, nil)
+}

@@ -41,6 +41,7 @@ type slot struct {
 	errno  uint32 // wire error; 0 = success
 	err    error  // handler error, for the structured error message
 	buf    *pbuf
+	charge int64 // payload bytes counted in conn.bufBytes
 }
 
 type conn struct {
@@ -66,7 +67,10 @@ type conn struct {
 	replies chan *slot   // reader/workers -> writer
 	nwork   int          // workers started; touched only by the reader
 	busy    atomic.Int32 // requests a worker is executing
-	workers sync.WaitGroup
+
+	bufBytes  atomic.Int64  // payload bytes of requests in flight
+	bytesFree chan struct{} // signalled when bufBytes drops
+	workers   sync.WaitGroup
 
 	stopping atomic.Bool // Shutdown: stop reading new requests
 	aborted  atomic.Bool // Close: tear down now
@@ -157,6 +161,7 @@ func (c *conn) transmit(parent context.Context) error {
 		c.free <- &c.slots[i]
 	}
 	c.work = make(chan *slot)
+	c.bytesFree = make(chan struct{}, 1)
 	c.replies = make(chan *slot, n)
 	c.wbuf = make([]byte, 0, writeBufSize)
 	c.iov = make([][]byte, 0, 2*maxBatchIov+2)
@@ -355,8 +360,20 @@ func (c *conn) check(s *slot, off uint64, length uint32) uint32 {
 	return 0
 }
 
-// attachBuf gives s a payload buffer of at least length bytes.
+// attachBuf gives s a payload buffer of at least length bytes, first
+// waiting while the connection's payload budget is spent (the requests
+// holding it finish without the reader's help).
 func (c *conn) attachBuf(s *slot, length uint32) {
+	need := int64(length)
+	for {
+		held := c.bufBytes.Load()
+		if held == 0 || held+need <= c.srv.opts.MaxBufferBytes {
+			break
+		}
+		<-c.bytesFree
+	}
+	c.bufBytes.Add(need)
+	s.charge = need
 	cl := classOf(length)
 	if s.buf != nil && s.buf.class != cl {
 		putBuf(s.buf)
@@ -427,6 +444,14 @@ func wireErrno(err error) syscall.Errno {
 
 // release returns s to the free list; large buffers go back to the pool.
 func (c *conn) release(s *slot) {
+	if s.charge != 0 {
+		c.bufBytes.Add(-s.charge)
+		s.charge = 0
+		select {
+		case c.bytesFree <- struct{}{}:
+		default:
+		}
+	}
 	if s.buf != nil && s.buf.class > keepClass {
 		putBuf(s.buf)
 		s.buf = nil

@@ -69,6 +69,10 @@ type Options struct {
 	// MaxInFlight bounds concurrently handled requests per connection;
 	// default 128.
 	MaxInFlight int
+	// MaxBufferBytes bounds the payload bytes held by the requests in
+	// flight on one connection (so 128 x 32 MiB writes cannot pin 4 GiB);
+	// default 128 MiB. A single request of MaxPayload is always admitted.
+	MaxBufferBytes int64
 	// HandshakeTimeout bounds option haggling; default 30s.
 	HandshakeTimeout time.Duration
 	// Logger receives connection-level events (never per request);
@@ -77,9 +81,10 @@ type Options struct {
 }
 
 const (
-	defaultMaxPayload  = 32 << 20
-	defaultMaxInFlight = 128
-	defaultHandshake   = 30 * time.Second
+	defaultMaxPayload     = 32 << 20
+	defaultMaxInFlight    = 128
+	defaultMaxBufferBytes = 128 << 20
+	defaultHandshake      = 30 * time.Second
 )
 
 // Server serves Exports over NBD. Its methods are safe for concurrent use.
@@ -106,6 +111,9 @@ func NewServer(exps Exports, opts Options) *Server {
 	}
 	if opts.MaxInFlight <= 0 {
 		opts.MaxInFlight = defaultMaxInFlight
+	}
+	if opts.MaxBufferBytes <= 0 {
+		opts.MaxBufferBytes = defaultMaxBufferBytes
 	}
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = defaultHandshake

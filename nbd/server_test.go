@@ -736,3 +736,35 @@ func TestMetaContextBlockStatus(t *testing.T) {
 	d := connect(t, addr, "vol", true)
 	d.expectErr(errInval, cmdBlockStatus, 0, 0, 4096, nil)
 }
+
+// TestBufferBudget: with a 1 MiB budget, a second 1 MiB request waits
+// until the first one's buffer is released, and then everything completes.
+func TestBufferBudget(t *testing.T) {
+	e, cnt := memExport(t, testSize)
+	g := &gate{next: cnt, held: make(chan struct{}, 64), release: make(chan struct{})}
+	e.Handler = g
+	_, addr := startServer(t, exportSet{"vol": e}, Options{MaxBufferBytes: 1 << 20, MaxPayload: 1 << 20})
+	c := connect(t, addr, "vol", false)
+	c.send(cmdRead, 0, 100, 0, 1<<20, nil) // held at the gate, owns the budget
+	<-g.held
+	c.send(cmdRead, 0, 101, 0, 1<<20, nil) // must wait for the budget
+	c.send(cmdFlush, 0, 102, 0, 0, nil)
+	// Negative check: a broken budget would let 101 reach the gate at once.
+	select {
+	case <-g.held:
+		t.Fatal("second 1 MiB request dispatched beyond the buffer budget")
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(g.release)
+	got := map[uint64]int{}
+	for range 3 {
+		r := c.readReply()
+		if r.errno != 0 {
+			t.Fatalf("reply %+v", r)
+		}
+		got[r.cookie] = len(r.data)
+	}
+	if got[100] != 1<<20 || got[101] != 1<<20 || len(got) != 3 {
+		t.Fatalf("replies %v", got)
+	}
+}

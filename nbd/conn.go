@@ -242,13 +242,13 @@ func (c *conn) readLoop() error {
 		if cmd == cmdWrite {
 			if errno != 0 {
 				// Consume the payload so the stream stays in sync.
-				if _, err := c.br.Discard(int(length)); err != nil {
+				if err := c.readPayload(nil, int(length)); err != nil {
 					c.release(s)
 					return fmt.Errorf("nbd write payload: %w", err)
 				}
 			} else if length > 0 {
 				c.attachBuf(s, length)
-				if _, err := io.ReadFull(c.br, s.req.Buf); err != nil {
+				if err := c.readPayload(s.req.Buf, 0); err != nil {
 					c.release(s)
 					return fmt.Errorf("nbd write payload: %w", err)
 				}
@@ -263,6 +263,36 @@ func (c *conn) readLoop() error {
 			c.attachBuf(s, length)
 		}
 		c.dispatch(s)
+	}
+}
+
+// payloadGrace is how long a write payload may keep arriving after
+// Shutdown stopped the reader in the middle of it.
+const payloadGrace = 5 * time.Second
+
+// readPayload fills p, or with p nil discards n bytes. When Shutdown's
+// deadline strikes in the middle of a payload, the request was already
+// partly received, so the deadline is extended to let it complete and be
+// answered.
+func (c *conn) readPayload(p []byte, n int) error {
+	for {
+		var err error
+		if p != nil {
+			var k int
+			k, err = io.ReadFull(c.br, p)
+			p = p[k:]
+		} else {
+			var k int
+			k, err = c.br.Discard(n)
+			n -= k
+		}
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) || !c.stopping.Load() || c.aborted.Load() {
+			return err
+		}
+		c.nc.SetReadDeadline(time.Now().Add(payloadGrace))
 	}
 }
 

@@ -318,3 +318,5 @@ func (s *Server) Close() error {
 	s.wg.Wait()
 	return nil
 }
+
+func (s *Server) shuttingDown() bool { return s.shutting.Load() }

@@ -768,3 +768,32 @@ func TestBufferBudget(t *testing.T) {
 		t.Fatalf("replies %v", got)
 	}
 }
+
+// TestShutdownMidPayload: a write whose payload is still arriving when
+// Shutdown starts is completed and answered.
+func TestShutdownMidPayload(t *testing.T) {
+	exps, _, cnt := oneExport(t)
+	s, addr := startServer(t, exps, Options{})
+	c := connect(t, addr, "vol", false)
+	c.mustOK(cmdFlush, 0, 0, 0, nil)
+	p := pattern(64<<10, 5)
+	req := append(makeRequest(cmdWrite, 0, 1, 0, uint32(len(p))), p...)
+	c.write(req[:requestSize+1000])
+	done := make(chan error, 1)
+	go func() { done <- s.Shutdown(context.Background()) }()
+	for !s.shuttingDown() {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(50 * time.Millisecond) // let the read deadline strike
+	c.write(req[requestSize+1000:])
+	if r := c.readReply(); r.cookie != 1 || r.errno != 0 {
+		t.Fatalf("reply %+v", r)
+	}
+	c.expectClosed()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if cnt.writes.Load() != 1 {
+		t.Fatalf("writes %d", cnt.writes.Load())
+	}
+}

@@ -266,6 +266,10 @@ func (c *conn) readLoop() error {
 	}
 }
 
+// testHookPayload, set only by tests before any server starts, runs when
+// the reader starts on a write payload.
+var testHookPayload func()
+
 // payloadGrace is how long a write payload may keep arriving after
 // Shutdown stopped the reader in the middle of it.
 const payloadGrace = 5 * time.Second
@@ -275,6 +279,9 @@ const payloadGrace = 5 * time.Second
 // partly received, so the deadline is extended to let it complete and be
 // answered.
 func (c *conn) readPayload(p []byte, n int) error {
+	if testHookPayload != nil {
+		testHookPayload()
+	}
 	for {
 		var err error
 		if p != nil {

@@ -772,6 +772,9 @@ func TestBufferBudget(t *testing.T) {
 // TestShutdownMidPayload: a write whose payload is still arriving when
 // Shutdown starts is completed and answered.
 func TestShutdownMidPayload(t *testing.T) {
+	inPayload := make(chan struct{}, 1)
+	testHookPayload = func() { inPayload <- struct{}{} }
+	t.Cleanup(func() { testHookPayload = nil }) // runs after the server's Close
 	exps, _, cnt := oneExport(t)
 	s, addr := startServer(t, exps, Options{})
 	c := connect(t, addr, "vol", false)
@@ -779,6 +782,7 @@ func TestShutdownMidPayload(t *testing.T) {
 	p := pattern(64<<10, 5)
 	req := append(makeRequest(cmdWrite, 0, 1, 0, uint32(len(p))), p...)
 	c.write(req[:requestSize+1000])
+	<-inPayload
 	done := make(chan error, 1)
 	go func() { done <- s.Shutdown(context.Background()) }()
 	for !s.shuttingDown() {

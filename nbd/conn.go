@@ -465,19 +465,10 @@ func (c *conn) exec(s *slot) {
 	s.errno = 0
 }
 
-// wireErrno maps a handler error to one of the errors the spec allows.
-func wireErrno(err error) syscall.Errno {
-	switch e := pipeline.Errno(err); e {
-	case errPerm, errIO, 12 /* ENOMEM */, errInval, errNoSpc, errOverflow, errShutdown:
-		return e
-	case syscall.EOPNOTSUPP:
-		// Not in the NBD error list; EINVAL is what the spec suggests for
-		// requests the server does not support.
-		return errInval
-	default:
-		return errIO
-	}
-}
+// wireErrno maps a handler error to its wire value. pipeline.Errno only
+// yields values the NBD spec lists (EPERM, EIO, ENOMEM, EINVAL, ENOSPC,
+// EOVERFLOW, ENOTSUP, ESHUTDOWN), EIO for anything unknown.
+func wireErrno(err error) syscall.Errno { return pipeline.Errno(err) }
 
 // release returns s to the free list; large buffers go back to the pool.
 func (c *conn) release(s *slot) {

@@ -1,5 +1,6 @@
 // Package nbd is blockd's NBD protocol server: the fixed-newstyle handshake
-// (EXPORT_NAME, INFO, GO, LIST, ABORT, STRUCTURED_REPLY) and a concurrent
+// (EXPORT_NAME, INFO, GO, LIST, ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT)
+// and a concurrent
 // transmission phase that turns wire requests into pipeline requests.
 //
 // Each connection owns three kinds of goroutines: the reader (the goroutine
@@ -23,8 +24,20 @@
 //     client has to send anyway, and discarding uses no memory.
 //   - Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE within the export are
 //     successful no-ops that do not reach the Handler.
-//   - Replies to commands other than READ are simple replies even when
-//     structured replies were negotiated (allowed: they carry no payload).
+//   - Replies to commands other than READ and BLOCK_STATUS are simple
+//     replies even when structured replies were negotiated (allowed: they
+//     carry no payload). A failed structured READ gets one
+//     NBD_REPLY_TYPE_ERROR chunk carrying the handler's message.
+//   - Handler errors go on the wire as pipeline.Errno(err).
+//   - The base:allocation meta context is offered; as engines do not report
+//     holes, BLOCK_STATUS answers one extent with status 0 ("allocated"),
+//     which the spec allows for any block.
+//   - Back-pressure: a connection stops reading when MaxInFlight requests
+//     are in flight or their payloads hold MaxBufferBytes.
+//
+// The reader never runs a request itself, even when idle: a pipeline stage
+// may wait (QoS throttling, write coalescing) and must not stall the
+// reading of the requests behind it.
 package nbd
 
 import (

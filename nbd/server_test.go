@@ -801,3 +801,25 @@ func TestShutdownMidPayload(t *testing.T) {
 		t.Fatalf("writes %d", cnt.writes.Load())
 	}
 }
+
+func TestHandlerErrnoMapping(t *testing.T) {
+	for _, tc := range []struct {
+		err  error
+		want uint32
+	}{
+		{pipeline.ErrReadOnly, errPerm},
+		{pipeline.ErrOutOfRange, errInval},
+		{pipeline.ErrNoSpace, errNoSpc},
+		{pipeline.ErrTooLarge, errOverflow},
+		{pipeline.ErrNotSupported, 95},
+		{pipeline.ErrShutdown, errShutdown},
+		{syscall.EFBIG, errNoSpc},
+		{syscall.EBADF, errIO},
+	} {
+		e, _ := memExport(t, testSize)
+		e.Handler = pipeline.HandlerFunc(func(context.Context, *pipeline.Request) error { return tc.err })
+		_, addr := startServer(t, exportSet{"vol": e}, Options{})
+		c := connect(t, addr, "vol", false)
+		c.expectErr(tc.want, cmdWriteZeroes, 0, 0, 4096, nil)
+	}
+}

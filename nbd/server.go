@@ -1,7 +1,7 @@
 // Package nbd is blockd's NBD protocol server: the fixed-newstyle handshake
 // (EXPORT_NAME, INFO, GO, LIST, ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT)
-// and a concurrent
-// transmission phase that turns wire requests into pipeline requests.
+// and a concurrent transmission phase that turns wire requests into pipeline
+// requests.
 //
 // Each connection owns three kinds of goroutines: the reader (the goroutine
 // that called ServeConn/ServeKernel), a lazily grown set of workers that run

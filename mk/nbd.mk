@@ -4,7 +4,7 @@
 APT_PACKAGES += fio nbdkit libnbd-bin qemu-utils python3-libnbd
 
 .PHONY: nbd-test nbd-fuzz nbd-bench
-TEST_TARGETS += nbd-test
+# (go test runs the interop tests; `make unit` sets CI=true so a missing client fails them)
 
 # go test -race ./... already ran the package; this run makes sure the
 # interop tests ran rather than skipped.

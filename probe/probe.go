@@ -1,0 +1,336 @@
+package probe
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+)
+
+// ErrUnavailable is wrapped by every error New returns when the kernel or
+// the process's privileges cannot run the probes (no BTF, no CAP_BPF,
+// missing tracepoints). Callers test it with errors.Is and carry on
+// without per-pod statistics.
+var ErrUnavailable = errors.New("block I/O probes unavailable")
+
+// Op classes, as the BPF program sorts requests.
+const (
+	OpRead    = 0
+	OpWrite   = 1
+	OpFlush   = 2
+	OpDiscard = 3 // discard, secure erase and write-zeroes
+	OpOther   = 4
+	numOps    = 5
+)
+
+// Slots is the number of log2 latency histogram slots: slot i counts
+// latencies in [2^i, 2^(i+1)) nanoseconds, the last slot everything longer.
+const Slots = 40
+
+// Counter indexes in the BPF `counters` map (enum counter in blockio.c).
+const (
+	cntStatsFull = 0
+	cntNoStart   = 1
+)
+
+// Dev returns the kernel's dev_t encoding (major<<20 | minor) that
+// SetDevices takes and the BPF side compares against.
+func Dev(major, minor uint32) uint32 { return major<<20 | minor&0xfffff }
+
+// DevMajor and DevMinor split a kernel dev_t made by Dev.
+func DevMajor(dev uint32) uint32 { return dev >> 20 }
+
+// DevMinor returns the minor number of a kernel dev_t made by Dev.
+func DevMinor(dev uint32) uint32 { return dev & 0xfffff }
+
+// Options configure New. The zero value accounts no device until
+// SetDevices or SetAllDevices is called and finds the cgroup v2 mount and
+// the kubelet's pod log directory at their usual places.
+type Options struct {
+	// AllDevices accounts I/O on every block device, not only the set
+	// given to SetDevices (the daemon's --probe-devices=all).
+	AllDevices bool
+	// CgroupRoot is the cgroup v2 mount point; empty finds it in
+	// /proc/self/mountinfo (/sys/fs/cgroup on pure v2 hosts,
+	// /sys/fs/cgroup/unified on hybrid ones).
+	CgroupRoot string
+	// PodLogDir is where the kubelet keeps <namespace>_<name>_<uid>
+	// directories; empty means /var/log/pods.
+	PodLogDir string
+	// Tracepoints forces a tracepoint pair ("io" for
+	// block_io_start/done, "rq" for block_rq_issue/complete); empty
+	// picks by probing the kernel's BTF.
+	Tracepoints string
+}
+
+// Probe owns the loaded BPF objects and their links. Its methods are safe
+// for concurrent use; it has no goroutines of its own: maps are read when
+// Snapshot is called (by a scrape, the API or Top).
+type Probe struct {
+	mu       sync.Mutex // serialises map reads/deletes and the resolver caches
+	coll     *ebpf.Collection
+	links    []link.Link
+	stats    *ebpf.Map
+	devices  *ebpf.Map
+	config   *ebpf.Map
+	counters *ebpf.Map
+	res      *resolver
+	tp       string
+	closed   bool
+}
+
+// New loads and attaches the block I/O probes. Errors caused by the
+// environment wrap ErrUnavailable.
+func New(opts Options) (*Probe, error) {
+	kspec, err := btf.LoadKernelSpec()
+	if err != nil {
+		return nil, fmt.Errorf("probe: load kernel btf: %w: %w", ErrUnavailable, err)
+	}
+	tp := opts.Tracepoints
+	if tp == "" {
+		tp = pickTracepoints(kspec)
+	}
+	var startProg, doneProg, startTP, doneTP string
+	switch tp {
+	case "io":
+		startProg, doneProg, startTP, doneTP = "io_start", "io_done", "block_io_start", "block_io_done"
+	case "rq":
+		startProg, doneProg, startTP, doneTP = "rq_issue", "rq_complete", "block_rq_issue", "block_rq_complete"
+	default:
+		return nil, fmt.Errorf("probe: unknown tracepoint pair %q", tp)
+	}
+	for _, name := range []string{startTP, doneTP} {
+		var fn *btf.Typedef
+		if err := kspec.TypeByName("btf_trace_"+name, &fn); err != nil {
+			return nil, fmt.Errorf("probe: tracepoint %s: %w: %w", name, ErrUnavailable, err)
+		}
+	}
+
+	res, err := newResolver(opts.CgroupRoot, opts.PodLogDir)
+	if err != nil {
+		return nil, fmt.Errorf("probe: %w: %w", ErrUnavailable, err)
+	}
+
+	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		res.close()
+		return nil, fmt.Errorf("probe: memlock: %w: %w", ErrUnavailable, err)
+	}
+
+	spec, err := loadBlockio()
+	if err != nil {
+		res.close()
+		return nil, fmt.Errorf("probe: %w", err)
+	}
+	// Only the chosen pair is loaded: the other pair's attach target may
+	// not exist on this kernel and would fail verification.
+	for name := range spec.Programs {
+		if name != startProg && name != doneProg {
+			delete(spec.Programs, name)
+		}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
+		Programs: ebpf.ProgramOptions{KernelTypes: kspec},
+	})
+	if err != nil {
+		res.close()
+		return nil, fmt.Errorf("probe: load bpf objects: %w: %w", ErrUnavailable, err)
+	}
+	p := &Probe{
+		coll:     coll,
+		stats:    coll.Maps["stats"],
+		devices:  coll.Maps["devices"],
+		config:   coll.Maps["config"],
+		counters: coll.Maps["counters"],
+		res:      res,
+		tp:       tp,
+	}
+	if opts.AllDevices {
+		if err := p.SetAllDevices(true); err != nil {
+			p.Close()
+			return nil, err
+		}
+	}
+	// Attach completion first so no request is started without a program
+	// ready to finish it.
+	for _, name := range []string{doneProg, startProg} {
+		l, err := link.AttachTracing(link.TracingOptions{Program: coll.Programs[name], AttachType: ebpf.AttachTraceRawTp})
+		if err != nil {
+			p.Close()
+			return nil, fmt.Errorf("probe: attach %s: %w: %w", name, ErrUnavailable, err)
+		}
+		p.links = append(p.links, l)
+	}
+	return p, nil
+}
+
+// pickTracepoints prefers block_io_start/done (6.5+), which fire in the
+// submitter's context when the request is accounted, over
+// block_rq_issue/complete, which may fire from a kblockd worker.
+func pickTracepoints(kspec *btf.Spec) string {
+	var fn *btf.Typedef
+	if kspec.TypeByName("btf_trace_block_io_start", &fn) == nil &&
+		kspec.TypeByName("btf_trace_block_io_done", &fn) == nil {
+		return "io"
+	}
+	return "rq"
+}
+
+// Tracepoints reports the attached pair: "io" (block_io_start/done) or
+// "rq" (block_rq_issue/complete).
+func (p *Probe) Tracepoints() string { return p.tp }
+
+// SetDevices replaces the set of accounted devices (kernel dev_t, see Dev).
+// It has no effect while SetAllDevices(true) is in force.
+func (p *Probe) SetDevices(devs []uint32) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return fmt.Errorf("probe: set devices: %w", os.ErrClosed)
+	}
+	want := make(map[uint32]bool, len(devs))
+	for _, d := range devs {
+		want[d] = true
+	}
+	var stale []uint32
+	var k uint32
+	var v uint8
+	it := p.devices.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("probe: set devices: %w", err)
+	}
+	for _, d := range stale {
+		if err := p.devices.Delete(d); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("probe: set devices: %w", err)
+		}
+	}
+	for d := range want {
+		if err := p.devices.Put(d, uint8(1)); err != nil {
+			return fmt.Errorf("probe: set devices: %w", err)
+		}
+	}
+	return nil
+}
+
+// SetAllDevices switches between accounting every block device (true) and
+// only those given to SetDevices (false).
+func (p *Probe) SetAllDevices(all bool) error {
+	var v uint32
+	if all {
+		v = 1
+	}
+	if err := p.config.Put(uint32(0), v); err != nil {
+		return fmt.Errorf("probe: set all devices: %w", err)
+	}
+	return nil
+}
+
+// Close detaches the programs and frees the maps. It is idempotent.
+func (p *Probe) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return nil
+	}
+	p.closed = true
+	var errs []error
+	for _, l := range p.links {
+		errs = append(errs, l.Close())
+	}
+	p.coll.Close()
+	p.res.close()
+	return errors.Join(errs...)
+}
+
+// Snapshot reads the cumulative counters. Counters of cgroups that no
+// longer exist are deleted from the maps (and so vanish from the next
+// snapshot); the rest are resolved to pods and containers.
+func (p *Probe) Snapshot() (Snapshot, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return Snapshot{}, fmt.Errorf("probe: snapshot: %w", os.ErrClosed)
+	}
+	snap := Snapshot{Time: time.Now()}
+	type ekey struct {
+		cg  uint64
+		dev uint32
+	}
+	idx := map[ekey]int{}
+	var dead []blockioIoKey
+	var key blockioIoKey
+	var vals []blockioIoStats
+	it := p.stats.Iterate()
+	for it.Next(&key, &vals) {
+		cg, alive := p.res.cgroup(key.CgroupId)
+		if !alive {
+			dead = append(dead, key)
+			continue
+		}
+		ek := ekey{key.CgroupId, key.Dev}
+		i, ok := idx[ek]
+		if !ok {
+			i = len(snap.Entries)
+			idx[ek] = i
+			snap.Entries = append(snap.Entries, Entry{
+				CgroupID:  key.CgroupId,
+				Cgroup:    cg.path,
+				PodUID:    cg.podUID,
+				Namespace: cg.namespace,
+				Pod:       cg.pod,
+				Container: cg.container,
+				Dev:       key.Dev,
+				Device:    p.res.device(key.Dev),
+				Latency:   make([]uint64, Slots),
+			})
+		}
+		e := &snap.Entries[i]
+		for _, v := range vals {
+			e.add(key.Op, v.Ops, v.Bytes)
+			e.LatencySumNs += v.LatSumNs
+			for s, n := range v.LatSlots {
+				e.Latency[s] += n
+			}
+		}
+	}
+	if err := it.Err(); err != nil {
+		return Snapshot{}, fmt.Errorf("probe: read stats: %w", err)
+	}
+	for _, k := range dead {
+		if err := p.stats.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return Snapshot{}, fmt.Errorf("probe: drop stats: %w", err)
+		}
+	}
+	var err error
+	if snap.StatsFull, err = p.counter(cntStatsFull); err != nil {
+		return Snapshot{}, err
+	}
+	if snap.Unmatched, err = p.counter(cntNoStart); err != nil {
+		return Snapshot{}, err
+	}
+	snap.sort()
+	return snap, nil
+}
+
+func (p *Probe) counter(idx uint32) (uint64, error) {
+	var vals []uint64
+	if err := p.counters.Lookup(idx, &vals); err != nil {
+		return 0, fmt.Errorf("probe: read counter: %w", err)
+	}
+	var n uint64
+	for _, v := range vals {
+		n += v
+	}
+	return n, nil
+}

@@ -1,0 +1,361 @@
+package probe
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The tests in this file load real BPF programs and drive real I/O through
+// loop devices from processes placed in a kubelet-like cgroup v2 tree, so
+// they need root; everything they create is removed by t.Cleanup, also
+// when they fail.
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (BPF, loop devices, cgroups)")
+	}
+}
+
+// loopDev is a loop device over a tmpfs file.
+type loopDev struct {
+	path string
+	dev  uint32 // kernel dev_t
+}
+
+func newLoop(t *testing.T, size int64) loopDev {
+	t.Helper()
+	f, err := os.CreateTemp("/dev/shm", "blockd-probe-*.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	name := f.Name()
+	t.Cleanup(func() { os.Remove(name) })
+	if err := f.Truncate(size); err != nil {
+		f.Close()
+		t.Fatal(err)
+	}
+	f.Close()
+	out, err := exec.Command("losetup", "--find", "--show", name).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v: %s", err, out)
+	}
+	path := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", path).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", path, err, out)
+		}
+	})
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		t.Fatal(err)
+	}
+	return loopDev{path: path, dev: Dev(unix.Major(st.Rdev), unix.Minor(st.Rdev))}
+}
+
+// mkCgroups creates the directories of rel (below base) and removes them,
+// deepest first, at cleanup.
+func mkCgroups(t *testing.T, base string, rels ...string) {
+	t.Helper()
+	for _, rel := range rels {
+		parts := strings.Split(rel, "/")
+		for i := range parts {
+			dir := filepath.Join(base, filepath.Join(parts[:i+1]...))
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				if errors.Is(err, os.ErrExist) {
+					continue
+				}
+				t.Fatal(err)
+			}
+			t.Cleanup(func() {
+				if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+					t.Errorf("remove cgroup: %v", err)
+				}
+			})
+		}
+	}
+}
+
+// ddIn runs dd with O_DIRECT from a process created inside cgroup dir
+// (clone3 CLONE_INTO_CGROUP), so every request it issues is its own.
+func ddIn(t *testing.T, dir string, args ...string) {
+	t.Helper()
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	cmd := exec.Command("dd", append(args, "status=none")...)
+	cmd.SysProcAttr = &unix.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("dd %v: %v: %s", args, err, out)
+	}
+}
+
+func cgroupID(t *testing.T, dir string) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Ino
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(ents)
+}
+
+type ioCount struct{ reads, writes, readBytes, writeBytes uint64 }
+
+func within1pct(got, want uint64) bool {
+	d := int64(got) - int64(want)
+	if d < 0 {
+		d = -d
+	}
+	return float64(d) <= 0.01*float64(want)
+}
+
+func TestPodAttribution(t *testing.T) {
+	needRoot(t)
+	root, err := cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	loopA := newLoop(t, 64<<20)
+	loopB := newLoop(t, 16<<20) // not accounted
+
+	base := filepath.Join(root, fmt.Sprintf("blockd-probe-test-%d", os.Getpid()))
+	const (
+		uidA = "0b7d8a4c-1c2e-4f5a-9e3b-aaaaaaaaaaaa"
+		cidA = "1111111111111111111111111111111111111111111111111111111111111111"
+		uidB = "5f3c2b1a-7d6e-4c8b-9a0f-bbbbbbbbbbbb"
+		cidB = "2222222222222222222222222222222222222222222222222222222222222222"
+	)
+	cgA := "kubepods/burstable/pod" + uidA + "/" + cidA
+	cgB := "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod" +
+		strings.ReplaceAll(uidB, "-", "_") + ".slice/cri-containerd-" + cidB + ".scope"
+	cgOther := "system.slice/other.service"
+	mkCgroups(t, base, "")
+	mkCgroups(t, base, cgA, cgB, cgOther)
+
+	logs := t.TempDir()
+	for _, d := range []string{"team-a_web-0_" + uidA, "team-b_db-7f9c_" + uidB} {
+		if err := os.Mkdir(filepath.Join(logs, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	for _, tp := range []string{"io", "rq"} {
+		t.Run(tp, func(t *testing.T) {
+			fds, gor := openFDs(t), runtime.NumGoroutine()
+			p, err := New(Options{PodLogDir: logs, Tracepoints: tp})
+			if err != nil {
+				t.Fatal(err)
+			}
+			closed := false
+			defer func() {
+				if !closed {
+					p.Close()
+				}
+			}()
+			if err := p.SetDevices([]uint32{loopA.dev}); err != nil {
+				t.Fatal(err)
+			}
+
+			a, b, other := filepath.Join(base, cgA), filepath.Join(base, cgB), filepath.Join(base, cgOther)
+			ddIn(t, a, "if=/dev/zero", "of="+loopA.path, "bs=64k", "count=64", "oflag=direct")
+			ddIn(t, a, "if="+loopA.path, "of=/dev/null", "bs=4k", "count=128", "iflag=direct")
+			ddIn(t, a, "if="+loopB.path, "of=/dev/null", "bs=4k", "count=50", "iflag=direct")
+			ddIn(t, b, "if=/dev/zero", "of="+loopA.path, "bs=128k", "count=32", "oflag=direct", "seek=100")
+			ddIn(t, b, "if="+loopA.path, "of=/dev/null", "bs=16k", "count=96", "iflag=direct")
+			ddIn(t, other, "if="+loopA.path, "of=/dev/null", "bs=8k", "count=77", "iflag=direct")
+
+			snap, err := p.Snapshot()
+			if err != nil {
+				t.Fatal(err)
+			}
+			byCg := map[uint64]*Entry{}
+			for i := range snap.Entries {
+				e := &snap.Entries[i]
+				if e.Dev != loopA.dev {
+					t.Errorf("entry for unaccounted device %s: %+v", e.Device, e)
+				}
+				if e.Ops() != sum(e.Latency) {
+					t.Errorf("%s: latency histogram holds %d requests, ops %d", e.Cgroup, sum(e.Latency), e.Ops())
+				}
+				byCg[e.CgroupID] = e
+			}
+			check := func(name, dir string, want ioCount, uid, ns, pod, ctr string) {
+				e := byCg[cgroupID(t, dir)]
+				if e == nil {
+					t.Errorf("%s: no entry (snapshot %+v)", name, snap.Entries)
+					return
+				}
+				got := ioCount{e.Reads, e.Writes, e.ReadBytes, e.WriteBytes}
+				if !within1pct(got.reads, want.reads) || !within1pct(got.writes, want.writes) ||
+					!within1pct(got.readBytes, want.readBytes) || !within1pct(got.writeBytes, want.writeBytes) {
+					t.Errorf("%s: got %+v, want %+v", name, got, want)
+				}
+				if e.PodUID != uid || e.Namespace != ns || e.Pod != pod || e.Container != ctr {
+					t.Errorf("%s: identity %q %q %q %q, want %q %q %q %q", name,
+						e.PodUID, e.Namespace, e.Pod, e.Container, uid, ns, pod, ctr)
+				}
+				if e.Device != filepath.Base(loopA.path) {
+					t.Errorf("%s: device %q, want %q", name, e.Device, filepath.Base(loopA.path))
+				}
+			}
+			check("pod A", a, ioCount{128, 64, 128 * 4096, 64 * 65536}, uidA, "team-a", "web-0", cidA)
+			check("pod B", b, ioCount{96, 32, 96 * 16384, 32 * 131072}, uidB, "team-b", "db-7f9c", cidB)
+			check("other", other, ioCount{77, 0, 77 * 8192, 0}, "", "", "", "")
+			// Nothing else may claim to be one of the pods.
+			for _, e := range snap.Entries {
+				if e.PodUID != "" && e.CgroupID != cgroupID(t, a) && e.CgroupID != cgroupID(t, b) {
+					t.Errorf("unexpected pod entry %+v", e)
+				}
+			}
+
+			if err := p.Close(); err != nil {
+				t.Fatal(err)
+			}
+			closed = true
+			if _, err := p.Snapshot(); !errors.Is(err, os.ErrClosed) {
+				t.Errorf("snapshot after close: %v, want os.ErrClosed", err)
+			}
+			if n := openFDs(t); n != fds {
+				t.Errorf("fd leak: %d open before New, %d after Close", fds, n)
+			}
+			if n := runtime.NumGoroutine(); n > gor {
+				t.Errorf("goroutine leak: %d before New, %d after Close", gor, n)
+			}
+		})
+	}
+}
+
+// TestDroppedCgroup checks that the counters of a removed cgroup vanish.
+func TestDroppedCgroup(t *testing.T) {
+	needRoot(t)
+	root, err := cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	loop := newLoop(t, 16<<20)
+	base := filepath.Join(root, fmt.Sprintf("blockd-probe-drop-%d", os.Getpid()))
+	mkCgroups(t, base, "")
+	ctr := filepath.Join(base, "kubepods", "pod0b7d8a4c-1c2e-4f5a-9e3b-cccccccccccc", "ctr")
+	mkCgroups(t, base, "kubepods/pod0b7d8a4c-1c2e-4f5a-9e3b-cccccccccccc/ctr")
+
+	p, err := New(Options{PodLogDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if err := p.SetDevices([]uint32{loop.dev}); err != nil {
+		t.Fatal(err)
+	}
+	id := cgroupID(t, ctr)
+	ddIn(t, ctr, "if="+loop.path, "of=/dev/null", "bs=4k", "count=10", "iflag=direct")
+	find := func() *Entry {
+		s, err := p.Snapshot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range s.Entries {
+			if s.Entries[i].CgroupID == id {
+				return &s.Entries[i]
+			}
+		}
+		return nil
+	}
+	e := find()
+	if e == nil || e.Reads != 10 || e.PodUID != "0b7d8a4c-1c2e-4f5a-9e3b-cccccccccccc" || e.Container != "ctr" {
+		t.Fatalf("before removal: %+v", e)
+	}
+	// The exited dd may linger as a zombie for a moment; rmdir fails
+	// with EBUSY until it is reaped, so retry a bounded number of times.
+	var rmErr error
+	for range 50 {
+		if rmErr = os.Remove(ctr); rmErr == nil {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if rmErr != nil {
+		t.Fatal(rmErr)
+	}
+	if e := find(); e != nil {
+		t.Errorf("entry of removed cgroup still reported: %+v", e)
+	}
+}
+
+func sum(h []uint64) uint64 {
+	var n uint64
+	for _, v := range h {
+		n += v
+	}
+	return n
+}
+
+// TestSetDevicesAll checks the all-devices switch and that SetDevices
+// replaces rather than extends the set.
+func TestSetDevicesAll(t *testing.T) {
+	needRoot(t)
+	l1, l2 := newLoop(t, 8<<20), newLoop(t, 8<<20)
+	p, err := New(Options{PodLogDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	read := func(l loopDev) {
+		if out, err := exec.Command("dd", "if="+l.path, "of=/dev/null", "bs=4k", "count=5", "iflag=direct", "status=none").CombinedOutput(); err != nil {
+			t.Fatalf("dd: %v: %s", err, out)
+		}
+	}
+	reads := func() map[uint32]uint64 {
+		s, err := p.Snapshot()
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := map[uint32]uint64{}
+		for _, e := range s.Entries {
+			m[e.Dev] += e.Reads
+		}
+		return m
+	}
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	read(l1)
+	read(l2)
+	if m := reads(); m[l1.dev] != 0 || m[l2.dev] != 0 {
+		t.Fatalf("empty device set accounted I/O: %v", m)
+	}
+	must(p.SetDevices([]uint32{l1.dev}))
+	must(p.SetDevices([]uint32{l2.dev}))
+	read(l1)
+	read(l2)
+	if m := reads(); m[l1.dev] != 0 || m[l2.dev] != 5 {
+		t.Fatalf("after SetDevices(l2): %v, want only l2 with 5 reads", m)
+	}
+	must(p.SetAllDevices(true))
+	read(l1)
+	if m := reads(); m[l1.dev] != 5 {
+		t.Fatalf("all devices: %v, want l1 with 5 reads", m)
+	}
+}

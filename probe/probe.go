@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // ErrUnavailable is wrapped by every error New returns when the kernel or
@@ -83,6 +84,9 @@ type Probe struct {
 	res      *resolver
 	tp       string
 	closed   bool
+
+	collOnce sync.Once
+	promColl prometheus.Collector
 }
 
 // New loads and attaches the block I/O probes. Errors caused by the
@@ -333,4 +337,16 @@ func (p *Probe) counter(idx uint32) (uint64, error) {
 		n += v
 	}
 	return n, nil
+}
+
+// Describe and Collect make the Probe a prometheus.Collector (see
+// NewCollector for the metrics); each scrape takes a fresh Snapshot.
+func (p *Probe) Describe(ch chan<- *prometheus.Desc) { p.collector().Describe(ch) }
+
+// Collect implements prometheus.Collector.
+func (p *Probe) Collect(ch chan<- prometheus.Metric) { p.collector().Collect(ch) }
+
+func (p *Probe) collector() prometheus.Collector {
+	p.collOnce.Do(func() { p.promColl = NewCollector(p.Snapshot) })
+	return p.promColl
 }

@@ -121,11 +121,10 @@ func New(opts Options) (*Probe, error) {
 		return nil, fmt.Errorf("probe: %w: %w", ErrUnavailable, err)
 	}
 
-	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
-	if err := rlimit.RemoveMemlock(); err != nil {
-		res.close()
-		return nil, fmt.Errorf("probe: memlock: %w: %w", ErrUnavailable, err)
-	}
+	// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK. A failure
+	// here is not fatal: newer kernels do not need it, and where they do
+	// the load below fails with the clearer error (which names MEMLOCK).
+	_ = rlimit.RemoveMemlock()
 
 	spec, err := loadBlockio()
 	if err != nil {

@@ -1,0 +1,23 @@
+# eBPF per-pod block I/O probes (package probe).
+#   make ebpf-generate   rebuild probe/blockio_bpfel.{go,o} from probe/bpf/*.c
+#   make ebpf-check      regenerate into a temp dir and fail if the committed files differ
+#   make bench-probe     fio 4k randread QD32 on a tmpfs loop device, probes off vs on (root)
+APT_PACKAGES += clang llvm libbpf-dev bpftool fio util-linux
+TEST_TARGETS += ebpf-check
+
+.PHONY: ebpf-generate ebpf-check bench-probe
+
+ebpf-generate:
+	cd probe && $(GO) generate ./
+
+ebpf-check:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	(cd probe && BPF2GO_OUTPUT_DIR="$$tmp" $(GO) generate ./) && \
+	for f in blockio_bpfel.go blockio_bpfel.o; do \
+		cmp -s "probe/$$f" "$$tmp/$$f" || { echo "ebpf-check: probe/$$f is stale; run make ebpf-generate and commit" >&2; exit 1; }; \
+	done && echo "ebpf-check: generated BPF files up to date"
+
+# Not part of `make test`: it measures, it does not assert.
+PROBE_BENCH_ROUNDS ?= 5
+bench-probe:
+	PROBE_BENCH_ROUNDS=$(PROBE_BENCH_ROUNDS) $(GO) test -run '^$$' -bench '^BenchmarkProbeOverhead$$' -benchtime 1x -timeout 20m ./probe

@@ -15,6 +15,7 @@ import (
 
 type blockioInflightReq struct {
 	_        structs.HostLayout
+	Rq       uint64
 	StartNs  uint64
 	CgroupId uint64
 	Bytes    uint64
@@ -41,7 +42,6 @@ type blockioIoStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	blockioMapConfig      = "config"
 	blockioMapCounters    = "counters"
 	blockioMapDevices     = "devices"
 	blockioMapInflight    = "inflight"
@@ -51,6 +51,7 @@ const (
 	blockioProgIoStart    = "io_start"
 	blockioProgRqComplete = "rq_complete"
 	blockioProgRqIssue    = "rq_issue"
+	blockioVarAllDevices  = "all_devices"
 )
 
 // loadBlockio returns the embedded CollectionSpec for blockio.
@@ -105,7 +106,6 @@ type blockioProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type blockioMapSpecs struct {
-	Config    *ebpf.MapSpec `ebpf:"config"`
 	Counters  *ebpf.MapSpec `ebpf:"counters"`
 	Devices   *ebpf.MapSpec `ebpf:"devices"`
 	Inflight  *ebpf.MapSpec `ebpf:"inflight"`
@@ -117,6 +117,7 @@ type blockioMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type blockioVariableSpecs struct {
+	AllDevices *ebpf.VariableSpec `ebpf:"all_devices"`
 }
 
 // blockioObjects contains all objects after they have been loaded into the kernel.
@@ -139,7 +140,6 @@ func (o *blockioObjects) Close() error {
 //
 // It can be passed to loadBlockioObjects or ebpf.CollectionSpec.LoadAndAssign.
 type blockioMaps struct {
-	Config    *ebpf.Map `ebpf:"config"`
 	Counters  *ebpf.Map `ebpf:"counters"`
 	Devices   *ebpf.Map `ebpf:"devices"`
 	Inflight  *ebpf.Map `ebpf:"inflight"`
@@ -149,7 +149,6 @@ type blockioMaps struct {
 
 func (m *blockioMaps) Close() error {
 	return _BlockioClose(
-		m.Config,
 		m.Counters,
 		m.Devices,
 		m.Inflight,
@@ -162,6 +161,7 @@ func (m *blockioMaps) Close() error {
 //
 // It can be passed to loadBlockioObjects or ebpf.CollectionSpec.LoadAndAssign.
 type blockioVariables struct {
+	AllDevices *ebpf.Variable `ebpf:"all_devices"`
 }
 
 // blockioPrograms contains all programs after they have been loaded into the kernel.

@@ -108,4 +108,5 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(c.lost, prometheus.CounterValue, float64(snap.StatsFull), "stats_full")
 	ch <- prometheus.MustNewConstMetric(c.lost, prometheus.CounterValue, float64(snap.Unmatched), "unmatched")
+	ch <- prometheus.MustNewConstMetric(c.lost, prometheus.CounterValue, float64(snap.NoSlot), "no_slot")
 }

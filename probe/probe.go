@@ -38,6 +38,7 @@ const Slots = 40
 const (
 	cntStatsFull = 0
 	cntNoStart   = 1
+	cntNoSlot    = 2
 )
 
 // Dev returns the kernel's dev_t encoding (major<<20 | minor) that
@@ -79,7 +80,7 @@ type Probe struct {
 	links    []link.Link
 	stats    *ebpf.Map
 	devices  *ebpf.Map
-	config   *ebpf.Map
+	allDevs  *ebpf.Variable
 	counters *ebpf.Map
 	res      *resolver
 	tp       string
@@ -149,7 +150,7 @@ func New(opts Options) (*Probe, error) {
 		coll:     coll,
 		stats:    coll.Maps["stats"],
 		devices:  coll.Maps["devices"],
-		config:   coll.Maps["config"],
+		allDevs:  coll.Variables["all_devices"],
 		counters: coll.Maps["counters"],
 		res:      res,
 		tp:       tp,
@@ -233,7 +234,7 @@ func (p *Probe) SetAllDevices(all bool) error {
 	if all {
 		v = 1
 	}
-	if err := p.config.Put(uint32(0), v); err != nil {
+	if err := p.allDevs.Set(v); err != nil {
 		return fmt.Errorf("probe: set all devices: %w", err)
 	}
 	return nil
@@ -320,6 +321,9 @@ func (p *Probe) Snapshot() (Snapshot, error) {
 		return Snapshot{}, err
 	}
 	if snap.Unmatched, err = p.counter(cntNoStart); err != nil {
+		return Snapshot{}, err
+	}
+	if snap.NoSlot, err = p.counter(cntNoSlot); err != nil {
 		return Snapshot{}, err
 	}
 	snap.sort()

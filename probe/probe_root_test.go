@@ -19,7 +19,7 @@ import (
 // they need root; everything they create is removed by t.Cleanup, also
 // when they fail.
 
-func needRoot(t *testing.T) {
+func needRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root (BPF, loop devices, cgroups)")
@@ -32,7 +32,7 @@ type loopDev struct {
 	dev  uint32 // kernel dev_t
 }
 
-func newLoop(t *testing.T, size int64) loopDev {
+func newLoop(t testing.TB, size int64) loopDev {
 	t.Helper()
 	f, err := os.CreateTemp("/dev/shm", "blockd-probe-*.img")
 	if err != nil {

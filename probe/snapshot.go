@@ -15,9 +15,11 @@ type Snapshot struct {
 	Entries []Entry   `json:"entries"`
 	// StatsFull counts completions lost because the BPF stats map was
 	// full; Unmatched counts completions on accounted devices whose
-	// start was not seen (in flight when the probe attached).
+	// start was not seen (in flight when the probe attached); NoSlot
+	// counts starts that found no free in-flight slot.
 	StatsFull uint64 `json:"stats_full,omitempty"`
 	Unmatched uint64 `json:"unmatched,omitempty"`
+	NoSlot    uint64 `json:"no_slot,omitempty"`
 }
 
 // Entry is the I/O of one cgroup on one device. PodUID is empty for

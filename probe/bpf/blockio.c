@@ -37,7 +37,8 @@ enum op_class {
 enum counter {
 	CNT_STATS_FULL = 0, /* a completion found no room in `stats` */
 	CNT_NO_START = 1,   /* a completion with no matching start */
-	CNT_MAX = 2,
+	CNT_NO_SLOT = 2,    /* a start found no free in-flight slot */
+	CNT_MAX = 3,
 };
 
 /* Kernel REQ_OP_* values (stable ABI since 4.10). */
@@ -65,6 +66,7 @@ struct io_stats {
 };
 
 struct inflight_req {
+	__u64 rq; /* owner; 0 when free */
 	__u64 start_ns;
 	__u64 cgroup_id;
 	__u64 bytes;
@@ -72,13 +74,9 @@ struct inflight_req {
 	__u32 op;
 };
 
-/* Config slot 0: non-zero accounts every device, zero only `devices`. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} config SEC(".maps");
+/* Non-zero accounts every device, zero only those in `devices`. A global
+ * (a plain load) rather than a map lookup: it is read on every request. */
+volatile __u32 all_devices = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -87,12 +85,22 @@ struct {
 	__type(value, __u8);
 } devices SEC(".maps");
 
-/* LRU so that a start whose completion we never see (a missed event)
- * cannot fill the map for good. */
+/*
+ * In-flight requests, open addressing keyed by the request's address.
+ * An ARRAY rather than a hash map: its lookups are inlined by the
+ * verifier, while a hash update and delete per request cost more than
+ * the rest of the program. A slot is claimed by compare-and-swap of its
+ * rq field and released by the completion. A slot whose completion was
+ * missed is not lost for good: requests are preallocated per tag, so
+ * the same address starts again soon and reclaims it.
+ */
+#define INFLIGHT_SLOTS 65536 /* power of two */
+#define INFLIGHT_PROBES 8
+
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, __u64);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, INFLIGHT_SLOTS);
+	__type(key, __u32);
 	__type(value, struct inflight_req);
 } inflight SEC(".maps");
 
@@ -128,28 +136,27 @@ static __always_inline void count(__u32 idx)
 		*v += 1;
 }
 
+/*
+ * tp_btf arguments are typed kernel pointers, so fields are read with
+ * plain (CO-RE relocated, fault-safe) loads instead of one
+ * bpf_probe_read_kernel call per hop: this runs twice per request.
+ */
 static __always_inline __u32 rq_dev(struct request *rq)
 {
-	struct gendisk *disk = NULL;
+	struct gendisk *disk;
 
-	if (bpf_core_field_exists(rq->q->disk)) {
-		disk = BPF_CORE_READ(rq, q, disk);
-	} else {
-		struct request___old *old = (void *)rq;
-		disk = BPF_CORE_READ(old, rq_disk);
-	}
+	if (bpf_core_field_exists(rq->q->disk))
+		disk = rq->q->disk;
+	else
+		disk = ((struct request___old *)rq)->rq_disk;
 	if (!disk)
 		return 0;
-	__u32 major = BPF_CORE_READ(disk, major);
-	__u32 minor = BPF_CORE_READ(disk, first_minor);
-	return major << MINORBITS | minor;
+	return (__u32)disk->major << MINORBITS | (__u32)disk->first_minor;
 }
 
 static __always_inline bool dev_wanted(__u32 dev)
 {
-	__u32 zero = 0;
-	__u32 *all = bpf_map_lookup_elem(&config, &zero);
-	if (all && *all)
+	if (all_devices)
 		return true;
 	return bpf_map_lookup_elem(&devices, &dev) != NULL;
 }
@@ -187,17 +194,14 @@ static __always_inline __u64 rq_cgroup(struct request *rq)
 
 	if (!bpf_core_field_exists(((struct bio *)0)->bi_blkg))
 		return cur;
-	struct bio *bio = BPF_CORE_READ(rq, bio);
-	if (!bio)
+	struct bio *bio = rq->bio;
+	if (!bio || !bio->bi_blkg)
 		return cur;
-	struct cgroup *cg = BPF_CORE_READ(bio, bi_blkg, blkcg, css.cgroup);
-	if (!cg)
+	struct cgroup *cg = bio->bi_blkg->blkcg->css.cgroup;
+	if (!cg || cg->root->hierarchy_id != 0)
 		return cur;
-	if (BPF_CORE_READ(cg, root, hierarchy_id) != 0)
-		return cur;
-	__u64 id = BPF_CORE_READ(cg, kn, id);
-	int level = BPF_CORE_READ(cg, level);
-	if (bpf_get_current_ancestor_cgroup_id(level) == id)
+	__u64 id = cg->kn->id;
+	if (bpf_get_current_ancestor_cgroup_id(cg->level) == id)
 		return cur;
 	return id;
 }
@@ -217,34 +221,98 @@ static __always_inline __u32 log2_slot(__u64 v)
 	return r;
 }
 
-static __always_inline int on_start(struct request *rq)
+static __always_inline __u32 rq_hash(__u64 rq)
+{
+	/* Fibonacci hashing: the top bits of the product mix all of rq. */
+	return (__u32)((rq * 0x9E3779B97F4A7C15ULL) >> 48);
+}
+
+/*
+ * The request's address as a plain number. The verifier types rq as a
+ * kernel pointer and refuses arithmetic on it, so the hash needs the raw
+ * argument copied out of the context.
+ */
+static __always_inline __u64 rq_key(__u64 *ctx)
+{
+	__u64 key = 0;
+	bpf_probe_read_kernel(&key, sizeof(key), ctx);
+	return key;
+}
+
+static __always_inline int on_start(__u64 *ctx, struct request *rq)
 {
 	__u32 dev = rq_dev(rq);
 	if (!dev_wanted(dev))
 		return 0;
 
-	struct inflight_req in = {
-		.start_ns = bpf_ktime_get_ns(),
-		.cgroup_id = rq_cgroup(rq),
-		.bytes = BPF_CORE_READ(rq, __data_len),
-		.dev = dev,
-		.op = op_class(BPF_CORE_READ(rq, cmd_flags)),
-	};
-	__u64 key = (__u64)rq;
-	bpf_map_update_elem(&inflight, &key, &in, BPF_ANY);
+	__u64 key = rq_key(ctx);
+	if (!key)
+		return 0;
+	/* The loops yield an index, not a pointer: clang would merge the
+	 * pointers into one register the verifier can no longer type. The
+	 * second lookup of an ARRAY is inlined and costs a few instructions. */
+	__u32 h = rq_hash(key), found = INFLIGHT_SLOTS;
+#pragma unroll
+	for (int i = 0; i < INFLIGHT_PROBES; i++) {
+		__u32 idx = (h + i) & (INFLIGHT_SLOTS - 1);
+		struct inflight_req *s = bpf_map_lookup_elem(&inflight, &idx);
+		if (!s)
+			return 0;
+		__u64 owner = s->rq;
+		/* Ours already: the request is being issued again (requeue). */
+		if (owner == key ||
+		    (owner == 0 && __sync_val_compare_and_swap(&s->rq, 0, key) == 0)) {
+			found = idx;
+			break;
+		}
+	}
+	if (found == INFLIGHT_SLOTS) {
+		count(CNT_NO_SLOT);
+		return 0;
+	}
+	struct inflight_req *slot = bpf_map_lookup_elem(&inflight, &found);
+	if (!slot)
+		return 0;
+	/* The block layer has already stamped the request (same clock as
+	 * bpf_ktime_get_ns) whenever it keeps I/O statistics, which is
+	 * always for block_io_start; it saves a clock read per request. */
+	__u64 start = 0;
+	if (bpf_core_field_exists(rq->start_time_ns))
+		start = rq->start_time_ns;
+	slot->start_ns = start ? start : bpf_ktime_get_ns();
+	slot->cgroup_id = rq_cgroup(rq);
+	slot->bytes = rq->__data_len;
+	slot->dev = dev;
+	slot->op = op_class(rq->cmd_flags);
 	return 0;
 }
 
-static __always_inline int on_done(struct request *rq)
+static __always_inline int on_done(__u64 *ctx, struct request *rq)
 {
-	__u64 key = (__u64)rq;
-	struct inflight_req *in = bpf_map_lookup_elem(&inflight, &key);
-	if (!in) {
+	__u64 key = rq_key(ctx);
+	if (!key)
+		return 0;
+	__u32 h = rq_hash(key), found = INFLIGHT_SLOTS;
+#pragma unroll
+	for (int i = 0; i < INFLIGHT_PROBES; i++) {
+		__u32 idx = (h + i) & (INFLIGHT_SLOTS - 1);
+		struct inflight_req *s = bpf_map_lookup_elem(&inflight, &idx);
+		if (!s)
+			return 0;
+		if (s->rq == key) {
+			found = idx;
+			break;
+		}
+	}
+	if (found == INFLIGHT_SLOTS) {
 		/* Not a device we account, or started before we attached. */
 		if (dev_wanted(rq_dev(rq)))
 			count(CNT_NO_START);
 		return 0;
 	}
+	struct inflight_req *in = bpf_map_lookup_elem(&inflight, &found);
+	if (!in)
+		return 0;
 	__u64 now = bpf_ktime_get_ns();
 	__u64 lat = now > in->start_ns ? now - in->start_ns : 0;
 	struct io_key k = {
@@ -253,7 +321,8 @@ static __always_inline int on_done(struct request *rq)
 		.op = in->op,
 	};
 	__u64 bytes = in->bytes;
-	bpf_map_delete_elem(&inflight, &key);
+	/* Release the slot only after copying it out. */
+	__sync_fetch_and_and(&in->rq, 0);
 
 	struct io_stats *st = bpf_map_lookup_elem(&stats, &k);
 	if (!st) {
@@ -282,23 +351,23 @@ static __always_inline int on_done(struct request *rq)
 SEC("tp_btf/block_io_start")
 int BPF_PROG(io_start, struct request *rq)
 {
-	return on_start(rq);
+	return on_start(ctx, rq);
 }
 
 SEC("tp_btf/block_io_done")
 int BPF_PROG(io_done, struct request *rq)
 {
-	return on_done(rq);
+	return on_done(ctx, rq);
 }
 
 SEC("tp_btf/block_rq_issue")
 int BPF_PROG(rq_issue, struct request *rq)
 {
-	return on_start(rq);
+	return on_start(ctx, rq);
 }
 
 SEC("tp_btf/block_rq_complete")
 int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
-	return on_done(rq);
+	return on_done(ctx, rq);
 }

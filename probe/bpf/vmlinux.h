@@ -104,6 +104,7 @@ struct request {
 	blk_opf_t cmd_flags;
 	unsigned int __data_len;
 	struct bio *bio;
+	u64 start_time_ns;
 };
 
 /* Before 5.16 the disk hung off the request itself. */

@@ -18,6 +18,6 @@ ebpf-check:
 	done && echo "ebpf-check: generated BPF files up to date"
 
 # Not part of `make test`: it measures, it does not assert.
-PROBE_BENCH_ROUNDS ?= 5
+PROBE_BENCH_ROUNDS ?= 30
 bench-probe:
 	PROBE_BENCH_ROUNDS=$(PROBE_BENCH_ROUNDS) $(GO) test -run '^$$' -bench '^BenchmarkProbeOverhead$$' -benchtime 1x -timeout 20m ./probe

@@ -84,6 +84,7 @@ type Probe struct {
 	counters *ebpf.Map
 	res      *resolver
 	tp       string
+	progs    [2]string // completion, start: the attach order
 	closed   bool
 
 	collOnce sync.Once
@@ -154,6 +155,7 @@ func New(opts Options) (*Probe, error) {
 		counters: coll.Maps["counters"],
 		res:      res,
 		tp:       tp,
+		progs:    [2]string{doneProg, startProg},
 	}
 	if opts.AllDevices {
 		if err := p.SetAllDevices(true); err != nil {
@@ -161,17 +163,34 @@ func New(opts Options) (*Probe, error) {
 			return nil, err
 		}
 	}
-	// Attach completion first so no request is started without a program
-	// ready to finish it.
-	for _, name := range []string{doneProg, startProg} {
-		l, err := link.AttachTracing(link.TracingOptions{Program: coll.Programs[name], AttachType: ebpf.AttachTraceRawTp})
+	if err := p.attach(); err != nil {
+		p.Close()
+		return nil, err
+	}
+	return p, nil
+}
+
+// attach links the programs, completion first so that no request is
+// started without a program ready to finish it.
+func (p *Probe) attach() error {
+	for _, name := range p.progs {
+		l, err := link.AttachTracing(link.TracingOptions{Program: p.coll.Programs[name], AttachType: ebpf.AttachTraceRawTp})
 		if err != nil {
-			p.Close()
-			return nil, fmt.Errorf("probe: attach %s: %w: %w", name, ErrUnavailable, err)
+			return fmt.Errorf("probe: attach %s: %w: %w", name, ErrUnavailable, err)
 		}
 		p.links = append(p.links, l)
 	}
-	return p, nil
+	return nil
+}
+
+// detach unlinks the programs, start first.
+func (p *Probe) detach() error {
+	var errs []error
+	for i := len(p.links) - 1; i >= 0; i-- {
+		errs = append(errs, p.links[i].Close())
+	}
+	p.links = nil
+	return errors.Join(errs...)
 }
 
 // pickTracepoints prefers block_io_start/done (6.5+), which fire in the
@@ -248,13 +267,10 @@ func (p *Probe) Close() error {
 		return nil
 	}
 	p.closed = true
-	var errs []error
-	for _, l := range p.links {
-		errs = append(errs, l.Close())
-	}
+	err := p.detach()
 	p.coll.Close()
 	p.res.close()
-	return errors.Join(errs...)
+	return err
 }
 
 // Snapshot reads the cumulative counters. Counters of cgroups that no

@@ -1,6 +1,7 @@
 package probe
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sys/unix"
 )
 
 // ErrUnavailable is wrapped by every error New returns when the kernel or
@@ -368,4 +370,37 @@ func (p *Probe) Collect(ch chan<- prometheus.Metric) { p.collector().Collect(ch)
 func (p *Probe) collector() prometheus.Collector {
 	p.collOnce.Do(func() { p.promColl = NewCollector(p.Snapshot) })
 	return p.promColl
+}
+
+// DevOfPath returns the kernel dev_t (see Dev) of a block device node such
+// as /dev/nbd0, for SetDevices.
+func DevOfPath(path string) (uint32, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, fmt.Errorf("probe: stat %s: %w", path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFBLK {
+		return 0, fmt.Errorf("probe: %s is not a block device", path)
+	}
+	return Dev(unix.Major(st.Rdev), unix.Minor(st.Rdev)), nil
+}
+
+// Run takes a Snapshot every interval until ctx is done, so that the
+// counters of removed cgroups are dropped from the BPF maps even when
+// nothing scrapes the metrics. It returns nil when ctx ends, or the first
+// Snapshot error (os.ErrClosed after Close). The caller owns the goroutine
+// it runs on.
+func (p *Probe) Run(ctx context.Context, interval time.Duration) error {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+			if _, err := p.Snapshot(); err != nil {
+				return err
+			}
+		}
+	}
 }

@@ -1,6 +1,7 @@
 package probe
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -357,5 +358,33 @@ func TestSetDevicesAll(t *testing.T) {
 	read(l1)
 	if m := reads(); m[l1.dev] != 5 {
 		t.Fatalf("all devices: %v, want l1 with 5 reads", m)
+	}
+}
+
+func TestDevOfPathAndRun(t *testing.T) {
+	needRoot(t)
+	l := newLoop(t, 8<<20)
+	d, err := DevOfPath(l.path)
+	if err != nil || d != l.dev {
+		t.Fatalf("DevOfPath(%s) = %d, %v; want %d", l.path, d, err, l.dev)
+	}
+	if _, err := DevOfPath("/dev/null"); err == nil {
+		t.Error("DevOfPath accepted a character device")
+	}
+
+	p, err := New(Options{PodLogDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx, time.Millisecond) }()
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Run after cancel: %v", err)
+	}
+	p.Close()
+	if err := p.Run(context.Background(), time.Millisecond); !errors.Is(err, os.ErrClosed) {
+		t.Errorf("Run after Close: %v, want os.ErrClosed", err)
 	}
 }

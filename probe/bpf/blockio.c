@@ -289,6 +289,10 @@ static __always_inline int on_start(__u64 *ctx, struct request *rq)
 
 static __always_inline int on_done(__u64 *ctx, struct request *rq)
 {
+	/* Filter first: completions on devices we do not account (the
+	 * node's own disks) then cost a lookup, not a probe of the table. */
+	if (!dev_wanted(rq_dev(rq)))
+		return 0;
 	__u64 key = rq_key(ctx);
 	if (!key)
 		return 0;
@@ -305,9 +309,9 @@ static __always_inline int on_done(__u64 *ctx, struct request *rq)
 		}
 	}
 	if (found == INFLIGHT_SLOTS) {
-		/* Not a device we account, or started before we attached. */
-		if (dev_wanted(rq_dev(rq)))
-			count(CNT_NO_START);
+		/* Started before we attached or before the device was added,
+		 * or its start found no slot. */
+		count(CNT_NO_START);
 		return 0;
 	}
 	struct inflight_req *in = bpf_map_lookup_elem(&inflight, &found);

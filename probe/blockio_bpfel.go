@@ -47,7 +47,6 @@ const (
 	blockioMapInflight    = "inflight"
 	blockioMapStats       = "stats"
 	blockioMapZeroStats   = "zero_stats"
-	blockioProgIoDone     = "io_done"
 	blockioProgIoStart    = "io_start"
 	blockioProgRqComplete = "rq_complete"
 	blockioProgRqIssue    = "rq_issue"
@@ -96,7 +95,6 @@ type blockioSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type blockioProgramSpecs struct {
-	IoDone     *ebpf.ProgramSpec `ebpf:"io_done"`
 	IoStart    *ebpf.ProgramSpec `ebpf:"io_start"`
 	RqComplete *ebpf.ProgramSpec `ebpf:"rq_complete"`
 	RqIssue    *ebpf.ProgramSpec `ebpf:"rq_issue"`
@@ -168,7 +166,6 @@ type blockioVariables struct {
 //
 // It can be passed to loadBlockioObjects or ebpf.CollectionSpec.LoadAndAssign.
 type blockioPrograms struct {
-	IoDone     *ebpf.Program `ebpf:"io_done"`
 	IoStart    *ebpf.Program `ebpf:"io_start"`
 	RqComplete *ebpf.Program `ebpf:"rq_complete"`
 	RqIssue    *ebpf.Program `ebpf:"rq_issue"`
@@ -176,7 +173,6 @@ type blockioPrograms struct {
 
 func (p *blockioPrograms) Close() error {
 	return _BlockioClose(
-		p.IoDone,
 		p.IoStart,
 		p.RqComplete,
 		p.RqIssue,

@@ -1,9 +1,9 @@
 // Package probe gives per-pod block I/O visibility with eBPF.
 //
-// BPF programs on the block layer's request start and completion
-// tracepoints (block_io_start/block_io_done on 6.5+ kernels,
-// block_rq_issue/block_rq_complete before, chosen by looking the
-// tracepoints up in the kernel's BTF) count, per cgroup, device and op
+// BPF programs on the block layer's request start tracepoint
+// (block_io_start on 6.5+ kernels, block_rq_issue before, chosen by
+// looking the tracepoints up in the kernel's BTF) and its completion
+// tracepoint (block_rq_complete, which reports the bytes completed) count, per cgroup, device and op
 // class, the requests, bytes and a log2 latency histogram in per-CPU maps.
 // Nothing crosses to user space per request: [Probe.Snapshot] reads the
 // maps, resolves cgroup ids to Kubernetes pods and containers from the

@@ -67,9 +67,9 @@ type Options struct {
 	// PodLogDir is where the kubelet keeps <namespace>_<name>_<uid>
 	// directories; empty means /var/log/pods.
 	PodLogDir string
-	// Tracepoints forces a tracepoint pair ("io" for
-	// block_io_start/done, "rq" for block_rq_issue/complete); empty
-	// picks by probing the kernel's BTF.
+	// Tracepoints forces the start tracepoint ("io" for block_io_start,
+	// "rq" for block_rq_issue; completion is block_rq_complete for
+	// both); empty picks by probing the kernel's BTF.
 	Tracepoints string
 }
 
@@ -107,7 +107,7 @@ func New(opts Options) (*Probe, error) {
 	var startProg, doneProg, startTP, doneTP string
 	switch tp {
 	case "io":
-		startProg, doneProg, startTP, doneTP = "io_start", "io_done", "block_io_start", "block_io_done"
+		startProg, doneProg, startTP, doneTP = "io_start", "rq_complete", "block_io_start", "block_rq_complete"
 	case "rq":
 		startProg, doneProg, startTP, doneTP = "rq_issue", "rq_complete", "block_rq_issue", "block_rq_complete"
 	default:
@@ -195,20 +195,19 @@ func (p *Probe) detach() error {
 	return errors.Join(errs...)
 }
 
-// pickTracepoints prefers block_io_start/done (6.5+), which fire in the
-// submitter's context when the request is accounted, over
-// block_rq_issue/complete, which may fire from a kblockd worker.
+// pickTracepoints prefers block_io_start (6.5+), which fires in the
+// submitter's context when the request is accounted, over block_rq_issue,
+// which may fire from a kblockd worker.
 func pickTracepoints(kspec *btf.Spec) string {
 	var fn *btf.Typedef
-	if kspec.TypeByName("btf_trace_block_io_start", &fn) == nil &&
-		kspec.TypeByName("btf_trace_block_io_done", &fn) == nil {
+	if kspec.TypeByName("btf_trace_block_io_start", &fn) == nil {
 		return "io"
 	}
 	return "rq"
 }
 
-// Tracepoints reports the attached pair: "io" (block_io_start/done) or
-// "rq" (block_rq_issue/complete).
+// Tracepoints reports the start tracepoint in use: "io" (block_io_start)
+// or "rq" (block_rq_issue).
 func (p *Probe) Tracepoints() string { return p.tp }
 
 // SetDevices replaces the set of accounted devices (kernel dev_t, see Dev).

@@ -15,8 +15,9 @@ type Snapshot struct {
 	Entries []Entry   `json:"entries"`
 	// StatsFull counts completions lost because the BPF stats map was
 	// full; Unmatched counts completions on accounted devices whose
-	// start was not seen (in flight when the probe attached); NoSlot
-	// counts starts that found no free in-flight slot.
+	// start was not recorded (in flight when the probe attached, or not
+	// accounted by the block layer, like the flush requests of a
+	// flush sequence); NoSlot counts starts that found no free slot.
 	StatsFull uint64 `json:"stats_full,omitempty"`
 	Unmatched uint64 `json:"unmatched,omitempty"`
 	NoSlot    uint64 `json:"no_slot,omitempty"`

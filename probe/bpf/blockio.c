@@ -3,15 +3,18 @@
  * Per-cgroup block I/O accounting.
  *
  * Request start stamps a request in `inflight` (keyed by its address) with
- * the submitting cgroup, device, op class and size; completion moves the
- * numbers into per-CPU counters and a log2 latency histogram in `stats`.
- * Nothing is sent to user space per event: the Go side reads `stats` when
- * it is asked for a snapshot.
+ * the submitting cgroup, device, op class and start time; completion adds
+ * the request, its bytes and its latency to per-CPU counters and a log2
+ * histogram in `stats`. Nothing is sent to user space per event: the Go
+ * side reads `stats` when it is asked for a snapshot.
  *
- * Two program pairs carry the same body. On 6.5+ kernels the Go loader
- * attaches block_io_start/block_io_done (fired in the submitter's context
- * when the request is accounted); older kernels get block_rq_issue and
- * block_rq_complete.
+ * Start: on 6.5+ kernels block_io_start, which fires in the submitter's
+ * context when the block layer starts accounting the request; older
+ * kernels get block_rq_issue (at dispatch, possibly from kblockd).
+ * Completion: block_rq_complete on every kernel. block_io_done is not
+ * used because by then the request's length is zero, and its length at
+ * block_io_start misses bios merged into it later (buffered writeback
+ * merges most of them): block_rq_complete reports the bytes completed.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -281,13 +284,21 @@ static __always_inline int on_start(__u64 *ctx, struct request *rq)
 		start = rq->start_time_ns;
 	slot->start_ns = start ? start : bpf_ktime_get_ns();
 	slot->cgroup_id = rq_cgroup(rq);
-	slot->bytes = rq->__data_len;
+	/* Bytes are summed at completion: bios merged into the request after
+	 * block_io_start would be missed by its size now. */
+	slot->bytes = 0;
 	slot->dev = dev;
 	slot->op = op_class(rq->cmd_flags);
 	return 0;
 }
 
-static __always_inline int on_done(__u64 *ctx, struct request *rq)
+/*
+ * block_rq_complete fires at the top of blk_update_request, once per
+ * (possibly partial) completion, with the bytes it completes; rq's
+ * remaining length still includes them. The request is done when they
+ * cover the rest.
+ */
+static __always_inline int on_complete(__u64 *ctx, struct request *rq, __u32 nr_bytes)
 {
 	/* Filter first: completions on devices we do not account (the
 	 * node's own disks) then cost a lookup, not a probe of the table. */
@@ -317,6 +328,11 @@ static __always_inline int on_done(__u64 *ctx, struct request *rq)
 	struct inflight_req *in = bpf_map_lookup_elem(&inflight, &found);
 	if (!in)
 		return 0;
+	/* Completions of one request do not race each other. */
+	in->bytes += nr_bytes;
+	if (nr_bytes < rq->__data_len)
+		return 0;
+
 	__u64 now = bpf_ktime_get_ns();
 	__u64 lat = now > in->start_ns ? now - in->start_ns : 0;
 	struct io_key k = {
@@ -358,12 +374,6 @@ int BPF_PROG(io_start, struct request *rq)
 	return on_start(ctx, rq);
 }
 
-SEC("tp_btf/block_io_done")
-int BPF_PROG(io_done, struct request *rq)
-{
-	return on_done(ctx, rq);
-}
-
 SEC("tp_btf/block_rq_issue")
 int BPF_PROG(rq_issue, struct request *rq)
 {
@@ -373,5 +383,5 @@ int BPF_PROG(rq_issue, struct request *rq)
 SEC("tp_btf/block_rq_complete")
 int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
-	return on_done(ctx, rq);
+	return on_complete(ctx, rq, nr_bytes);
 }

@@ -221,6 +221,9 @@ func TestPodAttribution(t *testing.T) {
 
 	for _, tp := range []string{"io", "rq"} {
 		t.Run(tp, func(t *testing.T) {
+			if tp == "io" && !kernelAtLeast(t, 6, 5) {
+				t.Skip("block_io_start arrived in 6.5")
+			}
 			fds, gor := openFDs(t), runtime.NumGoroutine()
 			p, err := New(Options{PodLogDir: logs, Tracepoints: tp})
 			if err != nil {
@@ -502,5 +505,37 @@ func TestWritebackAttribution(t *testing.T) {
 	}
 	if !within1pct(pod, 64*65536) {
 		t.Errorf("pod charged %d bytes of writeback, want %d (others: %d)", pod, 64*65536, others)
+	}
+}
+
+// kernelAtLeast compares the running kernel's version with major.minor.
+func kernelAtLeast(t *testing.T, major, minor int) bool {
+	t.Helper()
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	var ma, mi int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &ma, &mi); err != nil {
+		t.Fatal(err)
+	}
+	return ma > major || ma == major && mi >= minor
+}
+
+// TestPickTracepoints checks the run-time choice of the start tracepoint:
+// block_io_start from 6.5 on, block_rq_issue before.
+func TestPickTracepoints(t *testing.T) {
+	needRoot(t)
+	p, err := New(Options{PodLogDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	want := "rq"
+	if kernelAtLeast(t, 6, 5) {
+		want = "io"
+	}
+	if got := p.Tracepoints(); got != want {
+		t.Errorf("Tracepoints() = %q, want %q on this kernel", got, want)
 	}
 }

@@ -362,7 +362,11 @@ static __always_inline int on_complete(__u64 *ctx, struct request *rq, __u32 nr_
 	st->ops += 1;
 	st->bytes += bytes;
 	st->lat_sum_ns += lat;
-	__u32 slot = log2_slot(lat);
+	/* The empty asm hides slot's origin from clang, so the bound check
+	 * stays right before the access where older verifiers (6.1) need it
+	 * to prove the index in range. */
+	__u64 slot = log2_slot(lat);
+	asm volatile("" : "+r"(slot));
 	if (slot < NR_SLOTS)
 		st->lat_slots[slot] += 1;
 	return 0;

@@ -10,7 +10,7 @@
 #   (an unpacked linux-image-*.deb). Run from the repository root.
 set -euo pipefail
 kdir=${1:?usage: run.sh KERNEL_DIR}
-tests=${PROBE_VM_TESTS:-TestPodAttribution|TestDroppedCgroup|TestSetDevicesAll|TestDevOfPathAndRun|TestWritebackAttribution}
+tests=${PROBE_VM_TESTS:-TestPickTracepoints|TestPodAttribution|TestDroppedCgroup|TestSetDevicesAll|TestDevOfPathAndRun|TestWritebackAttribution}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root=$work/root

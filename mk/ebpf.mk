@@ -2,6 +2,7 @@
 #   make ebpf-generate   rebuild probe/blockio_bpfel.{go,o} from probe/bpf/*.c
 #   make ebpf-check      regenerate into a temp dir and fail if the committed files differ
 #   make bench-probe     fio 4k randread QD32 on a tmpfs loop device, probes off vs on (root)
+#   make ebpf-vm-test    the root tests in QEMU on Debian 6.1 and 6.12 kernels
 APT_PACKAGES += clang llvm libbpf-dev bpftool fio util-linux
 TEST_TARGETS += ebpf-check
 
@@ -21,3 +22,12 @@ ebpf-check:
 PROBE_BENCH_ROUNDS ?= 30
 bench-probe:
 	PROBE_BENCH_ROUNDS=$(PROBE_BENCH_ROUNDS) $(GO) test -run '^$$' -bench '^BenchmarkProbeOverhead$$' -benchtime 1x -timeout 20m ./probe
+
+# Root tests in QEMU on Debian kernels (pure cgroup v2 with io+memory: bio
+# blkcg and writeback attribution; 6.1: the block_rq_issue fallback).
+# Each directory holds vmlinuz and modroot/ of an unpacked linux-image .deb.
+EBPF_VM_KERNELS ?= $(wildcard $(HOME)/.cache/blockd-vm/kernels/linux-image-*)
+.PHONY: ebpf-vm-test
+ebpf-vm-test:
+	@test -n "$(EBPF_VM_KERNELS)" || { echo "ebpf-vm-test: set EBPF_VM_KERNELS to unpacked kernel dirs" >&2; exit 1; }
+	@set -o pipefail; for k in $(EBPF_VM_KERNELS); do echo "== $$k"; probe/testdata/vm/run.sh "$$k" | grep -E -- '^(--- |    |kernel |PROBE-VM-EXIT)' || exit 1; done

@@ -2,13 +2,13 @@ package probe
 
 import (
 	"context"
-	"slices"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"

@@ -3,10 +3,12 @@ package probe
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -143,5 +145,35 @@ func TestQuantile(t *testing.T) {
 		if got := Quantile(hist(tc.h), tc.q); got != tc.want {
 			t.Errorf("Quantile(%v, %v) = %v, want %v", tc.h, tc.q, got, tc.want)
 		}
+	}
+}
+
+// TestSnapshotJSON checks that a snapshot survives the daemon API's JSON
+// unchanged, so `blockd top` renders what the daemon saw.
+func TestSnapshotJSON(t *testing.T) {
+	prev, cur := topSnapshots()
+	var direct, viaJSON bytes.Buffer
+	if err := RenderTop(&direct, prev, cur, 0); err != nil {
+		t.Fatal(err)
+	}
+	rt := func(s Snapshot) Snapshot {
+		b, err := json.Marshal(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out Snapshot
+		if err := json.Unmarshal(b, &out); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	if err := RenderTop(&viaJSON, rt(prev), rt(cur), 0); err != nil {
+		t.Fatal(err)
+	}
+	if direct.String() != viaJSON.String() {
+		t.Errorf("JSON round trip changed the frame:\n%s\nvs\n%s", direct.String(), viaJSON.String())
+	}
+	if !reflect.DeepEqual(rt(cur).Entries, cur.Entries) {
+		t.Error("JSON round trip changed the entries")
 	}
 }

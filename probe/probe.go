@@ -111,7 +111,7 @@ func New(opts Options) (*Probe, error) {
 	case "rq":
 		startProg, doneProg, startTP, doneTP = "rq_issue", "rq_complete", "block_rq_issue", "block_rq_complete"
 	default:
-		return nil, fmt.Errorf("probe: unknown tracepoint pair %q", tp)
+		return nil, fmt.Errorf("probe: unknown start tracepoint %q (want io or rq)", tp)
 	}
 	for _, name := range []string{startTP, doneTP} {
 		var fn *btf.Typedef
@@ -250,6 +250,11 @@ func (p *Probe) SetDevices(devs []uint32) error {
 // SetAllDevices switches between accounting every block device (true) and
 // only those given to SetDevices (false).
 func (p *Probe) SetAllDevices(all bool) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return fmt.Errorf("probe: set all devices: %w", os.ErrClosed)
+	}
 	var v uint32
 	if all {
 		v = 1

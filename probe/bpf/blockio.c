@@ -340,6 +340,11 @@ static __always_inline int on_complete(__u64 *ctx, struct request *rq, __u32 nr_
 		.dev = in->dev,
 		.op = in->op,
 	};
+	/* A cache flush reaches the block layer as an empty write with
+	 * REQ_PREFLUSH (REQ_OP_FLUSH is only the flush machinery's own
+	 * request): a write that moved no data is a flush. */
+	if (k.op == OP_WRITE && in->bytes == 0)
+		k.op = OP_FLUSH;
 	__u64 bytes = in->bytes;
 	/* Release the slot only after copying it out. */
 	__sync_fetch_and_and(&in->rq, 0);

@@ -21,6 +21,7 @@ type blockioInflightReq struct {
 	Bytes    uint64
 	Dev      uint32
 	Op       uint32
+	Pad      [3]uint64
 }
 
 type blockioIoKey struct {

@@ -68,6 +68,8 @@ struct io_stats {
 	__u64 lat_slots[NR_SLOTS];
 };
 
+/* Padded to 64 bytes so that slots do not share cache lines: start and
+ * completion usually run on different CPUs and each moves the line. */
 struct inflight_req {
 	__u64 rq; /* owner; 0 when free */
 	__u64 start_ns;
@@ -75,6 +77,7 @@ struct inflight_req {
 	__u64 bytes;
 	__u32 dev;
 	__u32 op;
+	__u64 pad[3];
 };
 
 /* Non-zero accounts every device, zero only those in `devices`. A global

@@ -3,7 +3,7 @@
 #   make ebpf-check      regenerate into a temp dir and fail if the committed files differ
 #   make bench-probe     fio 4k randread QD32 on a tmpfs loop device, probes off vs on (root)
 #   make ebpf-vm-test    the root tests in QEMU on Debian 6.1 and 6.12 kernels
-APT_PACKAGES += clang llvm libbpf-dev bpftool fio util-linux
+APT_PACKAGES += clang llvm libbpf-dev fio util-linux qemu-system-x86 busybox-static cpio xz-utils
 TEST_TARGETS += ebpf-check
 
 .PHONY: ebpf-generate ebpf-check bench-probe

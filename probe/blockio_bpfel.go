@@ -46,6 +46,7 @@ const (
 	blockioMapCounters    = "counters"
 	blockioMapDevices     = "devices"
 	blockioMapInflight    = "inflight"
+	blockioMapScratch     = "scratch"
 	blockioMapStats       = "stats"
 	blockioMapZeroStats   = "zero_stats"
 	blockioProgIoStart    = "io_start"
@@ -108,6 +109,7 @@ type blockioMapSpecs struct {
 	Counters  *ebpf.MapSpec `ebpf:"counters"`
 	Devices   *ebpf.MapSpec `ebpf:"devices"`
 	Inflight  *ebpf.MapSpec `ebpf:"inflight"`
+	Scratch   *ebpf.MapSpec `ebpf:"scratch"`
 	Stats     *ebpf.MapSpec `ebpf:"stats"`
 	ZeroStats *ebpf.MapSpec `ebpf:"zero_stats"`
 }
@@ -142,6 +144,7 @@ type blockioMaps struct {
 	Counters  *ebpf.Map `ebpf:"counters"`
 	Devices   *ebpf.Map `ebpf:"devices"`
 	Inflight  *ebpf.Map `ebpf:"inflight"`
+	Scratch   *ebpf.Map `ebpf:"scratch"`
 	Stats     *ebpf.Map `ebpf:"stats"`
 	ZeroStats *ebpf.Map `ebpf:"zero_stats"`
 }
@@ -151,6 +154,7 @@ func (m *blockioMaps) Close() error {
 		m.Counters,
 		m.Devices,
 		m.Inflight,
+		m.Scratch,
 		m.Stats,
 		m.ZeroStats,
 	)

@@ -86,7 +86,8 @@ type Probe struct {
 	counters *ebpf.Map
 	res      *resolver
 	tp       string
-	progs    [2]string // completion, start: the attach order
+	progs    [2]string           // completion, start: the attach order
+	devtab   [devtabSlots]uint32 // mirror of the BPF devices table
 	closed   bool
 
 	collOnce sync.Once
@@ -210,8 +211,18 @@ func pickTracepoints(kspec *btf.Spec) string {
 // or "rq" (block_rq_issue).
 func (p *Probe) Tracepoints() string { return p.tp }
 
+// Device table layout, shared with blockio.c (DEVTAB_SLOTS,
+// DEVTAB_PROBES and the hash in dev_wanted).
+const (
+	devtabSlots  = 1024
+	devtabProbes = 4
+)
+
+func devHash(dev uint32) uint32 { return (dev * 0x9E3779B1) >> 22 }
+
 // SetDevices replaces the set of accounted devices (kernel dev_t, see Dev).
-// It has no effect while SetAllDevices(true) is in force.
+// It has no effect while SetAllDevices(true) is in force. A few hundred
+// devices fit; more fail with an error and leave the set unchanged.
 func (p *Probe) SetDevices(devs []uint32) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -220,28 +231,67 @@ func (p *Probe) SetDevices(devs []uint32) error {
 	}
 	want := make(map[uint32]bool, len(devs))
 	for _, d := range devs {
+		if d == 0 {
+			return fmt.Errorf("probe: set devices: dev_t 0 is not a disk")
+		}
 		want[d] = true
 	}
-	var stale []uint32
-	var k uint32
-	var v uint8
-	it := p.devices.Iterate()
-	for it.Next(&k, &v) {
-		if !want[k] {
-			stale = append(stale, k)
+	// Keep devices where they are, so the BPF side never misses one
+	// that stays in the set; place new ones in free slots of their
+	// probe window.
+	next := p.devtab
+	for i, d := range next {
+		if d != 0 && !want[d] {
+			next[i] = 0
 		}
 	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("probe: set devices: %w", err)
-	}
-	for _, d := range stale {
-		if err := p.devices.Delete(d); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("probe: set devices: %w", err)
+	placed := map[uint32]bool{}
+	for _, d := range next {
+		if d != 0 {
+			placed[d] = true
 		}
 	}
 	for d := range want {
-		if err := p.devices.Put(d, uint8(1)); err != nil {
-			return fmt.Errorf("probe: set devices: %w", err)
+		if placed[d] {
+			continue
+		}
+		ok := false
+		for i := range uint32(devtabProbes) {
+			idx := (devHash(d) + i) & (devtabSlots - 1)
+			if next[idx] == 0 && p.devtab[idx] == 0 {
+				next[idx], ok = d, true
+				break
+			}
+		}
+		if !ok {
+			// A slot freed by this very call is reused only if nothing
+			// else fits, after the removal has been written.
+			for i := range uint32(devtabProbes) {
+				idx := (devHash(d) + i) & (devtabSlots - 1)
+				if next[idx] == 0 {
+					next[idx], ok = d, true
+					break
+				}
+			}
+		}
+		if !ok {
+			return fmt.Errorf("probe: set devices: no free slot for %d:%d", DevMajor(d), DevMinor(d))
+		}
+	}
+	// Removals first, then additions: a slot handed from one device to
+	// another is cleared before it is refilled.
+	for pass := range 2 {
+		for i := range next {
+			if next[i] == p.devtab[i] {
+				continue
+			}
+			if (pass == 0) != (next[i] == 0) {
+				continue
+			}
+			if err := p.devices.Put(uint32(i), next[i]); err != nil {
+				return fmt.Errorf("probe: set devices: %w", err)
+			}
+			p.devtab[i] = next[i]
 		}
 	}
 	return nil

@@ -432,6 +432,37 @@ func TestSetDevicesAll(t *testing.T) {
 	if m := reads(); m[l1.dev] != 0 || m[l2.dev] != 5 {
 		t.Fatalf("after SetDevices(l2): %v, want only l2 with 5 reads", m)
 	}
+	// Many devices: every one must sit in its probe window of the BPF
+	// table, and the I/O test below must still see l2.
+	many := []uint32{l2.dev}
+	for i := range uint32(300) {
+		many = append(many, Dev(500, i))
+	}
+	must(p.SetDevices(many))
+	var table [devtabSlots]uint32
+	for i := range table {
+		must(p.devices.Lookup(uint32(i), &table[i]))
+	}
+	for _, d := range many {
+		found := false
+		for i := range uint32(devtabProbes) {
+			found = found || table[(devHash(d)+i)&(devtabSlots-1)] == d
+		}
+		if !found {
+			t.Fatalf("device %d:%d not in its probe window", DevMajor(d), DevMinor(d))
+		}
+	}
+	if n := len(slices.DeleteFunc(table[:], func(d uint32) bool { return d == 0 })); n != len(many) {
+		t.Fatalf("table holds %d devices, want %d", n, len(many))
+	}
+	read(l2)
+	if m := reads(); m[l2.dev] != 10 {
+		t.Fatalf("after SetDevices(many): %v, want l2 with 10 reads", m)
+	}
+	if err := p.SetDevices([]uint32{0}); err == nil {
+		t.Error("SetDevices accepted dev_t 0")
+	}
+
 	must(p.SetAllDevices(true))
 	read(l1)
 	if m := reads(); m[l1.dev] != 5 {

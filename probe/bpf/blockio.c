@@ -84,12 +84,30 @@ struct inflight_req {
  * (a plain load) rather than a map lookup: it is read on every request. */
 volatile __u32 all_devices = 0;
 
+/*
+ * Accounted devices (kernel dev_t, 0 = empty slot), open addressing laid
+ * out by the Go side (SetDevices): a device sits in one of the
+ * DEVTAB_PROBES slots after its hash. An ARRAY so that the test, made
+ * twice per request, is a few inlined loads rather than hash-map calls.
+ */
+#define DEVTAB_SLOTS 1024 /* power of two; keep in sync with probe.go */
+#define DEVTAB_PROBES 4
+
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1024);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DEVTAB_SLOTS);
 	__type(key, __u32);
-	__type(value, __u8);
+	__type(value, __u32);
 } devices SEC(".maps");
+
+/* Per-CPU scratch for rq_key: slot 0 for the start program, 1 for the
+ * completion program, which may interrupt it on the same CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, __u64);
+} scratch SEC(".maps");
 
 /*
  * In-flight requests, open addressing keyed by the request's address.
@@ -164,7 +182,15 @@ static __always_inline bool dev_wanted(__u32 dev)
 {
 	if (all_devices)
 		return true;
-	return bpf_map_lookup_elem(&devices, &dev) != NULL;
+	__u32 h = (dev * 0x9E3779B1u) >> 22; /* keep in sync with devHash */
+#pragma unroll
+	for (int i = 0; i < DEVTAB_PROBES; i++) {
+		__u32 idx = (h + i) & (DEVTAB_SLOTS - 1);
+		__u32 *v = bpf_map_lookup_elem(&devices, &idx);
+		if (v && *v == dev)
+			return true;
+	}
+	return false;
 }
 
 static __always_inline __u32 op_class(__u32 cmd_flags)
@@ -235,23 +261,27 @@ static __always_inline __u32 rq_hash(__u64 rq)
 
 /*
  * The request's address as a plain number. The verifier types rq as a
- * kernel pointer and refuses arithmetic on it, so the hash needs the raw
- * argument copied out of the context.
+ * kernel pointer and refuses arithmetic on it; a round trip through map
+ * memory (allowed to programs loaded with CAP_PERFMON) yields a scalar
+ * for the cost of two inlined accesses, where bpf_probe_read_kernel
+ * would be a helper call per request.
  */
-static __always_inline __u64 rq_key(__u64 *ctx)
+static __always_inline __u64 rq_key(struct request *rq, __u32 who)
 {
-	__u64 key = 0;
-	bpf_probe_read_kernel(&key, sizeof(key), ctx);
-	return key;
+	__u64 *sc = bpf_map_lookup_elem(&scratch, &who);
+	if (!sc)
+		return 0;
+	*(volatile __u64 *)sc = (__u64)(long)rq;
+	return *(volatile __u64 *)sc;
 }
 
-static __always_inline int on_start(__u64 *ctx, struct request *rq)
+static __always_inline int on_start(struct request *rq)
 {
 	__u32 dev = rq_dev(rq);
 	if (!dev_wanted(dev))
 		return 0;
 
-	__u64 key = rq_key(ctx);
+	__u64 key = rq_key(rq, 0);
 	if (!key)
 		return 0;
 	/* The loops yield an index, not a pointer: clang would merge the
@@ -301,13 +331,13 @@ static __always_inline int on_start(__u64 *ctx, struct request *rq)
  * remaining length still includes them. The request is done when they
  * cover the rest.
  */
-static __always_inline int on_complete(__u64 *ctx, struct request *rq, __u32 nr_bytes)
+static __always_inline int on_complete(struct request *rq, __u32 nr_bytes)
 {
 	/* Filter first: completions on devices we do not account (the
 	 * node's own disks) then cost a lookup, not a probe of the table. */
 	if (!dev_wanted(rq_dev(rq)))
 		return 0;
-	__u64 key = rq_key(ctx);
+	__u64 key = rq_key(rq, 1);
 	if (!key)
 		return 0;
 	__u32 h = rq_hash(key), found = INFLIGHT_SLOTS;
@@ -383,17 +413,17 @@ static __always_inline int on_complete(__u64 *ctx, struct request *rq, __u32 nr_
 SEC("tp_btf/block_io_start")
 int BPF_PROG(io_start, struct request *rq)
 {
-	return on_start(ctx, rq);
+	return on_start(rq);
 }
 
 SEC("tp_btf/block_rq_issue")
 int BPF_PROG(rq_issue, struct request *rq)
 {
-	return on_start(ctx, rq);
+	return on_start(rq);
 }
 
 SEC("tp_btf/block_rq_complete")
 int BPF_PROG(rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
 {
-	return on_complete(ctx, rq, nr_bytes);
+	return on_complete(rq, nr_bytes);
 }

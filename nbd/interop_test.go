@@ -221,7 +221,7 @@ func TestInteropFio(t *testing.T) {
 		"--name=verify", "--ioengine=nbd", "--uri="+fs.uri("disk"),
 		"--rw=randwrite", "--bsrange=4k-128k", "--numjobs=4",
 		"--size=16m", "--offset_increment=16m", "--iodepth=16",
-		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
+		"--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
 		"--runtime=120", "--output-format=json")
 	var doc struct {
 		Jobs []struct {

@@ -114,6 +114,8 @@ type api struct {
 	m *Manager
 	k *kernelNBD  // nil: attach is not offered
 	u *kernelUblk // nil: ublk is not offered
+	// attached runs after a successful attach or detach.
+	attached func()
 }
 
 // AttachRequest is the body of POST /v1/volumes/{name}/attach.
@@ -124,8 +126,11 @@ type AttachRequest struct {
 	Depth       int    `json:"depth,omitempty"`       // ublk: 0 = 64
 }
 
-func newAPIHandler(m *Manager, k *kernelNBD, u *kernelUblk) http.Handler {
-	a := &api{m: m, k: k, u: u}
+func newAPIHandler(m *Manager, k *kernelNBD, u *kernelUblk, attached func()) http.Handler {
+	if attached == nil {
+		attached = func() {}
+	}
+	a := &api{m: m, k: k, u: u, attached: attached}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -257,6 +262,7 @@ func (a *api) attach(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	a.attached()
 	writeJSON(w, http.StatusOK, a.info(s))
 }
 
@@ -280,6 +286,7 @@ func (a *api) detach(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	a.attached()
 	writeJSON(w, http.StatusOK, a.info(s))
 }
 

@@ -30,6 +30,7 @@ Usage:
   blockd attach NAME [--frontend nbd|ublk] [--connections N] [--queues N --depth D]
                                             expose as /dev/nbdN or /dev/ublkbN; prints the device
   blockd detach NAME|DEVICE
+  blockd top [--interval 1s]                busiest pods by IOPS, bandwidth, p99 (eBPF)
 
 Client commands talk to the daemon's API socket: --api-socket PATH, or
 $BLOCKD_API_SOCKET, or ` + DefaultStateDir + `/blockd.sock.
@@ -54,6 +55,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = attachCmd(args[1:], stdout, stderr)
 	case "detach":
 		err = detachCmd(args[1:], stdout, stderr)
+	case "top":
+		err = topCmd(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/probe"
 	"github.com/blockd/blockd/qos"
 )
 
@@ -34,6 +35,8 @@ type Config struct {
 	APISocket     string // control API; default STATE/blockd.sock
 	MetricsListen string // Prometheus /metrics; "" disables
 	Kernel        KernelOptions
+	Probes        bool         // per-pod eBPF accounting
+	ProbeDevices  string       // ProbeDevicesOurs (default) or ProbeDevicesAll
 	QoSDisabled   bool         // no QoS stage at all
 	QoSCapacity   qos.Capacity // what reservations and weights divide
 	Logger        *slog.Logger
@@ -52,8 +55,12 @@ type Daemon struct {
 	nbd     *nbd.Server
 	kernel  *kernelNBD
 	ublk    *kernelUblk
+	probe   *probe.Probe // nil when off or unavailable
 	api     *http.Server
 	metrics *http.Server
+
+	probeStop context.CancelFunc
+	probeDone chan struct{}
 
 	wg   sync.WaitGroup // the accept loops
 	errc chan error     // first fatal error of an accept loop
@@ -108,6 +115,7 @@ func (d *Daemon) start() (err error) {
 	d.kernel.Recover()
 	d.ublk = newKernelUblk(d.volumes, d.log, cfg.Kernel.LoadModule)
 	d.ublk.Recover()
+	d.startProbes()
 	if cfg.NBDListen != "" {
 		ln, err := net.Listen("tcp", cfg.NBDListen)
 		if err != nil {
@@ -129,7 +137,10 @@ func (d *Daemon) start() (err error) {
 	if err != nil {
 		return fmt.Errorf("api socket: %w", err)
 	}
-	d.api = &http.Server{Handler: newAPIHandler(d.volumes, d.kernel, d.ublk), ReadHeaderTimeout: 10 * time.Second}
+	apiMux := http.NewServeMux()
+	apiMux.HandleFunc("GET /v1/io/pods", d.podsHandler)
+	apiMux.Handle("/", newAPIHandler(d.volumes, d.kernel, d.ublk, d.updateProbeDevices))
+	d.api = &http.Server{Handler: apiMux, ReadHeaderTimeout: 10 * time.Second}
 	d.goServe("api", func() error { return d.api.Serve(apiLn) })
 	d.log.Info("control API", "socket", cfg.APISocket)
 
@@ -176,6 +187,7 @@ func (d *Daemon) stop(ctx context.Context) error {
 	if d.api != nil {
 		errs = append(errs, d.api.Shutdown(ctx))
 	}
+	d.stopProbes()
 	if d.ublk != nil {
 		// Kernel devices stay: their I/O waits for the next daemon.
 		d.ublk.Close()
@@ -270,6 +282,8 @@ func serveCmd(args []string, stderr io.Writer) error {
 	fs.Int64Var(&cfg.QoSCapacity.IOPS, "qos-capacity-iops", 0, "node IOPS that QoS reservations and weights divide (0: unlimited)")
 	qosBPS := fs.String("qos-capacity-bps", "0", "node bytes/s that QoS reservations and weights divide (0: unlimited)")
 	qosOn := fs.Bool("qos", true, "apply per-volume QoS (false removes the stage)")
+	probes := fs.String("probes", "on", "per-pod block I/O accounting with eBPF: on or off")
+	fs.StringVar(&cfg.ProbeDevices, "probe-devices", ProbeDevicesOurs, "devices the probes account: ours (attached volumes) or all")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	shutdownTimeout := fs.Duration("shutdown-timeout", 30*time.Second, "how long SIGTERM waits for in-flight requests")
@@ -296,6 +310,16 @@ func serveCmd(args []string, stderr io.Writer) error {
 		cfg.Logger = slog.New(slog.NewJSONHandler(stderr, hopts))
 	default:
 		return fmt.Errorf("--log-format %q: want text or json", *logFormat)
+	}
+	switch *probes {
+	case "on":
+		cfg.Probes = true
+	case "off":
+	default:
+		return fmt.Errorf("--probes %q: want on or off", *probes)
+	}
+	if cfg.ProbeDevices != ProbeDevicesOurs && cfg.ProbeDevices != ProbeDevicesAll {
+		return fmt.Errorf("--probe-devices %q: want ours or all", cfg.ProbeDevices)
 	}
 	switch cfg.NBDSocket {
 	case "":

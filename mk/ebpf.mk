@@ -26,8 +26,11 @@ bench-probe:
 # Root tests in QEMU on Debian kernels (pure cgroup v2 with io+memory: bio
 # blkcg and writeback attribution; 6.1: the block_rq_issue fallback).
 # Each directory holds vmlinuz and modroot/ of an unpacked linux-image .deb.
-EBPF_VM_KERNELS ?= $(wildcard $(HOME)/.cache/blockd-vm/kernels/linux-image-*)
+# The kernels are the ones test-kernel fetched (listed when the recipe runs,
+# so a fresh machine finds them after test-kernel ran).
+TEST_TARGETS += ebpf-vm-test
 .PHONY: ebpf-vm-test
-ebpf-vm-test:
-	@test -n "$(EBPF_VM_KERNELS)" || { echo "ebpf-vm-test: set EBPF_VM_KERNELS to unpacked kernel dirs" >&2; exit 1; }
-	@set -o pipefail; for k in $(EBPF_VM_KERNELS); do echo "== $$k"; probe/testdata/vm/run.sh "$$k" | grep -E -- '^(--- |    |kernel |PROBE-VM-EXIT)' || exit 1; done
+ebpf-vm-test: test-kernel
+	@set -o pipefail; kernels="$${EBPF_VM_KERNELS:-$$(ls -d $(HOME)/.cache/blockd-vm/kernels/linux-image-* 2>/dev/null)}"; \
+	test -n "$$kernels" || { echo "ebpf-vm-test: no kernels in ~/.cache/blockd-vm/kernels (make test-kernel fetches them)" >&2; exit 1; }; \
+	for k in $$kernels; do echo "== $$k"; probe/testdata/vm/run.sh "$$k" | grep -E -- '^(--- |    |kernel |PROBE-VM-EXIT)' || exit 1; done

@@ -272,7 +272,7 @@ func (k *kernelNBD) reconfigureLocked(ka *kattach, n int) error {
 	// The kernel swaps only sockets it has marked dead; right after a
 	// crash it may not have noticed yet.
 	for try := 0; ; try++ {
-		err = k.nl.Reconfigure(ka.index, theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
+		err = k.nl.ReconfigureBackend(ka.index, backendPrefix+ka.vol.Name(), theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
 		if !errors.Is(err, nbdnl.ErrNoDeadSocket) || try == 50 {
 			break
 		}
@@ -361,6 +361,12 @@ func (k *kernelNBD) Recover() {
 		delete(orphans, s.Attachment.Index)
 		if err := k.recoverOneLocked(nl, s); err != nil {
 			k.log.Error("recovering attachment failed; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
+			// A device of ours that cannot get sockets would hold its
+			// I/O for dead_conn_timeout and then fail it; fail it now
+			// and free the index, as the metadata says detached.
+			if deviceBackend(s.Attachment.Index) == backendPrefix+s.Name {
+				nl.Disconnect(s.Attachment.Index)
+			}
 			k.m.setAttachment(s.Name, nil)
 		}
 	}

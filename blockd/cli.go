@@ -306,7 +306,7 @@ func attachCmd(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("attach", "blockd attach NAME [--frontend nbd] [--connections N]", stderr)
 	sock := apiSocketFlag(fs)
 	frontend := fs.String("frontend", FrontendNBD, "kernel frontend: nbd")
-	conns := fs.Int("connections", 0, "sockets (kernel hardware queues); default one per CPU, at most 8")
+	conns := fs.Int("connections", 0, "sockets (kernel hardware queues); default one per CPU, at most 8 (one on kernels before 6.12: see vm/README.md)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err

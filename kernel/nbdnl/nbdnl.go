@@ -222,6 +222,20 @@ func (c *Client) Reconfigure(index int, socks []*os.File, timeout, deadConnTimeo
 // BackendID: the kernel refuses to reconfigure such a device ("must specify
 // backend", EINVAL) unless the request carries the same identifier.
 func (c *Client) ReconfigureBackend(index int, backendID string, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) error {
+	data, err := encodeReconfigure(index, backendID, socks, timeout, deadConnTimeout, clientFlags)
+	if err != nil {
+		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
+	}
+	if _, err := c.execute(cmdReconfigure, data); err != nil {
+		if errors.Is(err, unix.ENOSPC) {
+			return fmt.Errorf("nbd reconfigure %d: %w: %w", index, ErrNoDeadSocket, err)
+		}
+		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
+	}
+	return nil
+}
+
+func encodeReconfigure(index int, backendID string, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) ([]byte, error) {
 	ae := netlink.NewAttributeEncoder()
 	ae.Uint32(attrIndex, uint32(index))
 	if backendID != "" {
@@ -237,17 +251,7 @@ func (c *Client) ReconfigureBackend(index int, backendID string, socks []*os.Fil
 		ae.Uint64(attrClientFlags, clientFlags)
 	}
 	encodeSockets(ae, socks)
-	data, err := ae.Encode()
-	if err != nil {
-		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
-	}
-	if _, err := c.execute(cmdReconfigure, data); err != nil {
-		if errors.Is(err, unix.ENOSPC) {
-			return fmt.Errorf("nbd reconfigure %d: %w: %w", index, ErrNoDeadSocket, err)
-		}
-		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
-	}
-	return nil
+	return ae.Encode()
 }
 
 // Disconnect tears down the device's connections; queued and new I/O fail

@@ -325,7 +325,7 @@ func attachCmd(args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("attach", "blockd attach NAME [--frontend nbd|ublk] [--connections N] [--queues N --depth D]", stderr)
 	sock := apiSocketFlag(fs)
 	frontend := fs.String("frontend", FrontendNBD, "kernel frontend: nbd (/dev/nbdN) or ublk (/dev/ublkbN, kernel 6.0+)")
-	conns := fs.Int("connections", 0, "nbd: sockets (kernel hardware queues); default one per CPU, at most 8")
+	conns := fs.Int("connections", 0, "nbd: sockets (kernel hardware queues); default one per CPU, at most 8 (one on kernels before 6.12: see vm/README.md)")
 	queues := fs.Int("queues", 0, "ublk: hardware queues; default one per CPU, at most 4")
 	depth := fs.Int("depth", 0, "ublk: requests in flight per queue; default 64")
 	pos, err := parseInterleaved(fs, args)

@@ -213,20 +213,16 @@ func (c *Client) Connect(cfg Config) (int, error) {
 // Reconfigure hands new sockets to a connected device, replacing the dead
 // ones (the kernel only swaps sockets it has marked dead, e.g. after the
 // server process died). Zero durations and flags leave settings alone.
+// A device connected with a BackendID needs ReconfigureBackend.
 func (c *Client) Reconfigure(index int, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) error {
-	ae := netlink.NewAttributeEncoder()
-	ae.Uint32(attrIndex, uint32(index))
-	if timeout > 0 {
-		ae.Uint64(attrTimeout, seconds(timeout))
-	}
-	if deadConnTimeout > 0 {
-		ae.Uint64(attrDeadConnTimeout, seconds(deadConnTimeout))
-	}
-	if clientFlags != 0 {
-		ae.Uint64(attrClientFlags, clientFlags)
-	}
-	encodeSockets(ae, socks)
-	data, err := ae.Encode()
+	return c.ReconfigureBackend(index, "", socks, timeout, deadConnTimeout, clientFlags)
+}
+
+// ReconfigureBackend is Reconfigure for a device connected with a
+// BackendID: the kernel refuses to reconfigure such a device ("must specify
+// backend", EINVAL) unless the request carries the same identifier.
+func (c *Client) ReconfigureBackend(index int, backendID string, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) error {
+	data, err := encodeReconfigure(index, backendID, socks, timeout, deadConnTimeout, clientFlags)
 	if err != nil {
 		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
 	}
@@ -237,6 +233,25 @@ func (c *Client) Reconfigure(index int, socks []*os.File, timeout, deadConnTimeo
 		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
 	}
 	return nil
+}
+
+func encodeReconfigure(index int, backendID string, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) ([]byte, error) {
+	ae := netlink.NewAttributeEncoder()
+	ae.Uint32(attrIndex, uint32(index))
+	if backendID != "" {
+		ae.String(attrBackendID, backendID)
+	}
+	if timeout > 0 {
+		ae.Uint64(attrTimeout, seconds(timeout))
+	}
+	if deadConnTimeout > 0 {
+		ae.Uint64(attrDeadConnTimeout, seconds(deadConnTimeout))
+	}
+	if clientFlags != 0 {
+		ae.Uint64(attrClientFlags, clientFlags)
+	}
+	encodeSockets(ae, socks)
+	return ae.Encode()
 }
 
 // Disconnect tears down the device's connections; queued and new I/O fail

@@ -89,6 +89,42 @@ func TestEncodeConnect(t *testing.T) {
 	}
 }
 
+// The kernel refuses RECONFIGURE of a device connected with a backend id
+// unless the request names it ("must specify backend").
+func TestEncodeReconfigureBackend(t *testing.T) {
+	for _, backend := range []string{"blockd:vol1", ""} {
+		b, err := encodeReconfigure(3, backend, socks(t, 1), 0, time.Minute, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ad, err := netlink.NewAttributeDecoder(b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got string
+		var index uint32
+		seen := map[uint16]bool{}
+		for ad.Next() {
+			seen[ad.Type()] = true
+			switch ad.Type() {
+			case attrBackendID:
+				got = ad.String()
+			case attrIndex:
+				index = ad.Uint32()
+			}
+		}
+		if err := ad.Err(); err != nil {
+			t.Fatal(err)
+		}
+		if got != backend || seen[attrBackendID] != (backend != "") {
+			t.Errorf("backend %q encoded as %q (present %v)", backend, got, seen[attrBackendID])
+		}
+		if index != 3 || !seen[attrSockets] || !seen[attrDeadConnTimeout] || seen[attrTimeout] {
+			t.Errorf("reconfigure attrs: index %d, seen %v", index, seen)
+		}
+	}
+}
+
 func TestEncodeConnectRejects(t *testing.T) {
 	ss := socks(t, 2)
 	for name, cfg := range map[string]Config{

@@ -3,8 +3,8 @@
 package kerneltest
 
 import (
-	"encoding/binary"
-	"io"
+	"context"
+	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -12,37 +12,62 @@ import (
 
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/kernel/nbdnl"
+	"github.com/blockd/blockd/nbd"
 	"github.com/blockd/blockd/pipeline"
 )
 
-// This is a deliberately minimal transmission-phase NBD server (simple
-// replies, one request at a time per socket) that proves the kernel side
-// before the real server (nbd.ServeKernel) replaces it in these tests.
+// The kernel-interface tests serve their devices with the real NBD server
+// (nbd.Server.ServeKernel) over an ioengine, one export wrapper per socket
+// so that the tests can see which socket carried how many requests of
+// which kind.
 
+// NBD command types, to index responder.ops.
 const (
-	requestMagic = 0x25609513
-	replyMagic   = 0x67446698
-
 	cmdRead        = 0
 	cmdWrite       = 1
-	cmdDisc        = 2
 	cmdFlush       = 3
 	cmdTrim        = 4
 	cmdWriteZeroes = 6
-
-	cmdFlagFUA    = 1 << 0
-	cmdFlagNoHole = 1 << 1
 )
 
+var cmdOf = map[pipeline.Op]int{
+	pipeline.OpRead: cmdRead, pipeline.OpWrite: cmdWrite, pipeline.OpFlush: cmdFlush,
+	pipeline.OpTrim: cmdTrim, pipeline.OpWriteZeroes: cmdWriteZeroes,
+}
+
 type responder struct {
-	e     ioengine.Engine
-	wg    sync.WaitGroup
-	conns []*os.File
+	srv    *nbd.Server
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	conns  []net.Conn
 	// served counts requests per connection, to prove multi-conn use.
 	served []atomic.Int64
 	// ops counts requests by NBD command type.
 	ops [8]atomic.Int64
 }
+
+// countingExport is an ioengine served as an NBD export, counting
+// requests for one connection.
+type countingExport struct {
+	h      pipeline.Handler
+	e      ioengine.Engine
+	r      *responder
+	served *atomic.Int64
+}
+
+func (x *countingExport) Handle(ctx context.Context, req *pipeline.Request) error {
+	x.served.Add(1)
+	if c, ok := cmdOf[req.Op]; ok {
+		x.r.ops[c].Add(1)
+	}
+	return x.h.Handle(ctx, req)
+}
+func (x *countingExport) Size() int64                { return x.e.Size() }
+func (x *countingExport) ReadOnly() bool             { return false }
+func (x *countingExport) Description() string        { return "kerneltest" }
+func (x *countingExport) MinBlockSize() uint32       { return 512 }
+func (x *countingExport) PreferredBlockSize() uint32 { return 4096 }
 
 // socketPairs returns n connected pairs: kernel ends and server ends.
 func socketPairs(t testing.TB, n int) (kernel, server []*os.File) {
@@ -58,15 +83,25 @@ func socketPairs(t testing.TB, n int) (kernel, server []*os.File) {
 	return kernel, server
 }
 
-// serve starts one goroutine per connection; each exits when its socket
-// reaches EOF (kernel disconnect) or is closed by stop.
-func serve(e ioengine.Engine, conns []*os.File) *responder {
-	r := &responder{e: e, conns: conns, served: make([]atomic.Int64, len(conns))}
-	for i, c := range conns {
+// serve serves each server end with nbd.Server.ServeKernel on its own
+// goroutine; each exits when its socket reaches EOF (kernel disconnect) or
+// stop closes it. The files are handed over (closed here).
+func serve(e ioengine.Engine, files []*os.File) *responder {
+	r := &responder{srv: nbd.NewServer(nil, nbd.Options{}), served: make([]atomic.Int64, len(files))}
+	r.ctx, r.cancel = context.WithCancel(context.Background())
+	h := ioengine.Handler(e)
+	for i, f := range files {
+		c, err := net.FileConn(f) // dups the fd
+		f.Close()
+		if err != nil {
+			panic("kerneltest: FileConn of a socketpair end: " + err.Error())
+		}
+		r.conns = append(r.conns, c)
+		x := &countingExport{h: h, e: e, r: r, served: &r.served[i]}
 		r.wg.Add(1)
-		go func() { // owner: r; exits on socket EOF/close or NBD_CMD_DISC
+		go func() { // owner: r; exits on socket EOF, close or cancel
 			defer r.wg.Done()
-			r.conn(i, c)
+			r.srv.ServeKernel(r.ctx, c, x)
 		}()
 	}
 	return r
@@ -74,6 +109,7 @@ func serve(e ioengine.Engine, conns []*os.File) *responder {
 
 // stop closes the server ends and waits for every connection goroutine.
 func (r *responder) stop() {
+	r.cancel()
 	for _, c := range r.conns {
 		c.Close()
 	}
@@ -82,70 +118,6 @@ func (r *responder) stop() {
 
 // wait waits for the connection goroutines without closing anything.
 func (r *responder) wait() { r.wg.Wait() }
-
-func (r *responder) conn(i int, c *os.File) {
-	var hdr [28]byte
-	var rep [16]byte
-	buf := make([]byte, 32<<20)
-	binary.BigEndian.PutUint32(rep[0:], replyMagic)
-	for {
-		if _, err := io.ReadFull(c, hdr[:]); err != nil {
-			return
-		}
-		if binary.BigEndian.Uint32(hdr[0:]) != requestMagic {
-			return
-		}
-		flags := binary.BigEndian.Uint16(hdr[4:])
-		typ := binary.BigEndian.Uint16(hdr[6:])
-		copy(rep[8:], hdr[8:16]) // handle
-		off := int64(binary.BigEndian.Uint64(hdr[16:]))
-		n := int64(binary.BigEndian.Uint32(hdr[24:]))
-		if n > int64(len(buf)) && (typ == cmdRead || typ == cmdWrite) {
-			return // the kernel never sends more than max_sectors
-		}
-		r.served[i].Add(1)
-		r.ops[typ&7].Add(1)
-		var err error
-		var payload []byte
-		switch typ {
-		case cmdRead:
-			payload = buf[:n]
-			_, err = r.e.ReadAt(payload, off)
-		case cmdWrite:
-			if _, rerr := io.ReadFull(c, buf[:n]); rerr != nil {
-				return
-			}
-			_, err = r.e.WriteAt(buf[:n], off)
-			if err == nil && flags&cmdFlagFUA != 0 {
-				err = r.e.Flush()
-			}
-		case cmdDisc:
-			return
-		case cmdFlush:
-			err = r.e.Flush()
-		case cmdTrim:
-			err = r.e.Trim(off, n)
-		case cmdWriteZeroes:
-			err = r.e.WriteZeroes(off, n, flags&cmdFlagNoHole != 0)
-		default:
-			err = pipeline.ErrNotSupported
-		}
-		var code uint32
-		if err != nil {
-			code = uint32(pipeline.Errno(err))
-			payload = nil // an error reply carries no data
-		}
-		binary.BigEndian.PutUint32(rep[4:], code)
-		if _, err := c.Write(rep[:]); err != nil {
-			return
-		}
-		if payload != nil {
-			if _, err := c.Write(payload); err != nil {
-				return
-			}
-		}
-	}
-}
 
 // closeAll closes files (the kernel keeps its own socket references).
 func closeAll(fs []*os.File) {

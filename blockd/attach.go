@@ -271,7 +271,13 @@ func (k *kernelNBD) serve(ka *kattach, c net.Conn) {
 		if ka.ctx.Err() != nil || errors.Is(err, nbd.ErrServerClosed) {
 			return
 		}
-		k.log.Warn("kernel nbd socket ended; replacing it", "volume", ka.vol.Name(), "err", err)
+		if err != nil {
+			k.log.Warn("kernel nbd socket failed; replacing it", "volume", ka.vol.Name(), "err", err)
+		} else {
+			// The kernel shuts a socket down when a request on it timed
+			// out (--nbd-timeout); it requeues the request elsewhere.
+			k.log.Warn("kernel closed an nbd socket (request timeout); replacing it", "volume", ka.vol.Name())
+		}
 		k.bg.Add(1)
 		go func() {
 			defer k.bg.Done()

@@ -12,6 +12,7 @@ import (
 
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/profile"
 )
 
 // Profiles are the io_profile values a volume may carry.
@@ -83,6 +84,7 @@ type Volume struct {
 	name   string
 	engine ioengine.Engine
 	pipe   pipeline.Handler
+	prof   *profile.Stage // the io_profile stage in pipe (see profile.go)
 
 	// gate keeps the engine open while requests are in it: Handle holds
 	// it shared, close holds it exclusively. Closing the engine under a
@@ -143,7 +145,11 @@ func (v *Volume) close() error {
 		return nil
 	}
 	v.closed = true
-	ferr := v.engine.Flush()
+	var perr error
+	if v.prof != nil {
+		perr = v.prof.Close() // drains its write-back buffer into the engine
+	}
+	ferr := errors.Join(perr, v.engine.Flush())
 	cerr := v.engine.Close()
 	return errors.Join(ferr, cerr)
 }

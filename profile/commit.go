@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/blockd/blockd/pipeline"
 )
@@ -11,8 +12,12 @@ import (
 // groupCommit lets concurrent flushes share engine flushes. A caller needs
 // a flush that started after it arrived (one already running may have
 // started before its write completed); the first caller to find no flush
-// running starts one for everyone waiting, so N concurrent callers cost
-// about two engine flushes, not N.
+// running leads the next one for everyone waiting, so N concurrent callers
+// cost about two engine flushes, not N. When the previous flush served
+// more than one caller, the leader first waits CommitDelay so that callers
+// whose writes are just completing join this flush rather than the next
+// (the commit delay of database group commit); a lone flusher never
+// waits.
 type groupCommit struct {
 	next pipeline.Handler
 	req  pipeline.Request // the engine flush; only the leader uses it
@@ -25,11 +30,18 @@ type groupCommit struct {
 	failed  uint64 // the last failed flush (0: none)
 	err     error  // its error
 
+	// delay is how long a leader gathers more flushers before it starts
+	// the engine flush, when the last batch showed concurrency.
+	delay     time.Duration
+	lastBatch int // flushers the last engine flush served
+	waiting   int // flushers waiting for the next engine flush
+
 	requests atomic.Uint64
 	syncs    atomic.Uint64
 }
 
-func (g *groupCommit) init(next pipeline.Handler) {
+func (g *groupCommit) init(next pipeline.Handler, delay time.Duration) {
+	g.delay = delay
 	g.next = next
 	g.req = pipeline.Request{Op: pipeline.OpFlush}
 	g.cond.L = &g.mu
@@ -41,19 +53,32 @@ func (g *groupCommit) init(next pipeline.Handler) {
 // not prove the earlier writes reached stable storage.
 func (g *groupCommit) flush(ctx context.Context) error {
 	g.mu.Lock()
+	// The next flush to start is started+1 whether it is running or being
+	// gathered: a flush is counted as started only when it is issued.
 	target := g.started + 1
+	g.waiting++
 	for g.done < target {
 		if g.running {
 			g.cond.Wait()
 			continue
 		}
 		g.running = true
+		if g.delay > 0 && g.lastBatch > 1 {
+			// Concurrent flushers were seen: give the ones whose
+			// writes are completing now a moment to join.
+			g.mu.Unlock()
+			time.Sleep(g.delay)
+			g.mu.Lock()
+		}
 		g.started++
 		gen := g.started
+		batch := g.waiting
+		g.waiting = 0
 		g.mu.Unlock()
 		g.syncs.Add(1)
 		err := g.next.Handle(ctx, &g.req)
 		g.mu.Lock()
+		g.lastBatch = batch
 		g.running = false
 		g.done = gen
 		if err != nil {

@@ -103,6 +103,10 @@ type Options struct {
 	Tick time.Duration
 	// PrefetchWorkers is how many prefetch reads run at once (default 4).
 	PrefetchWorkers int
+	// CommitDelay is how long a group commit gathers concurrent flushers
+	// before it starts the engine flush, once concurrency was seen
+	// (default 250µs; negative: never wait).
+	CommitDelay time.Duration
 	// OnChange, if set, is called with the new effective profile each
 	// time it changes (and once from New). It runs on the stage's own
 	// goroutine or in SetProfile, never on the data path.
@@ -124,6 +128,9 @@ func (o *Options) defaults() {
 	}
 	if o.PrefetchWorkers <= 0 {
 		o.PrefetchWorkers = 4
+	}
+	if o.CommitDelay == 0 {
+		o.CommitDelay = 250 * time.Microsecond
 	}
 }
 
@@ -198,7 +205,7 @@ func initialEffective(p Profile) Profile {
 // and the prefetch workers). Call it once.
 func (s *Stage) Wrap(next pipeline.Handler) pipeline.Handler {
 	s.next = next
-	s.gc.init(next)
+	s.gc.init(next, s.opts.CommitDelay)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Add(1)
 	go s.run()

@@ -124,15 +124,30 @@ func (c *cache) evictLocked() bool {
 	return true
 }
 
+func (seg *segment) unreadBytes() uint64 {
+	readPages := 0
+	for _, w := range seg.read {
+		readPages += bits.OnesCount64(w)
+	}
+	return uint64(max(0, len(seg.data)-readPages*pageSize))
+}
+
+// unreadNow is unread plus what the segments in the cache hold unread.
+func (c *cache) unreadNow() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.unread.Load()
+	for _, seg := range c.segs {
+		if seg.state == segValid {
+			n += seg.unreadBytes()
+		}
+	}
+	return n
+}
+
 func (c *cache) dropLocked(seg *segment) {
 	if seg.state == segValid {
-		readPages := 0
-		for _, w := range seg.read {
-			readPages += bits.OnesCount64(w)
-		}
-		if unread := len(seg.data) - readPages*pageSize; unread > 0 {
-			c.unread.Add(uint64(unread))
-		}
+		c.unread.Add(seg.unreadBytes())
 	}
 	delete(c.segs, seg.off)
 	c.count.Store(int32(len(c.segs)))

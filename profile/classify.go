@@ -33,6 +33,9 @@ const (
 	// syncHigh: writes that are flushed this often (FLUSH or FUA per
 	// write) make a random workload a database.
 	syncHigh = 0.1
+	// largeIO: requests this large on average are streaming even when
+	// only some of them continue a stream (several interleaved readers).
+	largeIO = 256 << 10
 	// confirm is how many ticks in a row a new profile must win.
 	confirm = 2
 )
@@ -85,9 +88,10 @@ func (c *classifier) tick() (p Profile, ok bool) {
 		return 0, false
 	}
 	seqFrac := float64(sum.seq) / float64(sum.ops)
+	avg := sum.bytes / sum.ops
 	var want Profile
 	switch {
-	case seqFrac >= seqHigh:
+	case seqFrac >= seqHigh, avg >= largeIO && seqFrac > seqLow:
 		want = Sequential
 	case seqFrac <= seqLow:
 		want = Random

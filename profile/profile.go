@@ -144,8 +144,8 @@ type Stats struct {
 	EngineFlushes uint64 `json:"engine_flushes"`
 	// Prefetched is what prefetch read from the engine; PrefetchHit the
 	// bytes of reads served from the cache; PrefetchUnread the bytes
-	// prefetched that left the cache (evicted, invalidated, closed)
-	// without being read.
+	// prefetched and not read: gone from the cache unread (evicted,
+	// invalidated, closed) or in it still unread.
 	PrefetchedBytes     uint64 `json:"prefetched_bytes"`
 	PrefetchHitBytes    uint64 `json:"prefetch_hit_bytes"`
 	PrefetchUnreadBytes uint64 `json:"prefetch_unread_bytes"`
@@ -261,7 +261,7 @@ func (s *Stage) Stats() Stats {
 		EngineFlushes:       s.gc.syncs.Load(),
 		PrefetchedBytes:     s.cache.prefetched.Load(),
 		PrefetchHitBytes:    s.cache.hits.Load(),
-		PrefetchUnreadBytes: s.cache.unread.Load(),
+		PrefetchUnreadBytes: s.cache.unreadNow(),
 		BufferedWrites:      s.wb.buffered.Load(),
 		DrainWrites:         s.wb.drainWrites.Load(),
 		BufferedBytes:       s.wb.bytes.Load(),

@@ -42,7 +42,7 @@ type writeBack struct {
 	limit int // extents (slabs) at most
 
 	mu      sync.RWMutex
-	ext     []*extent
+	ext     []extent
 	free    [][]byte // slabs to reuse
 	oldest  time.Time
 	req     pipeline.Request // the drain's engine write
@@ -90,7 +90,7 @@ func (w *writeBack) slab() []byte {
 
 // find returns the index of the first extent that ends after off.
 func (w *writeBack) find(off int64) int {
-	i, _ := slices.BinarySearchFunc(w.ext, off, func(e *extent, off int64) int {
+	i, _ := slices.BinarySearchFunc(w.ext, off, func(e extent, off int64) int {
 		if e.end() <= off {
 			return -1
 		}
@@ -113,7 +113,7 @@ func (w *writeBack) put(ctx context.Context, r *pipeline.Request) error {
 	i := w.find(pos)
 	for len(p) > 0 {
 		if i < len(w.ext) && w.ext[i].off <= pos {
-			e := w.ext[i]
+			e := &w.ext[i]
 			n := copy(e.buf[pos-e.off:], p)
 			p, pos = p[n:], pos+int64(n)
 			i++
@@ -124,7 +124,7 @@ func (w *writeBack) put(ctx context.Context, r *pipeline.Request) error {
 			gap = min(gap, int(w.ext[i].off-pos))
 		}
 		if i > 0 {
-			if e := w.ext[i-1]; e.end() == pos && len(e.buf) < cap(e.buf) {
+			if e := &w.ext[i-1]; e.end() == pos && len(e.buf) < cap(e.buf) {
 				n := min(gap, cap(e.buf)-len(e.buf))
 				e.buf = append(e.buf, p[:n]...)
 				p, pos = p[n:], pos+int64(n)
@@ -133,8 +133,7 @@ func (w *writeBack) put(ctx context.Context, r *pipeline.Request) error {
 			}
 		}
 		n := min(gap, slabSize)
-		e := &extent{off: pos, buf: append(w.slab(), p[:n]...)}
-		w.ext = slices.Insert(w.ext, i, e)
+		w.ext = slices.Insert(w.ext, i, extent{off: pos, buf: append(w.slab(), p[:n]...)})
 		w.count.Store(int32(len(w.ext)))
 		w.bytes.Add(int64(n))
 		p, pos = p[n:], pos+int64(n)
@@ -161,7 +160,7 @@ func (w *writeBack) read(ctx context.Context, r *pipeline.Request, p Profile) (d
 		return true, err
 	}
 	for ; i < len(w.ext) && w.ext[i].off < r.End(); i++ {
-		e := w.ext[i]
+		e := &w.ext[i]
 		lo, hi := max(e.off, r.Offset), min(e.end(), r.End())
 		copy(r.Buf[lo-r.Offset:hi-r.Offset], e.buf[lo-e.off:hi-e.off])
 	}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/blockd/blockd/qos"
 	"io"
 	"net/http"
 	"time"
@@ -90,6 +91,8 @@ type CreateRequest struct {
 	Engine   string `json:"engine,omitempty"`
 	Profile  string `json:"profile,omitempty"`
 	ReadOnly bool   `json:"read_only,omitempty"`
+	// QoS maps setting names (qos.FlagNames) to CLI-style values.
+	QoS map[string]string `json:"qos,omitempty"`
 }
 
 // ResizeRequest is the body of POST /v1/volumes/{name}/resize.
@@ -101,6 +104,17 @@ type ResizeRequest struct {
 type UpdateRequest struct {
 	Profile  *string `json:"profile,omitempty"`
 	ReadOnly *bool   `json:"read_only,omitempty"`
+	// QoS changes the named settings (qos.FlagNames; "none" or "0" clears).
+	QoS map[string]string `json:"qos,omitempty"`
+}
+
+func applyQoS(l *qos.Limits, set map[string]string) error {
+	for k, v := range set {
+		if err := l.SetFlag(k, v, ParseSize); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+	}
+	return nil
 }
 
 type api struct {
@@ -160,7 +174,12 @@ func (a *api) create(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s, err := a.m.Create(Spec{Name: req.Name, Size: int64(req.Size), Engine: req.Engine, Profile: req.Profile, ReadOnly: req.ReadOnly})
+	var l qos.Limits
+	if err := applyQoS(&l, req.QoS); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := a.m.Create(Spec{Name: req.Name, Size: int64(req.Size), Engine: req.Engine, Profile: req.Profile, ReadOnly: req.ReadOnly, QoS: l})
 	if err != nil {
 		writeError(w, err)
 		return
@@ -212,7 +231,7 @@ func (a *api) update(w http.ResponseWriter, r *http.Request) {
 		if req.ReadOnly != nil {
 			s.ReadOnly = *req.ReadOnly
 		}
-		return nil
+		return applyQoS(&s.QoS, req.QoS)
 	})
 	if err != nil {
 		writeError(w, err)

@@ -272,7 +272,15 @@ func (k *kernelNBD) reconfigureLocked(ka *kattach, n int) error {
 	for _, c := range ours {
 		k.serve(ka, c)
 	}
-	err = k.nl.Reconfigure(ka.index, theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
+	// The kernel swaps only sockets it has marked dead; right after a
+	// crash it may not have noticed yet.
+	for try := 0; ; try++ {
+		err = k.nl.Reconfigure(ka.index, theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
+		if !errors.Is(err, nbdnl.ErrNoDeadSocket) || try == 50 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	closeFiles(theirs)
 	if err != nil {
 		for _, c := range ours {

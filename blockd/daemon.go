@@ -23,6 +23,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/qos"
 )
 
 // Config is what `blockd serve` runs with.
@@ -33,6 +34,8 @@ type Config struct {
 	APISocket     string // control API; default STATE/blockd.sock
 	MetricsListen string // Prometheus /metrics; "" disables
 	Kernel        KernelOptions
+	QoSDisabled   bool         // no QoS stage at all
+	QoSCapacity   qos.Capacity // what reservations and weights divide
 	Logger        *slog.Logger
 }
 
@@ -44,6 +47,7 @@ type Daemon struct {
 	lock *os.File // flock on STATE/blockd.lock: one daemon per state dir
 
 	reg     *prometheus.Registry
+	qos     *qos.Node
 	volumes *Manager
 	nbd     *nbd.Server
 	kernel  *kernelNBD
@@ -85,7 +89,13 @@ func (d *Daemon) start() (err error) {
 
 	d.reg = prometheus.NewRegistry()
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if d.volumes, err = OpenManager(cfg.StateDir, d.log, NewMetrics(d.reg)); err != nil {
+	if !cfg.QoSDisabled {
+		if d.qos, err = qos.NewNode(cfg.QoSCapacity); err != nil {
+			return err
+		}
+		d.reg.MustRegister(d.qos.Collector())
+	}
+	if d.volumes, err = openManager(cfg.StateDir, d.log, NewMetrics(d.reg), d.qos); err != nil {
 		return err
 	}
 
@@ -180,6 +190,9 @@ func (d *Daemon) stop(ctx context.Context) error {
 	if d.volumes != nil {
 		errs = append(errs, d.volumes.Close())
 	}
+	if d.qos != nil {
+		d.qos.Close()
+	}
 	for _, p := range []string{d.cfg.APISocket, d.cfg.NBDSocket} {
 		if p != "" && d.lock != nil {
 			os.Remove(p)
@@ -248,6 +261,9 @@ func serveCmd(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:9810", "address of the Prometheus /metrics endpoint (\"\" disables)")
 	fs.DurationVar(&cfg.Kernel.Timeout, "nbd-timeout", 30*time.Second, "kernel nbd per-request timeout; on expiry the socket is replaced and the request retried")
 	fs.DurationVar(&cfg.Kernel.DeadConnTimeout, "nbd-dead-conn-timeout", 2*time.Minute, "how long kernel nbd devices hold I/O while blockd restarts")
+	fs.Int64Var(&cfg.QoSCapacity.IOPS, "qos-capacity-iops", 0, "node IOPS that QoS reservations and weights divide (0: unlimited)")
+	qosBPS := fs.String("qos-capacity-bps", "0", "node bytes/s that QoS reservations and weights divide (0: unlimited)")
+	qosOn := fs.Bool("qos", true, "apply per-volume QoS (false removes the stage)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	shutdownTimeout := fs.Duration("shutdown-timeout", 30*time.Second, "how long SIGTERM waits for in-flight requests")
@@ -257,6 +273,10 @@ func serveCmd(args []string, stderr io.Writer) error {
 	}
 	if err := wantArgs(fs, pos, 0, "serve takes no arguments"); err != nil {
 		return err
+	}
+	cfg.QoSDisabled = !*qosOn
+	if cfg.QoSCapacity.BPS, err = ParseSize(*qosBPS); err != nil {
+		return fmt.Errorf("--qos-capacity-bps: %w", err)
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {

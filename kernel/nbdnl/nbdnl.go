@@ -13,10 +13,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/mdlayher/genetlink"
 	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Server flags (transmission flags, NBD protocol) the kernel honours.
@@ -78,6 +81,11 @@ const (
 // i.e. the nbd module is not loaded.
 var ErrNoFamily = errors.New("nbd generic netlink family not found (is the nbd module loaded?)")
 
+// ErrNoDeadSocket reports that Reconfigure found no dead socket to replace
+// (the kernel's ENOSPC): the old server's sockets are still alive, or the
+// kernel has not yet noticed they died. A restarted server retries briefly.
+var ErrNoDeadSocket = errors.New("no dead socket to replace")
+
 // ErrNoDevice reports that no /dev/nbdN with the given index exists.
 var ErrNoDevice = errors.New("no such nbd device")
 
@@ -118,12 +126,41 @@ type DeviceStatus struct {
 	Connected bool
 }
 
+// SocketPair returns a connected AF_UNIX stream pair: kernel is for
+// Config.Socks (blocking, as the kernel client expects; close it after
+// Connect), server is for the NBD server and is non-blocking so the Go
+// runtime polls it and Close interrupts a blocked Read.
+func SocketPair() (kernel, server *os.File, err error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("nbd socketpair: %w", err)
+	}
+	if err := unix.SetNonblock(fds[1], true); err != nil {
+		unix.Close(fds[0])
+		unix.Close(fds[1])
+		return nil, nil, fmt.Errorf("nbd socketpair: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "nbd-kernel"), os.NewFile(uintptr(fds[1]), "nbd-server"), nil
+}
+
 // DevicePath returns the block device node for index.
 func DevicePath(index int) string { return fmt.Sprintf("/dev/nbd%d", index) }
 
+// Backend returns the BackendID a device was connected with, from
+// /sys/block/nbdN/backend (empty when none was set). A restarted daemon
+// uses it with List to find the devices it owns before Reconfigure.
+func Backend(index int) (string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", index))
+	if err != nil {
+		return "", fmt.Errorf("nbd backend %d: %w", index, err)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
 // Client is a generic netlink connection to the nbd family. It is safe
-// for use by one goroutine at a time; the daemon serializes device setup.
+// for concurrent use: requests are serialized, one reply at a time.
 type Client struct {
+	mu     sync.Mutex // serializes Execute so replies match requests
 	c      *genetlink.Conn
 	family genetlink.Family
 }
@@ -194,6 +231,9 @@ func (c *Client) Reconfigure(index int, socks []*os.File, timeout, deadConnTimeo
 		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
 	}
 	if _, err := c.execute(cmdReconfigure, data); err != nil {
+		if errors.Is(err, unix.ENOSPC) {
+			return fmt.Errorf("nbd reconfigure %d: %w: %w", index, ErrNoDeadSocket, err)
+		}
 		return fmt.Errorf("nbd reconfigure %d: %w", index, err)
 	}
 	return nil
@@ -269,6 +309,8 @@ func (c *Client) execute(cmd uint8, data []byte) ([]genetlink.Message, error) {
 	if cmd == cmdDisconnect || cmd == cmdReconfigure {
 		flags |= netlink.Acknowledge
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	return c.c.Execute(genetlink.Message{
 		Header: genetlink.Header{Command: cmd, Version: familyVersion},
 		Data:   data,

@@ -99,7 +99,7 @@ type Options struct {
 	// written to the engine without a flush (default 100ms).
 	WriteBackAge time.Duration
 	// Tick is the classifier's period; it looks at the last 4 ticks
-	// (default 250ms).
+	// (default 200ms).
 	Tick time.Duration
 	// PrefetchWorkers is how many prefetch reads run at once (default 4).
 	PrefetchWorkers int
@@ -124,7 +124,7 @@ func (o *Options) defaults() {
 		o.WriteBackAge = 100 * time.Millisecond
 	}
 	if o.Tick <= 0 {
-		o.Tick = 250 * time.Millisecond
+		o.Tick = 200 * time.Millisecond
 	}
 	if o.PrefetchWorkers <= 0 {
 		o.PrefetchWorkers = 4

@@ -2,7 +2,9 @@ package blockd
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -31,7 +33,9 @@ func (m *Manager) newProfileStage(v *Volume, s Spec, e ioengine.Engine) *profile
 		}
 		// auto learned a new behaviour: the kernel's read-ahead follows.
 		if a := v.Spec().Attachment; a != nil && a.Frontend == FrontendNBD {
-			if err := setReadAhead(a.Index, eff); err != nil {
+			// The device is missing while a restarted daemon has not
+			// recovered it yet; recovery sets read-ahead then.
+			if err := setReadAhead(a.Index, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				m.log.Warn("io_profile changed but read-ahead was not", "volume", s.Name, "err", err)
 			}
 		}

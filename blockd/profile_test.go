@@ -70,10 +70,12 @@ func TestProfileFIOVerify(t *testing.T) {
 			}
 			for _, rw := range []string{"write", "randwrite"} {
 				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-				out, err := exec.CommandContext(ctx, "fio", "--name=verify", "--ioengine=nbd",
+				cmd := exec.CommandContext(ctx, "fio", "--name=verify", "--ioengine=nbd",
 					"--uri="+d.uri(name), "--rw="+rw, "--bsrange=4k-64k", "--size=16M",
 					"--iodepth=8", "--verify=crc32c", "--do_verify=1", "--fsync=7",
-					"--verify_fatal=1", "--randseed=42", "--output-format=terse").CombinedOutput()
+					"--verify_fatal=1", "--verify_state_save=0", "--randseed=42", "--output-format=terse")
+				cmd.Dir = t.TempDir() // fio leaves state files in its working directory
+				out, err := cmd.CombinedOutput()
 				cancel()
 				if err != nil || strings.Contains(string(out), "verify:") || strings.Contains(string(out), "bad magic") {
 					t.Fatalf("fio %s under %s: %v\n%s", rw, p, err, out)

@@ -119,17 +119,20 @@ func applyQoS(l *qos.Limits, set map[string]string) error {
 
 type api struct {
 	m *Manager
-	k *kernelNBD // nil: attach is not offered
+	k *kernelNBD  // nil: attach is not offered
+	u *kernelUblk // nil: ublk is not offered
 }
 
 // AttachRequest is the body of POST /v1/volumes/{name}/attach.
 type AttachRequest struct {
-	Frontend    string `json:"frontend,omitempty"`    // "nbd" (default)
-	Connections int    `json:"connections,omitempty"` // 0: one per CPU, at most 8
+	Frontend    string `json:"frontend,omitempty"`    // "nbd" (default) or "ublk"
+	Connections int    `json:"connections,omitempty"` // nbd: 0 = one per CPU, at most 8
+	Queues      int    `json:"queues,omitempty"`      // ublk: 0 = one per CPU, at most 4
+	Depth       int    `json:"depth,omitempty"`       // ublk: 0 = 64
 }
 
-func newAPIHandler(m *Manager, k *kernelNBD) http.Handler {
-	a := &api{m: m, k: k}
+func newAPIHandler(m *Manager, k *kernelNBD, u *kernelUblk) http.Handler {
+	a := &api{m: m, k: k, u: u}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -246,15 +249,18 @@ func (a *api) attach(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	if req.Frontend != "" && req.Frontend != FrontendNBD {
-		writeError(w, fmt.Errorf("%w: frontend %q: want nbd", ErrInvalid, req.Frontend))
-		return
+	var s Spec
+	var err error
+	switch {
+	case req.Frontend != "" && req.Frontend != FrontendNBD && req.Frontend != FrontendUblk:
+		err = fmt.Errorf("%w: frontend %q: want nbd or ublk", ErrInvalid, req.Frontend)
+	case req.Frontend == FrontendUblk && a.u == nil, req.Frontend != FrontendUblk && a.k == nil:
+		err = fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict)
+	case req.Frontend == FrontendUblk:
+		s, err = a.u.Attach(r.PathValue("name"), req.Queues, req.Depth)
+	default:
+		s, err = a.k.Attach(r.PathValue("name"), req.Connections)
 	}
-	if a.k == nil {
-		writeError(w, fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict))
-		return
-	}
-	s, err := a.k.Attach(r.PathValue("name"), req.Connections)
 	if err != nil {
 		writeError(w, err)
 		return
@@ -263,11 +269,21 @@ func (a *api) attach(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *api) detach(w http.ResponseWriter, r *http.Request) {
-	if a.k == nil {
-		writeError(w, fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict))
+	name := r.PathValue("name")
+	v, err := a.m.Get(name)
+	if err != nil {
+		writeError(w, err)
 		return
 	}
-	s, err := a.k.Detach(r.PathValue("name"))
+	var s Spec
+	switch att := v.Spec().Attachment; {
+	case att != nil && att.Frontend == FrontendUblk && a.u != nil:
+		s, err = a.u.Detach(name)
+	case a.k != nil:
+		s, err = a.k.Detach(name)
+	default:
+		err = fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict)
+	}
 	if err != nil {
 		writeError(w, err)
 		return

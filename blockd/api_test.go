@@ -19,7 +19,7 @@ func startAPI(t *testing.T, m *Manager) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: newAPIHandler(m, nil)}
+	srv := &http.Server{Handler: newAPIHandler(m, nil, nil)}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return sock

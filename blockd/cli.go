@@ -27,7 +27,8 @@ Usage:
   blockd volume delete NAME
   blockd volume resize NAME --size SIZE     grow a volume (shrinking is refused)
   blockd volume set NAME [--profile P] [--read-only=true|false]
-  blockd attach NAME [--frontend nbd] [--connections N]   expose as /dev/nbdN; prints the device
+  blockd attach NAME [--frontend nbd|ublk] [--connections N] [--queues N --depth D]
+                                            expose as /dev/nbdN or /dev/ublkbN; prints the device
   blockd detach NAME|DEVICE
 
 Client commands talk to the daemon's API socket: --api-socket PATH, or
@@ -322,10 +323,12 @@ func humanBytes(n int64) string {
 }
 
 func attachCmd(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("attach", "blockd attach NAME [--frontend nbd] [--connections N]", stderr)
+	fs := newFlagSet("attach", "blockd attach NAME [--frontend nbd|ublk] [--connections N] [--queues N --depth D]", stderr)
 	sock := apiSocketFlag(fs)
-	frontend := fs.String("frontend", FrontendNBD, "kernel frontend: nbd")
-	conns := fs.Int("connections", 0, "sockets (kernel hardware queues); default one per CPU, at most 8")
+	frontend := fs.String("frontend", FrontendNBD, "kernel frontend: nbd (/dev/nbdN) or ublk (/dev/ublkbN, kernel 6.0+)")
+	conns := fs.Int("connections", 0, "nbd: sockets (kernel hardware queues); default one per CPU, at most 8")
+	queues := fs.Int("queues", 0, "ublk: hardware queues; default one per CPU, at most 4")
+	depth := fs.Int("depth", 0, "ublk: requests in flight per queue; default 64")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -333,7 +336,7 @@ func attachCmd(args []string, stdout, stderr io.Writer) error {
 	if err := wantArgs(fs, pos, 1, "attach takes one volume NAME"); err != nil {
 		return err
 	}
-	vi, err := NewClient(*sock).Attach(pos[0], AttachRequest{Frontend: *frontend, Connections: *conns})
+	vi, err := NewClient(*sock).Attach(pos[0], AttachRequest{Frontend: *frontend, Connections: *conns, Queues: *queues, Depth: *depth})
 	if err != nil {
 		return err
 	}

@@ -51,6 +51,7 @@ type Daemon struct {
 	volumes *Manager
 	nbd     *nbd.Server
 	kernel  *kernelNBD
+	ublk    *kernelUblk
 	api     *http.Server
 	metrics *http.Server
 
@@ -105,6 +106,8 @@ func (d *Daemon) start() (err error) {
 		d.log.Warn("kernel nbd driver unavailable: attach will fail, network NBD works", "err", err)
 	}
 	d.kernel.Recover()
+	d.ublk = newKernelUblk(d.volumes, d.log, cfg.Kernel.LoadModule)
+	d.ublk.Recover()
 	if cfg.NBDListen != "" {
 		ln, err := net.Listen("tcp", cfg.NBDListen)
 		if err != nil {
@@ -126,7 +129,7 @@ func (d *Daemon) start() (err error) {
 	if err != nil {
 		return fmt.Errorf("api socket: %w", err)
 	}
-	d.api = &http.Server{Handler: newAPIHandler(d.volumes, d.kernel), ReadHeaderTimeout: 10 * time.Second}
+	d.api = &http.Server{Handler: newAPIHandler(d.volumes, d.kernel, d.ublk), ReadHeaderTimeout: 10 * time.Second}
 	d.goServe("api", func() error { return d.api.Serve(apiLn) })
 	d.log.Info("control API", "socket", cfg.APISocket)
 
@@ -173,8 +176,11 @@ func (d *Daemon) stop(ctx context.Context) error {
 	if d.api != nil {
 		errs = append(errs, d.api.Shutdown(ctx))
 	}
-	if d.kernel != nil {
+	if d.ublk != nil {
 		// Kernel devices stay: their I/O waits for the next daemon.
+		d.ublk.Close()
+	}
+	if d.kernel != nil {
 		d.kernel.beginClose()
 	}
 	if d.nbd != nil {

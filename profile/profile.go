@@ -223,8 +223,8 @@ func (s *Stage) Wrap(next pipeline.Handler) pipeline.Handler {
 func (s *Stage) Configured() Profile { return Profile(s.configured.Load()) }
 
 // Effective returns the profile in force: the configured one, or for auto
-// the one the classifier chose (db_remote shows as db: on a single replica
-// it is db).
+// the one the classifier chose. db_remote stays db_remote here and behaves
+// as db (a single replica has nothing to replicate to).
 func (s *Stage) Effective() Profile { return Profile(s.effective.Load()) }
 
 // SetProfile changes the configured profile of a live volume.

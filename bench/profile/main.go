@@ -201,9 +201,10 @@ func run() error {
 
 // auto runs random -> sequential -> random phases on an auto volume and
 // reports how fast the effective profile followed and each phase's
-// throughput against the best fixed profile for it. The machine is shared
-// and noisy, so the auto sequence and the same sequence under the fixed
-// profiles alternate twice and each side is the mean of its two runs.
+// throughput against the fixed profile for it. The machine is shared and
+// noisy, so the auto sequence and the same sequence under the fixed
+// profiles run auto, fixed, fixed, auto and each side is the mean of its
+// two runs.
 func (b *bench) auto(vol string, seqRead, randRead []string) bool {
 	type sample struct {
 		at  time.Time
@@ -251,7 +252,7 @@ func (b *bench) auto(vol string, seqRead, randRead []string) bool {
 	fixedRes := make([]float64, len(phases))
 	follow := make([][]time.Duration, len(phases))
 	rt := "--runtime=" + strconv.Itoa(int(phase.Seconds()))
-	for round := 0; round < 2; round++ {
+	runAuto := func() bool {
 		if _, err := b.c.UpdateVolume(vol, blockd.UpdateRequest{Profile: ptr("auto")}); err != nil {
 			fmt.Println("auto:", err)
 			return false
@@ -275,6 +276,9 @@ func (b *bench) auto(vol string, seqRead, randRead []string) bool {
 			mu.Unlock()
 			follow[i] = append(follow[i], f)
 		}
+		return true
+	}
+	runFixed := func() bool {
 		for i, ph := range phases {
 			r, err := b.fio(vol, ph.want, append(ph.args, rt)...)
 			if err != nil {
@@ -283,9 +287,20 @@ func (b *bench) auto(vol string, seqRead, randRead []string) bool {
 			}
 			fixedRes[i] += val(r, ph.mibs) / 2
 		}
+		return true
+	}
+	// Warm the host's caches first, then auto-fixed, fixed-auto: caches
+	// that keep warming favour whoever runs later, so each side runs
+	// once early and once late.
+	if _, err := b.fio(vol, "random", append(randRead, rt)...); err != nil {
+		fmt.Println("warm-up:", err)
+		return false
+	}
+	if !runAuto() || !runFixed() || !runFixed() || !runAuto() {
+		return false
 	}
 	ok := true
-	fmt.Printf("auto: phases of %s, auto sequence and fixed-profile sequence alternated twice; effective profile polled every 50 ms\n", *phase)
+	fmt.Printf("auto: phases of %s, after a warm-up run, auto and fixed-profile sequences in the order auto, fixed, fixed, auto; effective profile polled every 50 ms\n", *phase)
 	fmt.Printf("%-32s %-11s %-16s %12s %12s %7s %s\n", "phase", "followed to", "after (2 runs)", "auto", "fixed", "ratio", "")
 	for i, ph := range phases {
 		unit := "IOPS"

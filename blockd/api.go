@@ -8,6 +8,8 @@ import (
 	"io"
 	"net/http"
 	"time"
+
+	"github.com/blockd/blockd/profile"
 )
 
 // The control API: HTTP+JSON on a unix socket (STATE/blockd.sock, mode
@@ -32,6 +34,11 @@ type VolumeInfo struct {
 	Path string `json:"path,omitempty"`
 	// Allocated is how much of the backing file is on disk (file engine).
 	Allocated int64 `json:"allocated_bytes,omitempty"`
+	// EffectiveProfile is the io_profile in force: Profile itself, or for
+	// auto the behaviour it learned from the volume's recent I/O.
+	EffectiveProfile string `json:"effective_profile,omitempty"`
+	// ProfileStats are the io_profile stage's counters.
+	ProfileStats *profile.Stats `json:"profile_stats,omitempty"`
 }
 
 // APIError is the body of every failed API call.
@@ -156,6 +163,7 @@ func (a *api) info(s Spec) VolumeInfo {
 			vi.Path = a.m.DataPath(s.Name)
 			vi.Allocated, _ = f.Allocated()
 		}
+		v.profileInfo(&vi)
 	}
 	return vi
 }

@@ -242,6 +242,9 @@ func (k *kernelNBD) Attach(name string, conns int) (Spec, error) {
 		return Spec{}, fmt.Errorf("attach %s: %w", name, err)
 	}
 	ka.index = idx
+	if err := setReadAhead(idx, v.EffectiveProfile()); err != nil {
+		k.log.Warn("attach: read-ahead not set for io_profile", "volume", name, "err", err)
+	}
 	att := &Attachment{Frontend: FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns}
 	s, err := k.m.setAttachment(name, att)
 	if err != nil {
@@ -457,6 +460,9 @@ func (k *kernelNBD) recoverOneLocked(nl *nbdnl.Client, s Spec) error {
 		}
 		ka.wg.Wait()
 		return err
+	}
+	if err := setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
+		k.log.Warn("reconnect: read-ahead not set for io_profile", "volume", s.Name, "err", err)
 	}
 	k.attached[s.Name] = ka
 	k.log.Info("reconnected device", "volume", s.Name, "device", att.Device)

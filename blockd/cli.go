@@ -294,7 +294,11 @@ func printVolumes(w io.Writer, format string, vs []VolumeInfo, single bool) erro
 		if v.Attachment != nil {
 			dev = v.Attachment.Device
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.SizeHuman, v.Engine, v.Profile, mode, alloc, dev, qosSummary(v.QoS), v.CreatedAt.Format("2006-01-02 15:04:05"))
+		prof := v.Profile
+		if v.EffectiveProfile != "" && v.EffectiveProfile != v.Profile {
+			prof += " (" + v.EffectiveProfile + ")" // what auto learned
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.SizeHuman, v.Engine, prof, mode, alloc, dev, qosSummary(v.QoS), v.CreatedAt.Format("2006-01-02 15:04:05"))
 	}
 	return tw.Flush()
 }

@@ -131,6 +131,8 @@ func (m *Manager) open(s Spec) (*Volume, error) {
 		}
 		stages = append(stages, v.qos.Stage())
 	}
+	v.prof = m.newProfileStage(v, s, e) // io_profile: last before the engine
+	stages = append(stages, v.prof.Wrap)
 	v.pipe = pipeline.Chain(ioengine.Handler(e), stages...)
 	return v, nil
 }
@@ -311,6 +313,9 @@ func (m *Manager) Update(name string, fn func(*Spec) error) (Spec, error) {
 	v.spec = s
 	v.mu.Unlock()
 	v.readOnly.Store(s.ReadOnly)
+	if s.Profile != old.Profile {
+		v.setProfile(s.Profile)
+	}
 	return s, nil
 }
 
@@ -359,7 +364,7 @@ func (m *Manager) Flush() error {
 	defer m.mu.RUnlock()
 	var errs []error
 	for _, v := range m.vols {
-		if err := v.engine.Flush(); err != nil {
+		if err := v.flush(); err != nil {
 			errs = append(errs, fmt.Errorf("flush %s: %w", v.name, err))
 		}
 	}

@@ -19,6 +19,7 @@ type Metrics struct {
 	inflight *prometheus.GaugeVec
 	latency  *prometheus.HistogramVec
 	size     *prometheus.GaugeVec
+	profile  *prometheus.GaugeVec // blockd_volume_effective_profile (see profile.go)
 }
 
 // metricOps names each op in metric names: ops counters are
@@ -55,7 +56,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "blockd_volume_size_bytes", Help: "Volume size.",
 		}, []string{"volume"}),
 	}
-	reg.MustRegister(m.errors, m.inflight, m.latency, m.size)
+	m.profile = newProfileGauge()
+	reg.MustRegister(m.errors, m.inflight, m.latency, m.size, m.profile)
 	for _, o := range metricOps {
 		m.ops[o.op] = prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "blockd_volume_" + o.plural + "_total", Help: "Completed " + o.name + " requests, by volume.",
@@ -144,4 +146,5 @@ func (m *Metrics) forget(vol string) {
 	m.latency.DeletePartialMatch(l)
 	m.inflight.Delete(l)
 	m.size.Delete(l)
+	m.profile.DeletePartialMatch(l)
 }

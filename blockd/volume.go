@@ -12,6 +12,7 @@ import (
 
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/profile"
 	"github.com/blockd/blockd/qos"
 )
 
@@ -88,6 +89,7 @@ type Volume struct {
 	name   string
 	engine ioengine.Engine
 	pipe   pipeline.Handler
+	prof   *profile.Stage // the io_profile stage in pipe (see profile.go)
 	qos    *qos.VolumeQoS // nil when QoS is disabled
 
 	// gate keeps the engine open while requests are in it: Handle holds
@@ -154,7 +156,11 @@ func (v *Volume) close() error {
 		return nil
 	}
 	v.closed = true
-	ferr := v.engine.Flush()
+	var perr error
+	if v.prof != nil {
+		perr = v.prof.Close() // drains its write-back buffer into the engine
+	}
+	ferr := errors.Join(perr, v.engine.Flush())
 	cerr := v.engine.Close()
 	return errors.Join(ferr, cerr)
 }

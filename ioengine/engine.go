@@ -44,11 +44,14 @@ const (
 var Kinds = []string{KindFile, KindMemory}
 
 // Open opens (creating if needed) the engine of kind at path with size.
-// The memory engine ignores path.
+// The memory engine ignores path. File engines bypass the page cache
+// (O_DIRECT where the filesystem allows it): the volume pipeline does its
+// own caching, and a second copy in the host page cache would make its
+// prefetch and write-back decisions meaningless.
 func Open(kind, path string, size int64) (Engine, error) {
 	switch kind {
 	case KindFile, "":
-		return OpenFile(path, size)
+		return OpenFileWith(path, size, OpenFileOptions{Direct: true})
 	case KindMemory:
 		return NewMemory(size)
 	}

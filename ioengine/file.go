@@ -4,7 +4,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"runtime"
+	"sync"
 	"sync/atomic"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -14,21 +17,73 @@ import (
 // File is the default engine: a sparse file. Reads and writes are positional
 // (pread/pwrite, no shared offset, no lock); Flush is fdatasync; Trim punches
 // a hole so the space goes back to the filesystem.
+//
+// Opened with Direct, the file bypasses the host page cache (O_DIRECT), so
+// blockd's own caching and prefetch decide what is in memory and the host
+// does not keep a second copy. O_DIRECT wants the buffer address, offset and
+// length aligned to the device's logical block; requests that are not go
+// through an aligned bounce buffer from a pool (a write of a partial block
+// is a read-modify-write of its edge blocks). Filesystems that refuse
+// O_DIRECT (tmpfs) get buffered I/O instead.
 type File struct {
-	f    *os.File
-	fd   int
-	size atomic.Int64
+	f      *os.File
+	fd     int
+	size   atomic.Int64
+	direct atomic.Bool // O_DIRECT is in effect on fd
+
+	// rmw orders partial-block writes against every other write: aligned
+	// writes, trims and zeroing hold it shared; a read-modify-write holds
+	// it exclusively, so no write lands between its read and its write
+	// of the edge blocks. Unaligned writes are rare (the block size is
+	// advertised to every client), so the exclusive side is cold.
+	rmw sync.RWMutex
+	// fua is cleared when the kernel refuses RWF_DSYNC.
+	noFUA atomic.Bool
 }
 
-// OpenFile opens the backing file at path, creating it sparse if it does
-// not exist and growing it to size if it is smaller.
+// OpenFileOptions tune OpenFileWith.
+type OpenFileOptions struct {
+	// Direct opens the file with O_DIRECT when the filesystem allows it,
+	// and falls back to buffered I/O when it does not.
+	Direct bool
+}
+
+// dioAlign is the alignment of O_DIRECT offsets, lengths and buffers. 4 KiB
+// is a multiple of every logical block size in use (512 and 4Kn).
+const dioAlign = 4096
+
+// openFile is os.OpenFile; tests replace it to play a filesystem that
+// refuses O_DIRECT (tmpfs does since Linux 6.6, so none is at hand).
+var openFile = os.OpenFile
+
+// OpenFile opens the backing file at path with buffered I/O, creating it
+// sparse if it does not exist and growing it to size if it is smaller.
 func OpenFile(path string, size int64) (*File, error) {
+	return OpenFileWith(path, size, OpenFileOptions{})
+}
+
+// OpenFileWith is OpenFile with options.
+func OpenFileWith(path string, size int64, opts OpenFileOptions) (*File, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("file engine: negative size %d", size)
 	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("file engine: %w", err)
+	flags := os.O_RDWR | os.O_CREATE
+	direct := false
+	var f *os.File
+	var err error
+	if opts.Direct {
+		f, err = openFile(path, flags|unix.O_DIRECT, 0o600)
+		if err == nil {
+			direct = true
+		} else if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EOPNOTSUPP) {
+			return nil, fmt.Errorf("file engine: %w", err)
+		}
+	}
+	if f == nil {
+		f, err = os.OpenFile(path, flags, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("file engine: %w", err)
+		}
 	}
 	st, err := f.Stat()
 	if err != nil {
@@ -42,9 +97,13 @@ func OpenFile(path string, size int64) (*File, error) {
 		}
 	}
 	e := &File{f: f, fd: int(f.Fd())}
+	e.direct.Store(direct)
 	e.size.Store(size)
 	return e, nil
 }
+
+// Direct reports whether the page cache is bypassed (O_DIRECT in effect).
+func (e *File) Direct() bool { return e.direct.Load() }
 
 func (e *File) check(off, n int64) error {
 	if off < 0 || n < 0 || off+n > e.size.Load() {
@@ -53,11 +112,56 @@ func (e *File) check(off, n int64) error {
 	return nil
 }
 
+// aligned reports whether p at off can go to the file without a bounce
+// buffer.
+func (e *File) aligned(p []byte, off int64) bool {
+	if !e.direct.Load() {
+		return true
+	}
+	if off%dioAlign != 0 || len(p)%dioAlign != 0 {
+		return false
+	}
+	return len(p) == 0 || uintptr(unsafe.Pointer(&p[0]))%dioAlign == 0
+}
+
+// dropDirect turns O_DIRECT off after the filesystem refused an aligned
+// direct I/O with EINVAL (some accept the open flag but not the I/O).
+func (e *File) dropDirect() bool {
+	fl, err := unix.FcntlInt(uintptr(e.fd), unix.F_GETFL, 0)
+	if err != nil {
+		return false
+	}
+	if _, err := unix.FcntlInt(uintptr(e.fd), unix.F_SETFL, fl&^unix.O_DIRECT); err != nil {
+		return false
+	}
+	e.direct.Store(false)
+	return true
+}
+
 // ReadAt implements Engine.
 func (e *File) ReadAt(p []byte, off int64) (int, error) {
 	if err := e.check(off, int64(len(p))); err != nil {
 		return 0, err
 	}
+	if e.aligned(p, off) {
+		n, err := e.pread(p, off)
+		if err == unix.EINVAL && e.direct.Load() && e.dropDirect() {
+			return e.pread(p, off)
+		}
+		return n, err
+	}
+	lo := alignDown(off)
+	hi := alignUp(off + int64(len(p)))
+	b := getBounce(int(hi - lo))
+	defer putBounce(b)
+	if _, err := e.pread(b.b, lo); err != nil {
+		return 0, err
+	}
+	copy(p, b.b[off-lo:])
+	return len(p), nil
+}
+
+func (e *File) pread(p []byte, off int64) (int, error) {
 	done := 0
 	for done < len(p) {
 		n, err := unix.Pread(e.fd, p[done:], off+int64(done))
@@ -78,12 +182,75 @@ func (e *File) ReadAt(p []byte, off int64) (int, error) {
 
 // WriteAt implements Engine.
 func (e *File) WriteAt(p []byte, off int64) (int, error) {
+	return e.writeAt(p, off, 0)
+}
+
+// WriteAtFUA implements FUAWriter: the write is durable when it returns,
+// without a separate fdatasync of the whole file (pwritev2 RWF_DSYNC).
+func (e *File) WriteAtFUA(p []byte, off int64) (int, error) {
+	if e.noFUA.Load() {
+		if n, err := e.writeAt(p, off, 0); err != nil {
+			return n, err
+		}
+		return len(p), e.Flush()
+	}
+	n, err := e.writeAt(p, off, unix.RWF_DSYNC)
+	if err == unix.EOPNOTSUPP || err == unix.ENOSYS {
+		e.noFUA.Store(true)
+		return e.WriteAtFUA(p, off)
+	}
+	return n, err
+}
+
+func (e *File) writeAt(p []byte, off int64, rwf int) (int, error) {
 	if err := e.check(off, int64(len(p))); err != nil {
 		return 0, err
 	}
+	if e.aligned(p, off) {
+		e.rmw.RLock()
+		n, err := e.pwrite(p, off, rwf)
+		e.rmw.RUnlock()
+		if err == unix.EINVAL && e.direct.Load() && e.dropDirect() {
+			return e.writeAt(p, off, rwf)
+		}
+		return n, err
+	}
+	// Partial blocks: read the edge blocks, patch them, write the whole
+	// aligned range. Exclusive, so nothing else writes those blocks in
+	// between.
+	lo := alignDown(off)
+	hi := alignUp(off + int64(len(p)))
+	b := getBounce(int(hi - lo))
+	defer putBounce(b)
+	e.rmw.Lock()
+	defer e.rmw.Unlock()
+	if lo != off {
+		if _, err := e.pread(b.b[:dioAlign], lo); err != nil {
+			return 0, err
+		}
+	}
+	if end := off + int64(len(p)); end != hi && !(hi-lo == dioAlign && lo != off) {
+		if _, err := e.pread(b.b[hi-lo-dioAlign:], hi-dioAlign); err != nil {
+			return 0, err
+		}
+	}
+	copy(b.b[off-lo:], p)
+	if _, err := e.pwrite(b.b, lo, rwf); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+func (e *File) pwrite(p []byte, off int64, rwf int) (int, error) {
 	done := 0
 	for done < len(p) {
-		n, err := unix.Pwrite(e.fd, p[done:], off+int64(done))
+		var n int
+		var err error
+		if rwf != 0 {
+			n, err = pwritev2(e.fd, p[done:], off+int64(done), rwf)
+		} else {
+			n, err = unix.Pwrite(e.fd, p[done:], off+int64(done))
+		}
 		if err == unix.EINTR {
 			continue
 		}
@@ -93,6 +260,72 @@ func (e *File) WriteAt(p []byte, off int64) (int, error) {
 		done += n
 	}
 	return done, nil
+}
+
+// pwritev2 writes one buffer with per-call flags. The iovec lives on the
+// stack: x/sys's Pwritev2 allocates one per call.
+func pwritev2(fd int, p []byte, off int64, flags int) (int, error) {
+	var iov unix.Iovec
+	if len(p) > 0 {
+		iov.Base = &p[0]
+	}
+	iov.SetLen(len(p))
+	n, _, errno := unix.Syscall6(unix.SYS_PWRITEV2, uintptr(fd), uintptr(unsafe.Pointer(&iov)), 1,
+		uintptr(off), uintptr(off>>32), uintptr(flags))
+	runtime.KeepAlive(p)
+	if errno != 0 {
+		return int(n), errno
+	}
+	return int(n), nil
+}
+
+func alignDown(off int64) int64 { return off &^ (dioAlign - 1) }
+func alignUp(off int64) int64   { return (off + dioAlign - 1) &^ (dioAlign - 1) }
+
+// bounce is an aligned buffer for O_DIRECT I/O of unaligned requests.
+type bounce struct {
+	b     []byte // aligned, len set per use
+	full  []byte
+	class int
+}
+
+// Bounce buffers come in power-of-two classes from 4 KiB to 1 MiB; larger
+// ones are allocated per use (such requests are rare and already costly).
+const (
+	bounceMinShift = 12
+	bounceMaxShift = 20
+)
+
+var bouncePools [bounceMaxShift - bounceMinShift + 1]sync.Pool
+
+func getBounce(n int) *bounce {
+	class := 0
+	for 1<<(class+bounceMinShift) < n {
+		class++
+	}
+	if class < len(bouncePools) {
+		if v := bouncePools[class].Get(); v != nil {
+			b := v.(*bounce)
+			b.b = b.full[:n]
+			return b
+		}
+	} else {
+		class = -1
+	}
+	capacity := n
+	if class >= 0 {
+		capacity = 1 << (class + bounceMinShift)
+	}
+	raw := make([]byte, capacity+dioAlign)
+	skip := int((dioAlign - uintptr(unsafe.Pointer(&raw[0]))%dioAlign) % dioAlign)
+	full := raw[skip : skip+capacity]
+	return &bounce{b: full[:n], full: full, class: class}
+}
+
+func putBounce(b *bounce) {
+	if b.class >= 0 {
+		bouncePools[b.class].Put(b)
+	}
 }
 
 // Flush implements Engine.
@@ -113,11 +346,15 @@ func (e *File) Trim(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
-	return e.punch(off, length)
+	return e.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 }
 
-func (e *File) punch(off, length int64) error {
-	err := unix.Fallocate(e.fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
+// fallocate zeroes a range with mode, writing zeroes where the filesystem
+// does not support it.
+func (e *File) fallocate(mode uint32, off, length int64) error {
+	e.rmw.RLock()
+	err := unix.Fallocate(e.fd, mode, off, length)
+	e.rmw.RUnlock()
 	if errors.Is(err, unix.EOPNOTSUPP) {
 		return e.writeZeroes(off, length)
 	}
@@ -133,13 +370,9 @@ func (e *File) WriteZeroes(off, length int64, noHole bool) error {
 		return nil
 	}
 	if !noHole {
-		return e.punch(off, length)
+		return e.fallocate(unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 	}
-	err := unix.Fallocate(e.fd, unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
-	if errors.Is(err, unix.EOPNOTSUPP) {
-		return e.writeZeroes(off, length)
-	}
-	return err
+	return e.fallocate(unix.FALLOC_FL_ZERO_RANGE|unix.FALLOC_FL_KEEP_SIZE, off, length)
 }
 
 var zeroes = make([]byte, 1<<20)

@@ -1,0 +1,12 @@
+# io_profile: `make bench-profile` runs the profile benchmark (fio's nbd
+# engine against `blockd serve` on a state dir under BENCH_DIR, which must
+# be on a real disk, not tmpfs) and prints every comparison in one run.
+# Its correctness tests (engine suite through the stage, fio crc32c verify,
+# kill -9 after FLUSH) are ordinary Go tests run by `make test`.
+BENCH_DIR ?= /var/tmp
+BENCH_RUNTIME ?= 8s
+APT_PACKAGES += fio qemu-utils
+
+.PHONY: bench-profile
+bench-profile: build
+	$(GO) run ./bench/profile -blockd $(BIN) -dir $(BENCH_DIR) -runtime $(BENCH_RUNTIME) -phase $(BENCH_RUNTIME)

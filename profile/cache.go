@@ -1,0 +1,267 @@
+package profile
+
+import (
+	"context"
+	"math/bits"
+	"sync"
+	"sync/atomic"
+
+	"github.com/blockd/blockd/pipeline"
+)
+
+// segSize is the unit of prefetch: segments cover aligned 1 MiB ranges.
+const (
+	segSize  = 1 << 20
+	pageSize = 4096
+	segPages = segSize / pageSize
+)
+
+type segState uint8
+
+const (
+	segLoading segState = iota
+	segValid
+)
+
+// segment is one prefetched range [off, off+len(data)).
+type segment struct {
+	off   int64
+	data  []byte // aligned segSize buffer, len is what was read
+	state segState
+	stale bool // a write overlapped it while it was loading: drop it
+	use   uint64
+	read  [segPages / 64]uint64 // pages a reader copied out
+}
+
+// cache holds prefetched segments. Reads copy out of valid segments and
+// wait for loading ones; every write, trim and drained buffer invalidates
+// the segments it overlaps after it reached the engine, and a segment
+// that was loading at that moment is dropped when it arrives, so the cache
+// never returns data older than a completed write.
+type cache struct {
+	s   *Stage
+	max int // segments
+
+	mu    sync.Mutex
+	cond  sync.Cond // a segment finished loading
+	segs  map[int64]*segment
+	free  [][]byte
+	clock uint64
+	quit  bool
+
+	jobs chan *segment
+
+	count      atomic.Int32 // len(segs)
+	prefetched atomic.Uint64
+	hits       atomic.Uint64
+	unread     atomic.Uint64
+}
+
+func (c *cache) init(s *Stage, limit int64) {
+	c.s = s
+	c.max = max(2, int(limit/segSize))
+	c.segs = make(map[int64]*segment, c.max)
+	c.cond.L = &c.mu
+	c.jobs = make(chan *segment, c.max)
+}
+
+func (c *cache) nonEmpty() bool { return c.count.Load() > 0 }
+
+// schedule queues prefetch of the segments covering [from, to) that are
+// not cached yet, evicting the least recently used valid segments.
+func (c *cache) schedule(from, to int64) {
+	size := c.s.opts.Size()
+	to = min(to, size)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.quit {
+		return
+	}
+	for off := from &^ (segSize - 1); off < to; off += segSize {
+		if _, ok := c.segs[off]; ok {
+			continue
+		}
+		if len(c.segs) >= c.max && !c.evictLocked() {
+			return
+		}
+		seg := &segment{off: off, state: segLoading}
+		if n := len(c.free); n > 0 {
+			seg.data = c.free[n-1]
+			c.free = c.free[:n-1]
+		} else {
+			seg.data = alignedSlice(segSize)
+		}
+		seg.data = seg.data[:min(segSize, size-off)]
+		select {
+		case c.jobs <- seg:
+			c.segs[off] = seg
+			c.count.Store(int32(len(c.segs)))
+		default: // the workers are behind: prefetch less
+			c.free = append(c.free, seg.data[:segSize])
+			return
+		}
+	}
+}
+
+func (c *cache) evictLocked() bool {
+	// Segments a reader already consumed go first, oldest first; then
+	// the oldest prefetched ones.
+	var victim *segment
+	victimRead := false
+	for _, seg := range c.segs {
+		if seg.state != segValid {
+			continue
+		}
+		read := seg.read != [segPages / 64]uint64{}
+		if victim == nil || (read && !victimRead) || (read == victimRead && seg.use < victim.use) {
+			victim, victimRead = seg, read
+		}
+	}
+	if victim == nil {
+		return false
+	}
+	c.dropLocked(victim)
+	return true
+}
+
+func (seg *segment) unreadBytes() uint64 {
+	readPages := 0
+	for _, w := range seg.read {
+		readPages += bits.OnesCount64(w)
+	}
+	return uint64(max(0, len(seg.data)-readPages*pageSize))
+}
+
+// unreadNow is unread plus what the segments in the cache hold unread.
+func (c *cache) unreadNow() uint64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := c.unread.Load()
+	for _, seg := range c.segs {
+		if seg.state == segValid {
+			n += seg.unreadBytes()
+		}
+	}
+	return n
+}
+
+func (c *cache) dropLocked(seg *segment) {
+	if seg.state == segValid {
+		c.unread.Add(seg.unreadBytes())
+	}
+	delete(c.segs, seg.off)
+	c.count.Store(int32(len(c.segs)))
+	if len(c.free) < c.max {
+		c.free = append(c.free, seg.data[:segSize])
+	}
+	seg.data = nil
+}
+
+// worker loads scheduled segments until ctx ends.
+func (c *cache) worker(ctx context.Context, wg *sync.WaitGroup) {
+	defer wg.Done()
+	var req pipeline.Request
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case seg := <-c.jobs:
+			req = pipeline.Request{Op: pipeline.OpRead, Offset: seg.off, Length: uint32(len(seg.data)), Buf: seg.data}
+			err := c.s.next.Handle(ctx, &req)
+			req.Buf = nil
+			c.mu.Lock()
+			if err != nil || seg.stale || c.quit {
+				c.dropLocked(seg)
+			} else {
+				seg.state = segValid
+				seg.read = [segPages / 64]uint64{}
+				c.clock++
+				seg.use = c.clock
+				c.prefetched.Add(uint64(len(seg.data)))
+			}
+			c.cond.Broadcast()
+			c.mu.Unlock()
+		}
+	}
+}
+
+// read serves r from the cache if every byte of it is cached, waiting for
+// segments still loading. It reports whether it did.
+func (c *cache) read(r *pipeline.Request) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for {
+		ready := true
+		for off := r.Offset &^ (segSize - 1); off < r.End(); off += segSize {
+			seg, ok := c.segs[off]
+			if !ok || (seg.state == segValid && seg.end() < min(r.End(), off+segSize)) {
+				return false
+			}
+			if seg.state == segLoading {
+				ready = false
+				break
+			}
+		}
+		if ready {
+			break
+		}
+		if c.quit {
+			return false
+		}
+		c.cond.Wait()
+	}
+	c.clock++
+	for off := r.Offset &^ (segSize - 1); off < r.End(); off += segSize {
+		seg := c.segs[off]
+		lo, hi := max(off, r.Offset), min(seg.end(), r.End())
+		copy(r.Buf[lo-r.Offset:hi-r.Offset], seg.data[lo-off:hi-off])
+		for pg := (lo - off) / pageSize; pg < (hi-off+pageSize-1)/pageSize; pg++ {
+			seg.read[pg/64] |= 1 << (pg % 64)
+		}
+		seg.use = c.clock
+	}
+	c.hits.Add(uint64(r.Length))
+	return true
+}
+
+func (seg *segment) end() int64 { return seg.off + int64(len(seg.data)) }
+
+// invalidate drops cached data in [off, end): call it after the write
+// that changed the range completed.
+func (c *cache) invalidate(off, end int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for so := off &^ (segSize - 1); so < end; so += segSize {
+		seg, ok := c.segs[so]
+		if !ok {
+			continue
+		}
+		if seg.state == segLoading {
+			seg.stale = true
+			continue
+		}
+		c.dropLocked(seg)
+	}
+}
+
+// clear drops every valid segment (loading ones are dropped on arrival).
+func (c *cache) clear() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, seg := range c.segs {
+		if seg.state == segLoading {
+			seg.stale = true
+			continue
+		}
+		c.dropLocked(seg)
+	}
+}
+
+// close wakes readers waiting for segments; the workers stop on the
+// stage's context.
+func (c *cache) close() {
+	c.mu.Lock()
+	c.quit = true
+	c.cond.Broadcast()
+	c.mu.Unlock()
+}

@@ -1,0 +1,452 @@
+// Package profile is the io_profile stage of the volume pipeline: per-volume
+// I/O behaviour chosen by the volume's profile, and for `auto` learned from
+// the volume's recent I/O.
+//
+//	none        requests go straight on; each FLUSH is one engine flush
+//	db          group commit: concurrent FLUSH and FUA writes share one
+//	            engine flush that started after they arrived; no prefetch
+//	db_remote   db (replication will add its own behaviour)
+//	sequential  read streams are detected and prefetched into a bounded
+//	            cache with a window that grows with the stream; small
+//	            writes are merged in a bounded write-back buffer that every
+//	            FLUSH and FUA write drains and every read sees
+//	random      no prefetch, no merging; flushes are group-committed
+//	journal     FUA writes go straight to stable storage (RWF_DSYNC), never
+//	            delayed; flushes are group-committed
+//	auto        classifies the last second of I/O (sequential fraction,
+//	            request size, flush rate) and applies the matching one of
+//	            sequential, random or db, with hysteresis
+//
+// Whatever the effective profile, the stage keeps the write-back buffer and
+// cache coherent: a profile change never strands buffered writes or stale
+// prefetched data, because every read consults a non-empty buffer and cache
+// and every write invalidates the cache.
+package profile
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/blockd/blockd/pipeline"
+)
+
+// Profile is an io_profile.
+type Profile uint32
+
+// Profiles. Auto is the zero value: a volume without a profile learns one.
+const (
+	Auto Profile = iota
+	None
+	DB
+	DBRemote
+	Sequential
+	Random
+	Journal
+	numProfiles
+)
+
+var names = [numProfiles]string{"auto", "none", "db", "db_remote", "sequential", "random", "journal"}
+
+// String returns the profile's name as stored in volume metadata.
+func (p Profile) String() string {
+	if p < numProfiles {
+		return names[p]
+	}
+	return fmt.Sprintf("profile(%d)", uint32(p))
+}
+
+// Names lists every profile name, Auto first.
+func Names() []string { return names[:] }
+
+// Parse returns the profile called s ("" is auto).
+func Parse(s string) (Profile, error) {
+	if s == "" {
+		return Auto, nil
+	}
+	for i, n := range names {
+		if n == s {
+			return Profile(i), nil
+		}
+	}
+	return Auto, fmt.Errorf("unknown io_profile %q (want one of %v)", s, names)
+}
+
+// ReadAheadKB is the kernel read-ahead (/sys/block/DEV/queue/read_ahead_kb)
+// that suits a device whose volume runs p.
+func ReadAheadKB(p Profile) int {
+	switch p {
+	case Sequential:
+		return 4096
+	case Random:
+		return 16
+	}
+	return 128
+}
+
+// Options tune a Stage. Zero values take the defaults.
+type Options struct {
+	// Size returns the volume's current size; prefetch never reads past
+	// it. Required.
+	Size func() int64
+	// CacheBytes bounds the prefetch cache (default 32 MiB).
+	CacheBytes int64
+	// WriteBackBytes bounds the write-back buffer (default 8 MiB).
+	WriteBackBytes int64
+	// WriteBackAge is the longest a buffered write waits before it is
+	// written to the engine without a flush (default 100ms).
+	WriteBackAge time.Duration
+	// Tick is the classifier's period; it looks at the last 4 ticks
+	// (default 200ms).
+	Tick time.Duration
+	// PrefetchWorkers is how many prefetch reads run at once (default 4).
+	PrefetchWorkers int
+	// CommitDelay is how long a group commit gathers concurrent flushers
+	// before it starts the engine flush, once concurrency was seen
+	// (default 250µs; negative: never wait).
+	CommitDelay time.Duration
+	// OnChange, if set, is called with the new effective profile each
+	// time it changes (and once from New). It runs on the stage's own
+	// goroutine or in SetProfile, never on the data path.
+	OnChange func(effective Profile)
+}
+
+func (o *Options) defaults() {
+	if o.CacheBytes <= 0 {
+		o.CacheBytes = 32 << 20
+	}
+	if o.WriteBackBytes <= 0 {
+		o.WriteBackBytes = 8 << 20
+	}
+	if o.WriteBackAge <= 0 {
+		o.WriteBackAge = 100 * time.Millisecond
+	}
+	if o.Tick <= 0 {
+		o.Tick = 200 * time.Millisecond
+	}
+	if o.PrefetchWorkers <= 0 {
+		o.PrefetchWorkers = 4
+	}
+	if o.CommitDelay == 0 {
+		o.CommitDelay = 250 * time.Microsecond
+	}
+}
+
+// Stats are the stage's counters since it opened.
+type Stats struct {
+	Configured string `json:"configured"`
+	Effective  string `json:"effective"`
+	// EngineFlushes counts flushes sent to the engine; Flushes counts
+	// FLUSH requests and FUA writes that needed one.
+	Flushes       uint64 `json:"flushes"`
+	EngineFlushes uint64 `json:"engine_flushes"`
+	// Prefetched is what prefetch read from the engine; PrefetchHit the
+	// bytes of reads served from the cache; PrefetchUnread the bytes
+	// prefetched and not read: gone from the cache unread (evicted,
+	// invalidated, closed) or in it still unread.
+	PrefetchedBytes     uint64 `json:"prefetched_bytes"`
+	PrefetchHitBytes    uint64 `json:"prefetch_hit_bytes"`
+	PrefetchUnreadBytes uint64 `json:"prefetch_unread_bytes"`
+	// BufferedWrites went into the write-back buffer; DrainWrites are
+	// the engine writes that drained it; BufferedBytes is in it now.
+	BufferedWrites uint64 `json:"buffered_writes"`
+	DrainWrites    uint64 `json:"drain_writes"`
+	BufferedBytes  int64  `json:"buffered_bytes"`
+	Switches       uint64 `json:"profile_switches"`
+}
+
+// Stage is one volume's profile stage. It is a pipeline.Handler once Wrap
+// has given it the next handler; Close stops its goroutines.
+type Stage struct {
+	next pipeline.Handler
+	opts Options
+
+	configured atomic.Uint32
+	effective  atomic.Uint32
+	switches   atomic.Uint64
+	changeMu   sync.Mutex // serializes OnChange calls and effective changes
+
+	gc      groupCommit
+	wb      writeBack
+	cache   cache
+	streams streams
+	cls     classifier
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // run and the prefetch workers
+	closed atomic.Bool
+}
+
+// New returns a stage running profile p. Call Wrap (as a pipeline.Stage)
+// to put it in a pipeline; it starts its goroutines there.
+func New(p Profile, opts Options) *Stage {
+	opts.defaults()
+	s := &Stage{opts: opts}
+	s.configured.Store(uint32(p))
+	s.effective.Store(uint32(initialEffective(p)))
+	s.wb.init(s, opts.WriteBackBytes)
+	s.cache.init(s, opts.CacheBytes)
+	s.cls.init()
+	return s
+}
+
+func initialEffective(p Profile) Profile {
+	if p == Auto {
+		return Random
+	}
+	return p
+}
+
+// Wrap is the pipeline.Stage: it records next and starts the stage's
+// goroutines (the ticker that drives write-back ageing and the classifier,
+// and the prefetch workers). Call it once.
+func (s *Stage) Wrap(next pipeline.Handler) pipeline.Handler {
+	s.next = next
+	s.gc.init(next, s.opts.CommitDelay)
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.wg.Add(1)
+	go s.run()
+	for i := 0; i < s.opts.PrefetchWorkers; i++ {
+		s.wg.Add(1)
+		go s.cache.worker(s.ctx, &s.wg)
+	}
+	if s.opts.OnChange != nil {
+		s.opts.OnChange(s.Effective())
+	}
+	return s
+}
+
+// Configured returns the profile the volume is set to.
+func (s *Stage) Configured() Profile { return Profile(s.configured.Load()) }
+
+// Effective returns the profile in force: the configured one, or for auto
+// the one the classifier chose. db_remote stays db_remote here and behaves
+// as db (a single replica has nothing to replicate to).
+func (s *Stage) Effective() Profile { return Profile(s.effective.Load()) }
+
+// SetProfile changes the configured profile of a live volume.
+func (s *Stage) SetProfile(p Profile) {
+	s.changeMu.Lock()
+	defer s.changeMu.Unlock()
+	s.configured.Store(uint32(p))
+	s.cls.reset()
+	s.setEffectiveLocked(initialEffective(p))
+}
+
+func (s *Stage) setEffectiveLocked(p Profile) {
+	old := Profile(s.effective.Swap(uint32(p)))
+	if old == p {
+		return
+	}
+	s.switches.Add(1)
+	if old == Sequential {
+		// Nothing new is buffered or prefetched now; the ticker drains
+		// what is left, and reads and flushes keep seeing it until then.
+		s.streams.reset()
+	}
+	if s.opts.OnChange != nil {
+		s.opts.OnChange(p)
+	}
+}
+
+// Stats returns the stage's counters.
+func (s *Stage) Stats() Stats {
+	st := Stats{
+		Configured:          s.Configured().String(),
+		Effective:           s.Effective().String(),
+		Flushes:             s.gc.requests.Load(),
+		EngineFlushes:       s.gc.syncs.Load(),
+		PrefetchedBytes:     s.cache.prefetched.Load(),
+		PrefetchHitBytes:    s.cache.hits.Load(),
+		PrefetchUnreadBytes: s.cache.unreadNow(),
+		BufferedWrites:      s.wb.buffered.Load(),
+		DrainWrites:         s.wb.drainWrites.Load(),
+		BufferedBytes:       s.wb.bytes.Load(),
+		Switches:            s.switches.Load(),
+	}
+	return st
+}
+
+// run owns the ticker: it drains write-back data older than WriteBackAge
+// and lets the classifier decide. It exits when Close cancels s.ctx.
+func (s *Stage) run() {
+	defer s.wg.Done()
+	period := min(s.opts.Tick, s.opts.WriteBackAge/2)
+	t := time.NewTicker(period)
+	defer t.Stop()
+	lastTick := time.Now()
+	for {
+		select {
+		case <-s.ctx.Done():
+			return
+		case now := <-t.C:
+			if s.wb.nonEmpty() && (s.Effective() != Sequential || s.wb.age(now) >= s.opts.WriteBackAge) {
+				s.wb.drain(s.ctx) // an error keeps the data buffered; the next flush reports it
+			}
+			if s.Effective() != Sequential && s.cache.nonEmpty() {
+				s.cache.clear()
+			}
+			if now.Sub(lastTick) >= s.opts.Tick {
+				lastTick = now
+				if s.Configured() == Auto {
+					s.classify()
+				}
+			}
+		}
+	}
+}
+
+func (s *Stage) classify() {
+	s.changeMu.Lock() // orders tick against SetProfile's reset
+	defer s.changeMu.Unlock()
+	if p, ok := s.cls.tick(); ok && s.Configured() == Auto {
+		s.setEffectiveLocked(p)
+	}
+}
+
+// Close drains the write-back buffer into the engine and stops the
+// stage's goroutines. Requests must have stopped (the volume's gate
+// ensures it). The caller flushes the engine afterwards.
+func (s *Stage) Close() error {
+	if s.closed.Swap(true) {
+		return nil
+	}
+	if s.cancel != nil {
+		s.cancel()
+	}
+	s.cache.close()
+	s.wg.Wait()
+	err := s.wb.drain(context.Background())
+	s.cache.clear()
+	return err
+}
+
+// Handle implements pipeline.Handler.
+func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
+	p := Profile(s.effective.Load())
+	if p == Sequential || Profile(s.configured.Load()) == Auto {
+		s.observe(r, p)
+	}
+	switch r.Op {
+	case pipeline.OpRead:
+		return s.read(ctx, r, p)
+	case pipeline.OpWrite:
+		return s.write(ctx, r, p)
+	case pipeline.OpFlush:
+		return s.flush(ctx, r, p)
+	case pipeline.OpTrim, pipeline.OpWriteZeroes:
+		if s.wb.nonEmpty() {
+			if err := s.wb.drainIfOverlap(ctx, r.Offset, r.End()); err != nil {
+				return err
+			}
+		}
+		err := s.next.Handle(ctx, r)
+		if s.cache.nonEmpty() {
+			s.cache.invalidate(r.Offset, r.End())
+		}
+		return err
+	}
+	return s.next.Handle(ctx, r)
+}
+
+// observe feeds the classifier and the stream detector; for a sequential
+// read under the sequential profile it schedules prefetch.
+func (s *Stage) observe(r *pipeline.Request, p Profile) {
+	switch r.Op {
+	case pipeline.OpRead, pipeline.OpWrite:
+	case pipeline.OpFlush:
+		s.cls.flushes.Add(1)
+		return
+	default:
+		return
+	}
+	seq, from, to := s.streams.observe(r.Offset, r.End(), r.Op == pipeline.OpRead && p == Sequential, s.opts.CacheBytes/2)
+	s.cls.observe(r, seq)
+	if to > from {
+		s.cache.schedule(from, to)
+	}
+}
+
+func (s *Stage) read(ctx context.Context, r *pipeline.Request, p Profile) error {
+	if s.wb.nonEmpty() {
+		if done, err := s.wb.read(ctx, r, p); done {
+			return err
+		}
+	}
+	return s.readBase(ctx, r, p)
+}
+
+// readBase reads from the cache or the engine, ignoring the write-back
+// buffer (the caller overlays it).
+func (s *Stage) readBase(ctx context.Context, r *pipeline.Request, p Profile) error {
+	if s.cache.nonEmpty() && s.cache.read(r) {
+		return nil
+	}
+	return s.next.Handle(ctx, r)
+}
+
+// maxBuffered is the largest write the write-back buffer takes; larger
+// writes are already large engine writes.
+const maxBuffered = 128 << 10
+
+func (s *Stage) write(ctx context.Context, r *pipeline.Request, p Profile) error {
+	fua := r.Flags&pipeline.FlagFUA != 0
+	if p == Sequential && !fua && r.Length <= maxBuffered {
+		if r.Offset < 0 || r.End() > s.opts.Size() {
+			return pipeline.ErrOutOfRange
+		}
+		err := s.wb.put(ctx, r)
+		if s.cache.nonEmpty() {
+			s.cache.invalidate(r.Offset, r.End())
+		}
+		return err
+	}
+	if s.wb.nonEmpty() {
+		// A FUA write drains everything before it; any other write only
+		// what it overlaps, so the older buffered data cannot land on top
+		// of it later.
+		var err error
+		if fua {
+			err = s.wb.drain(ctx)
+		} else {
+			err = s.wb.drainIfOverlap(ctx, r.Offset, r.End())
+		}
+		if err != nil {
+			return err
+		}
+	}
+	var err error
+	if fua && (p == DB || p == DBRemote) {
+		// Share the flush with concurrent FLUSHes and FUA writes.
+		s.gc.requests.Add(1)
+		r.Flags &^= pipeline.FlagFUA
+		err = s.next.Handle(ctx, r)
+		r.Flags |= pipeline.FlagFUA
+		if err == nil {
+			err = s.gc.flush(ctx)
+		}
+	} else {
+		err = s.next.Handle(ctx, r)
+	}
+	if s.cache.nonEmpty() {
+		s.cache.invalidate(r.Offset, r.End())
+	}
+	return err
+}
+
+func (s *Stage) flush(ctx context.Context, r *pipeline.Request, p Profile) error {
+	if s.wb.nonEmpty() {
+		if err := s.wb.drain(ctx); err != nil {
+			return err
+		}
+	}
+	s.gc.requests.Add(1)
+	if p == None {
+		s.gc.syncs.Add(1)
+		return s.next.Handle(ctx, r)
+	}
+	return s.gc.flush(ctx)
+}

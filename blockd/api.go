@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/blockd/blockd/qos"
 	"io"
 	"net/http"
 	"time"
@@ -83,6 +84,8 @@ type CreateRequest struct {
 	Engine   string `json:"engine,omitempty"`
 	Profile  string `json:"profile,omitempty"`
 	ReadOnly bool   `json:"read_only,omitempty"`
+	// QoS maps setting names (qos.FlagNames) to CLI-style values.
+	QoS map[string]string `json:"qos,omitempty"`
 }
 
 // ResizeRequest is the body of POST /v1/volumes/{name}/resize.
@@ -94,21 +97,40 @@ type ResizeRequest struct {
 type UpdateRequest struct {
 	Profile  *string `json:"profile,omitempty"`
 	ReadOnly *bool   `json:"read_only,omitempty"`
+	// QoS changes the named settings (qos.FlagNames; "none" or "0" clears).
+	QoS map[string]string `json:"qos,omitempty"`
+}
+
+func applyQoS(l *qos.Limits, set map[string]string) error {
+	for k, v := range set {
+		if err := l.SetFlag(k, v, ParseSize); err != nil {
+			return fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+	}
+	return nil
 }
 
 type api struct {
 	m *Manager
-	k *kernelNBD // nil: attach is not offered
+	k *kernelNBD  // nil: attach is not offered
+	u *kernelUblk // nil: ublk is not offered
+	// attached runs after a successful attach or detach.
+	attached func()
 }
 
 // AttachRequest is the body of POST /v1/volumes/{name}/attach.
 type AttachRequest struct {
-	Frontend    string `json:"frontend,omitempty"`    // "nbd" (default)
-	Connections int    `json:"connections,omitempty"` // 0: one per CPU, at most 8
+	Frontend    string `json:"frontend,omitempty"`    // "nbd" (default) or "ublk"
+	Connections int    `json:"connections,omitempty"` // nbd: 0 = one per CPU, at most 8
+	Queues      int    `json:"queues,omitempty"`      // ublk: 0 = one per CPU, at most 4
+	Depth       int    `json:"depth,omitempty"`       // ublk: 0 = 64
 }
 
-func newAPIHandler(m *Manager, k *kernelNBD) http.Handler {
-	a := &api{m: m, k: k}
+func newAPIHandler(m *Manager, k *kernelNBD, u *kernelUblk, attached func()) http.Handler {
+	if attached == nil {
+		attached = func() {}
+	}
+	a := &api{m: m, k: k, u: u, attached: attached}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -152,7 +174,12 @@ func (a *api) create(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s, err := a.m.Create(Spec{Name: req.Name, Size: int64(req.Size), Engine: req.Engine, Profile: req.Profile, ReadOnly: req.ReadOnly})
+	var l qos.Limits
+	if err := applyQoS(&l, req.QoS); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := a.m.Create(Spec{Name: req.Name, Size: int64(req.Size), Engine: req.Engine, Profile: req.Profile, ReadOnly: req.ReadOnly, QoS: l})
 	if err != nil {
 		writeError(w, err)
 		return
@@ -204,7 +231,7 @@ func (a *api) update(w http.ResponseWriter, r *http.Request) {
 		if req.ReadOnly != nil {
 			s.ReadOnly = *req.ReadOnly
 		}
-		return nil
+		return applyQoS(&s.QoS, req.QoS)
 	})
 	if err != nil {
 		writeError(w, err)
@@ -219,32 +246,47 @@ func (a *api) attach(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	if req.Frontend != "" && req.Frontend != FrontendNBD {
-		writeError(w, fmt.Errorf("%w: frontend %q: want nbd", ErrInvalid, req.Frontend))
-		return
+	var s Spec
+	var err error
+	switch {
+	case req.Frontend != "" && req.Frontend != FrontendNBD && req.Frontend != FrontendUblk:
+		err = fmt.Errorf("%w: frontend %q: want nbd or ublk", ErrInvalid, req.Frontend)
+	case req.Frontend == FrontendUblk && a.u == nil, req.Frontend != FrontendUblk && a.k == nil:
+		err = fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict)
+	case req.Frontend == FrontendUblk:
+		s, err = a.u.Attach(r.PathValue("name"), req.Queues, req.Depth)
+	default:
+		s, err = a.k.Attach(r.PathValue("name"), req.Connections)
 	}
-	if a.k == nil {
-		writeError(w, fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict))
-		return
-	}
-	s, err := a.k.Attach(r.PathValue("name"), req.Connections)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
+	a.attached()
 	writeJSON(w, http.StatusOK, a.info(s))
 }
 
 func (a *api) detach(w http.ResponseWriter, r *http.Request) {
-	if a.k == nil {
-		writeError(w, fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict))
-		return
-	}
-	s, err := a.k.Detach(r.PathValue("name"))
+	name := r.PathValue("name")
+	v, err := a.m.Get(name)
 	if err != nil {
 		writeError(w, err)
 		return
 	}
+	var s Spec
+	switch att := v.Spec().Attachment; {
+	case att != nil && att.Frontend == FrontendUblk && a.u != nil:
+		s, err = a.u.Detach(name)
+	case a.k != nil:
+		s, err = a.k.Detach(name)
+	default:
+		err = fmt.Errorf("%w: this daemon does not attach kernel devices", ErrConflict)
+	}
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	a.attached()
 	writeJSON(w, http.StatusOK, a.info(s))
 }
 

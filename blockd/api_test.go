@@ -19,7 +19,7 @@ func startAPI(t *testing.T, m *Manager) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: newAPIHandler(m, nil)}
+	srv := &http.Server{Handler: newAPIHandler(m, nil, nil, nil)}
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Close() })
 	return sock
@@ -148,5 +148,57 @@ func TestCLINoDaemon(t *testing.T) {
 	code := Main([]string{"volume", "list", "--api-socket", filepath.Join(t.TempDir(), "none.sock")}, &out, &errb)
 	if code != 1 || !strings.Contains(errb.String(), "is `blockd serve` running?") {
 		t.Fatalf("no daemon: code %d err %q", code, errb.String())
+	}
+}
+
+func TestCLIQoS(t *testing.T) {
+	dir := t.TempDir()
+	d, err := Start(Config{StateDir: dir, Logger: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Shutdown(t.Context())
+	sock := filepath.Join(dir, "blockd.sock")
+	_, errs, code := run(t, sock, "volume", "create", "q", "--size", "1GiB", "--iops-limit", "5000", "--bps-limit", "200MiB")
+	if code != 0 {
+		t.Fatalf("create with QoS: %d %s", code, errs)
+	}
+	out, errs, code := run(t, sock, "volume", "set", "q", "--iops-reservation", "1000", "--weight", "3", "-o", "json")
+	var vi VolumeInfo
+	if code != 0 || json.Unmarshal([]byte(out), &vi) != nil {
+		t.Fatalf("set: %d %s %s", code, out, errs)
+	}
+	if vi.QoS.IOPS != 5000 || vi.QoS.BPS != 200<<20 || vi.QoS.IOPSReservation != 1000 || vi.QoS.Weight != 3 {
+		t.Fatalf("limits after set: %+v", vi.QoS)
+	}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--iops-limit", "-5"}, "negative"},
+		{[]string{"--iops-limit", "lots"}, "iops-limit"},
+		{[]string{"--iops-reservation", "6000"}, "exceeds"},
+	} {
+		_, errs, code := run(t, sock, append([]string{"volume", "set", "q"}, tc.args...)...)
+		if code == 0 || !strings.Contains(errs, tc.want) {
+			t.Errorf("volume set %v: code %d, stderr %q; want refusal mentioning %q", tc.args, code, errs, tc.want)
+		}
+	}
+	got, err := NewClient(sock).GetVolume("q")
+	if err != nil || got.QoS != vi.QoS {
+		t.Fatalf("refused changes altered the limits: %+v, %v", got.QoS, err)
+	}
+	if _, _, code := run(t, sock, "volume", "set", "q", "--iops-limit", "none", "--iops-reservation", "0"); code != 0 {
+		t.Fatal("clearing limits failed")
+	}
+	d.Shutdown(t.Context())
+	// Limits are persisted.
+	d, err = Start(Config{StateDir: dir, Logger: quietLog()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err = NewClient(sock).GetVolume("q")
+	if err != nil || got.QoS.IOPS != 0 || got.QoS.BPS != 200<<20 || got.QoS.Weight != 3 {
+		t.Fatalf("limits after restart: %+v, %v", got.QoS, err)
 	}
 }

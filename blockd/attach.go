@@ -25,10 +25,12 @@ import (
 // is part of the volume's metadata, so a restarted daemon finds the device
 // again and hands it new sockets.
 type Attachment struct {
-	Frontend    string `json:"frontend"` // "nbd"
-	Device      string `json:"device"`   // /dev/nbdN
+	Frontend    string `json:"frontend"` // "nbd" or "ublk"
+	Device      string `json:"device"`   // /dev/nbdN, /dev/ublkbN
 	Index       int    `json:"index"`
-	Connections int    `json:"connections"`
+	Connections int    `json:"connections,omitempty"` // nbd sockets
+	Queues      int    `json:"queues,omitempty"`      // ublk
+	Depth       int    `json:"depth,omitempty"`       // ublk
 }
 
 // Frontends a volume can be attached with.

@@ -32,6 +32,8 @@ func TestAttachRefusals(t *testing.T) {
 		{[]string{"attach", "v"}, "kernel nbd driver unavailable: load module nbd: not found in /lib/modules/6.99-test"},
 		{[]string{"attach", "nope"}, `volume "nope": not found`},
 		{[]string{"attach", "v", "--frontend", "iscsi"}, `frontend "iscsi"`},
+		{[]string{"attach", "v", "--frontend", "ublk"}, "not found in /lib/modules/6.99-test"},
+		{[]string{"attach", "v", "--frontend", "ublk", "--queues", "99"}, "want 1-32 queues"},
 		{[]string{"detach", "v"}, "not attached"},
 		{[]string{"detach", "/dev/nbd7"}, "not a device attached by blockd"},
 	} {

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/blockd/blockd/qos"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 )
@@ -25,8 +27,10 @@ Usage:
   blockd volume delete NAME
   blockd volume resize NAME --size SIZE     grow a volume (shrinking is refused)
   blockd volume set NAME [--profile P] [--read-only=true|false]
-  blockd attach NAME [--frontend nbd] [--connections N]   expose as /dev/nbdN; prints the device
+  blockd attach NAME [--frontend nbd|ublk] [--connections N] [--queues N --depth D]
+                                            expose as /dev/nbdN or /dev/ublkbN; prints the device
   blockd detach NAME|DEVICE
+  blockd top [--interval 1s]                busiest pods by IOPS, bandwidth, p99 (eBPF)
 
 Client commands talk to the daemon's API socket: --api-socket PATH, or
 $BLOCKD_API_SOCKET, or ` + DefaultStateDir + `/blockd.sock.
@@ -51,6 +55,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		err = attachCmd(args[1:], stdout, stderr)
 	case "detach":
 		err = detachCmd(args[1:], stdout, stderr)
+	case "top":
+		err = topCmd(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0
@@ -132,6 +138,8 @@ func volumeCmd(args []string, stdout, stderr io.Writer) error {
 		profile := fs.String("profile", "auto", "io_profile: auto, db, db_remote, sequential, random, journal, none")
 		ro := fs.Bool("read-only", false, "refuse writes")
 		out := fs.String("o", "table", "output: table or json")
+		qosSet := map[string]string{}
+		qosFlags(fs, qosSet)
 		pos, err := parseInterleaved(fs, args)
 		if err != nil {
 			return err
@@ -146,7 +154,7 @@ func volumeCmd(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return err
 		}
-		vi, err := NewClient(*sock).CreateVolume(CreateRequest{Name: pos[0], Size: Size(n), Engine: *engine, Profile: *profile, ReadOnly: *ro})
+		vi, err := NewClient(*sock).CreateVolume(CreateRequest{Name: pos[0], Size: Size(n), Engine: *engine, Profile: *profile, ReadOnly: *ro, QoS: qosSet})
 		if err != nil {
 			return err
 		}
@@ -224,6 +232,8 @@ func volumeCmd(args []string, stdout, stderr io.Writer) error {
 		sock := apiSocketFlag(fs)
 		out := fs.String("o", "table", "output: table or json")
 		var req UpdateRequest
+		req.QoS = map[string]string{}
+		qosFlags(fs, req.QoS)
 		fs.Func("profile", "io_profile: auto, db, db_remote, sequential, random, journal, none", func(s string) error {
 			req.Profile = &s
 			return nil
@@ -243,7 +253,7 @@ func volumeCmd(args []string, stdout, stderr io.Writer) error {
 		if err := wantArgs(fs, pos, 1, "volume set takes one NAME"); err != nil {
 			return err
 		}
-		if req == (UpdateRequest{}) {
+		if req.Profile == nil && req.ReadOnly == nil && len(req.QoS) == 0 {
 			return fmt.Errorf("volume set %s: nothing to change (see 'blockd volume set -h')", pos[0])
 		}
 		vi, err := NewClient(*sock).UpdateVolume(pos[0], req)
@@ -270,7 +280,7 @@ func printVolumes(w io.Writer, format string, vs []VolumeInfo, single bool) erro
 		return fmt.Errorf("output format %q: want table or json", format)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tCREATED")
+	fmt.Fprintln(tw, "NAME\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tQOS\tCREATED")
 	for _, v := range vs {
 		mode := "rw"
 		if v.ReadOnly {
@@ -284,12 +294,21 @@ func printVolumes(w io.Writer, format string, vs []VolumeInfo, single bool) erro
 		if v.Attachment != nil {
 			dev = v.Attachment.Device
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.SizeHuman, v.Engine, v.Profile, mode, alloc, dev, v.CreatedAt.Format("2006-01-02 15:04:05"))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, v.SizeHuman, v.Engine, v.Profile, mode, alloc, dev, qosSummary(v.QoS), v.CreatedAt.Format("2006-01-02 15:04:05"))
 	}
 	return tw.Flush()
 }
 
 // humanBytes renders n rounded to one decimal in binary units.
+func qosFlags(fs *flag.FlagSet, set map[string]string) {
+	for _, name := range qos.FlagNames() {
+		fs.Func(name, "QoS "+name+" (none or 0 clears)", func(s string) error {
+			set[name] = s
+			return nil
+		})
+	}
+}
+
 func humanBytes(n int64) string {
 	units := []string{"B", "KiB", "MiB", "GiB", "TiB", "PiB"}
 	f := float64(n)
@@ -303,10 +322,12 @@ func humanBytes(n int64) string {
 }
 
 func attachCmd(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("attach", "blockd attach NAME [--frontend nbd] [--connections N]", stderr)
+	fs := newFlagSet("attach", "blockd attach NAME [--frontend nbd|ublk] [--connections N] [--queues N --depth D]", stderr)
 	sock := apiSocketFlag(fs)
-	frontend := fs.String("frontend", FrontendNBD, "kernel frontend: nbd")
-	conns := fs.Int("connections", 0, "sockets (kernel hardware queues); default one per CPU, at most 8 (one on kernels before 6.12: see vm/README.md)")
+	frontend := fs.String("frontend", FrontendNBD, "kernel frontend: nbd (/dev/nbdN) or ublk (/dev/ublkbN, kernel 6.0+)")
+	conns := fs.Int("connections", 0, "nbd: sockets (kernel hardware queues); default one per CPU, at most 8 (one on kernels before 6.12: see vm/README.md)")
+	queues := fs.Int("queues", 0, "ublk: hardware queues; default one per CPU, at most 4")
+	depth := fs.Int("depth", 0, "ublk: requests in flight per queue; default 64")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -314,7 +335,7 @@ func attachCmd(args []string, stdout, stderr io.Writer) error {
 	if err := wantArgs(fs, pos, 1, "attach takes one volume NAME"); err != nil {
 		return err
 	}
-	vi, err := NewClient(*sock).Attach(pos[0], AttachRequest{Frontend: *frontend, Connections: *conns})
+	vi, err := NewClient(*sock).Attach(pos[0], AttachRequest{Frontend: *frontend, Connections: *conns, Queues: *queues, Depth: *depth})
 	if err != nil {
 		return err
 	}
@@ -356,4 +377,33 @@ func detachCmd(args []string, stdout, stderr io.Writer) error {
 	}
 	fmt.Fprintf(stdout, "volume %s detached\n", vi.Name)
 	return nil
+}
+
+// qosSummary renders the limits that are set, in flag names: caps as
+// "iops-limit=5000", so the table reads like the command that set them.
+func qosSummary(l qos.Limits) string {
+	var parts []string
+	add := func(name string, n int64, size bool) {
+		if n == 0 {
+			return
+		}
+		v := strconv.FormatInt(n, 10)
+		if size {
+			v = humanBytes(n) + "/s"
+		}
+		parts = append(parts, name+"="+v)
+	}
+	add("iops", l.IOPS, false)
+	add("read-iops", l.ReadIOPS, false)
+	add("write-iops", l.WriteIOPS, false)
+	add("bps", l.BPS, true)
+	add("read-bps", l.ReadBPS, true)
+	add("write-bps", l.WriteBPS, true)
+	add("iops-reservation", l.IOPSReservation, false)
+	add("bps-reservation", l.BPSReservation, true)
+	add("weight", int64(l.Weight), false)
+	if len(parts) == 0 {
+		return "-"
+	}
+	return strings.Join(parts, ",")
 }

@@ -23,6 +23,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/probe"
+	"github.com/blockd/blockd/qos"
 )
 
 // Config is what `blockd serve` runs with.
@@ -33,6 +35,10 @@ type Config struct {
 	APISocket     string // control API; default STATE/blockd.sock
 	MetricsListen string // Prometheus /metrics; "" disables
 	Kernel        KernelOptions
+	Probes        bool         // per-pod eBPF accounting
+	ProbeDevices  string       // ProbeDevicesOurs (default) or ProbeDevicesAll
+	QoSDisabled   bool         // no QoS stage at all
+	QoSCapacity   qos.Capacity // what reservations and weights divide
 	Logger        *slog.Logger
 }
 
@@ -44,11 +50,17 @@ type Daemon struct {
 	lock *os.File // flock on STATE/blockd.lock: one daemon per state dir
 
 	reg     *prometheus.Registry
+	qos     *qos.Node
 	volumes *Manager
 	nbd     *nbd.Server
 	kernel  *kernelNBD
+	ublk    *kernelUblk
+	probe   *probe.Probe // nil when off or unavailable
 	api     *http.Server
 	metrics *http.Server
+
+	probeStop context.CancelFunc
+	probeDone chan struct{}
 
 	wg   sync.WaitGroup // the accept loops
 	errc chan error     // first fatal error of an accept loop
@@ -85,7 +97,13 @@ func (d *Daemon) start() (err error) {
 
 	d.reg = prometheus.NewRegistry()
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if d.volumes, err = OpenManager(cfg.StateDir, d.log, NewMetrics(d.reg)); err != nil {
+	if !cfg.QoSDisabled {
+		if d.qos, err = qos.NewNode(cfg.QoSCapacity); err != nil {
+			return err
+		}
+		d.reg.MustRegister(d.qos.Collector())
+	}
+	if d.volumes, err = openManager(cfg.StateDir, d.log, NewMetrics(d.reg), d.qos); err != nil {
 		return err
 	}
 
@@ -95,6 +113,9 @@ func (d *Daemon) start() (err error) {
 		d.log.Warn("kernel nbd driver unavailable: attach will fail, network NBD works", "err", err)
 	}
 	d.kernel.Recover()
+	d.ublk = newKernelUblk(d.volumes, d.log, cfg.Kernel.LoadModule)
+	d.ublk.Recover()
+	d.startProbes()
 	if cfg.NBDListen != "" {
 		ln, err := net.Listen("tcp", cfg.NBDListen)
 		if err != nil {
@@ -116,7 +137,10 @@ func (d *Daemon) start() (err error) {
 	if err != nil {
 		return fmt.Errorf("api socket: %w", err)
 	}
-	d.api = &http.Server{Handler: newAPIHandler(d.volumes, d.kernel), ReadHeaderTimeout: 10 * time.Second}
+	apiMux := http.NewServeMux()
+	apiMux.HandleFunc("GET /v1/io/pods", d.podsHandler)
+	apiMux.Handle("/", newAPIHandler(d.volumes, d.kernel, d.ublk, d.updateProbeDevices))
+	d.api = &http.Server{Handler: apiMux, ReadHeaderTimeout: 10 * time.Second}
 	d.goServe("api", func() error { return d.api.Serve(apiLn) })
 	d.log.Info("control API", "socket", cfg.APISocket)
 
@@ -163,8 +187,12 @@ func (d *Daemon) stop(ctx context.Context) error {
 	if d.api != nil {
 		errs = append(errs, d.api.Shutdown(ctx))
 	}
-	if d.kernel != nil {
+	d.stopProbes()
+	if d.ublk != nil {
 		// Kernel devices stay: their I/O waits for the next daemon.
+		d.ublk.Close()
+	}
+	if d.kernel != nil {
 		d.kernel.beginClose()
 	}
 	if d.nbd != nil {
@@ -179,6 +207,9 @@ func (d *Daemon) stop(ctx context.Context) error {
 	d.wg.Wait()
 	if d.volumes != nil {
 		errs = append(errs, d.volumes.Close())
+	}
+	if d.qos != nil {
+		d.qos.Close()
 	}
 	for _, p := range []string{d.cfg.APISocket, d.cfg.NBDSocket} {
 		if p != "" && d.lock != nil {
@@ -248,6 +279,11 @@ func serveCmd(args []string, stderr io.Writer) error {
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:9810", "address of the Prometheus /metrics endpoint (\"\" disables)")
 	fs.DurationVar(&cfg.Kernel.Timeout, "nbd-timeout", 30*time.Second, "kernel nbd per-request timeout; on expiry the socket is replaced and the request retried")
 	fs.DurationVar(&cfg.Kernel.DeadConnTimeout, "nbd-dead-conn-timeout", 2*time.Minute, "how long kernel nbd devices hold I/O while blockd restarts")
+	fs.Int64Var(&cfg.QoSCapacity.IOPS, "qos-capacity-iops", 0, "node IOPS that QoS reservations and weights divide (0: unlimited)")
+	qosBPS := fs.String("qos-capacity-bps", "0", "node bytes/s that QoS reservations and weights divide (0: unlimited)")
+	qosOn := fs.Bool("qos", true, "apply per-volume QoS (false removes the stage)")
+	probes := fs.String("probes", "on", "per-pod block I/O accounting with eBPF: on or off")
+	fs.StringVar(&cfg.ProbeDevices, "probe-devices", ProbeDevicesOurs, "devices the probes account: ours (attached volumes) or all")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	shutdownTimeout := fs.Duration("shutdown-timeout", 30*time.Second, "how long SIGTERM waits for in-flight requests")
@@ -257,6 +293,10 @@ func serveCmd(args []string, stderr io.Writer) error {
 	}
 	if err := wantArgs(fs, pos, 0, "serve takes no arguments"); err != nil {
 		return err
+	}
+	cfg.QoSDisabled = !*qosOn
+	if cfg.QoSCapacity.BPS, err = ParseSize(*qosBPS); err != nil {
+		return fmt.Errorf("--qos-capacity-bps: %w", err)
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
@@ -270,6 +310,16 @@ func serveCmd(args []string, stderr io.Writer) error {
 		cfg.Logger = slog.New(slog.NewJSONHandler(stderr, hopts))
 	default:
 		return fmt.Errorf("--log-format %q: want text or json", *logFormat)
+	}
+	switch *probes {
+	case "on":
+		cfg.Probes = true
+	case "off":
+	default:
+		return fmt.Errorf("--probes %q: want on or off", *probes)
+	}
+	if cfg.ProbeDevices != ProbeDevicesOurs && cfg.ProbeDevices != ProbeDevicesAll {
+		return fmt.Errorf("--probe-devices %q: want ours or all", cfg.ProbeDevices)
 	}
 	switch cfg.NBDSocket {
 	case "":

@@ -14,6 +14,7 @@ import (
 
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/qos"
 )
 
 // Manager is the volume registry: it owns every open volume and its
@@ -28,6 +29,7 @@ type Manager struct {
 	dir     string
 	log     *slog.Logger
 	metrics *Metrics
+	qos     *qos.Node // nil: QoS disabled
 
 	mu   sync.RWMutex // guards vols; held across metadata changes so they are ordered
 	vols map[string]*Volume
@@ -44,7 +46,11 @@ func (m *Manager) DataPath(name string) string {
 // OpenManager loads every volume recorded in dir, creating the layout if
 // needed. metrics may be nil.
 func OpenManager(dir string, log *slog.Logger, metrics *Metrics) (*Manager, error) {
-	m := &Manager{dir: dir, log: log, metrics: metrics, vols: map[string]*Volume{}}
+	return openManager(dir, log, metrics, nil)
+}
+
+func openManager(dir string, log *slog.Logger, metrics *Metrics, qn *qos.Node) (*Manager, error) {
+	m := &Manager{dir: dir, log: log, metrics: metrics, qos: qn, vols: map[string]*Volume{}}
 	for _, d := range []string{dir, m.metaDir(), m.dataDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("state dir: %w", err)
@@ -118,6 +124,13 @@ func (m *Manager) open(s Spec) (*Volume, error) {
 		stages = append(stages, m.metrics.stage(s.Name, e))
 	}
 	stages = append(stages, readOnlyStage(v))
+	if m.qos != nil {
+		if v.qos, err = m.qos.Volume(s.Name, s.QoS); err != nil {
+			e.Close()
+			return nil, err
+		}
+		stages = append(stages, v.qos.Stage())
+	}
 	v.pipe = pipeline.Chain(ioengine.Handler(e), stages...)
 	return v, nil
 }
@@ -283,7 +296,15 @@ func (m *Manager) Update(name string, fn func(*Spec) error) (Spec, error) {
 	if s.Size != old.Size || s.Name != name || s.Engine != old.Engine || s.Attachment != old.Attachment {
 		return Spec{}, fmt.Errorf("%w: name, size and engine cannot be changed by update", ErrInvalid)
 	}
+	if v.qos != nil && s.QoS != old.QoS {
+		if err := v.qos.Set(s.QoS); err != nil {
+			return Spec{}, fmt.Errorf("%w: %w", ErrInvalid, err)
+		}
+	}
 	if err := m.persist(s); err != nil {
+		if v.qos != nil {
+			v.qos.Set(old.QoS)
+		}
 		return Spec{}, fmt.Errorf("update %s: %w", name, err)
 	}
 	v.mu.Lock()

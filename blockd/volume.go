@@ -12,6 +12,7 @@ import (
 
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/qos"
 )
 
 // Profiles are the io_profile values a volume may carry.
@@ -34,13 +35,14 @@ var (
 // Spec is a volume's persistent metadata: the JSON stored in
 // STATE/volumes/NAME.json.
 type Spec struct {
-	Name      string    `json:"name"`
-	Size      int64     `json:"size"`
-	BlockSize uint32    `json:"block_size"`
-	Engine    string    `json:"engine"`
-	Profile   string    `json:"profile"`
-	ReadOnly  bool      `json:"read_only,omitempty"`
-	CreatedAt time.Time `json:"created_at"`
+	Name      string     `json:"name"`
+	Size      int64      `json:"size"`
+	BlockSize uint32     `json:"block_size"`
+	Engine    string     `json:"engine"`
+	Profile   string     `json:"profile"`
+	ReadOnly  bool       `json:"read_only,omitempty"`
+	QoS       qos.Limits `json:"qos"`
+	CreatedAt time.Time  `json:"created_at"`
 	// Attachment is set while the volume is a kernel block device.
 	Attachment *Attachment `json:"attachment,omitempty"`
 }
@@ -68,6 +70,9 @@ func (s *Spec) validate() error {
 	if !slices.Contains(ioengine.Kinds, s.Engine) {
 		return fmt.Errorf("%w: unknown engine %q (want one of %v)", ErrInvalid, s.Engine, ioengine.Kinds)
 	}
+	if err := s.QoS.Validate(); err != nil {
+		return fmt.Errorf("%w: qos: %w", ErrInvalid, err)
+	}
 	if s.Profile == "" {
 		s.Profile = "auto"
 	}
@@ -83,6 +88,7 @@ type Volume struct {
 	name   string
 	engine ioengine.Engine
 	pipe   pipeline.Handler
+	qos    *qos.VolumeQoS // nil when QoS is disabled
 
 	// gate keeps the engine open while requests are in it: Handle holds
 	// it shared, close holds it exclusively. Closing the engine under a
@@ -137,6 +143,11 @@ func (v *Volume) PreferredBlockSize() uint32 { return v.Spec().BlockSize }
 // close waits for in-flight requests, makes the data durable and closes the
 // engine. Later requests fail with ErrShutdown.
 func (v *Volume) close() error {
+	// Requests waiting in QoS hold the gate: fail them first, or Lock
+	// would wait for their throttle to run out.
+	if v.qos != nil {
+		v.qos.Close()
+	}
 	v.gate.Lock()
 	defer v.gate.Unlock()
 	if v.closed {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -40,6 +41,7 @@ type slot struct {
 	errno  uint32 // wire error; 0 = success
 	err    error  // handler error, for the structured error message
 	buf    *pbuf
+	charge int64 // payload bytes counted in conn.bufBytes
 }
 
 type conn struct {
@@ -47,8 +49,11 @@ type conn struct {
 	nc  net.Conn
 	br  *bufio.Reader
 
-	structured bool // negotiated NBD_OPT_STRUCTURED_REPLY
+	structured bool   // negotiated NBD_OPT_STRUCTURED_REPLY
+	metaAlloc  bool   // base:allocation selected (for metaName)
+	metaName   string // export the meta context selection applies to
 	exp        Export
+	published  atomic.Pointer[Export] // exp, for Server.Disconnect
 	minBS      uint32
 	maxPayload uint32
 
@@ -57,11 +62,15 @@ type conn struct {
 	cancel   context.CancelFunc
 
 	slots   []slot
-	free    chan *slot // slots not in flight
-	work    chan *slot // reader -> idle worker (unbuffered)
-	replies chan *slot // reader/workers -> writer
-	nwork   int        // workers started; touched only by the reader
-	workers sync.WaitGroup
+	free    chan *slot   // slots not in flight
+	work    chan *slot   // reader -> idle worker (unbuffered)
+	replies chan *slot   // reader/workers -> writer
+	nwork   int          // workers started; touched only by the reader
+	busy    atomic.Int32 // requests a worker is executing
+
+	bufBytes  atomic.Int64  // payload bytes of requests in flight
+	bytesFree chan struct{} // signalled when bufBytes drops
+	workers   sync.WaitGroup
 
 	stopping atomic.Bool // Shutdown: stop reading new requests
 	aborted  atomic.Bool // Close: tear down now
@@ -111,6 +120,10 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 	if c.stopping.Load() {
 		return ErrServerClosed
 	}
+	// Cancelling ctx ends the connection like Close does (the daemon uses
+	// this to drop the clients of a deleted volume).
+	stop := context.AfterFunc(ctx, c.abort)
+	defer stop()
 	if e == nil {
 		var err error
 		e, err = c.handshake()
@@ -125,6 +138,7 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 		}
 	}
 	c.exp = e
+	c.published.Store(&e)
 	c.minBS = max(e.MinBlockSize(), 1)
 	return c.transmit(ctx)
 }
@@ -147,6 +161,7 @@ func (c *conn) transmit(parent context.Context) error {
 		c.free <- &c.slots[i]
 	}
 	c.work = make(chan *slot)
+	c.bytesFree = make(chan struct{}, 1)
 	c.replies = make(chan *slot, n)
 	c.wbuf = make([]byte, 0, writeBufSize)
 	c.iov = make([][]byte, 0, 2*maxBatchIov+2)
@@ -227,19 +242,19 @@ func (c *conn) readLoop() error {
 		if cmd == cmdWrite {
 			if errno != 0 {
 				// Consume the payload so the stream stays in sync.
-				if _, err := c.br.Discard(int(length)); err != nil {
+				if err := c.readPayload(nil, int(length)); err != nil {
 					c.release(s)
 					return fmt.Errorf("nbd write payload: %w", err)
 				}
 			} else if length > 0 {
 				c.attachBuf(s, length)
-				if _, err := io.ReadFull(c.br, s.req.Buf); err != nil {
+				if err := c.readPayload(s.req.Buf, 0); err != nil {
 					c.release(s)
 					return fmt.Errorf("nbd write payload: %w", err)
 				}
 			}
 		}
-		if errno != 0 || (length == 0 && cmd != cmdFlush) {
+		if errno != 0 || (length == 0 && cmd != cmdFlush) || cmd == cmdBlockStatus {
 			s.errno = errno
 			c.replies <- s
 			continue
@@ -248,6 +263,43 @@ func (c *conn) readLoop() error {
 			c.attachBuf(s, length)
 		}
 		c.dispatch(s)
+	}
+}
+
+// testHookPayload, set only by tests before any server starts, runs when
+// the reader starts on a write payload.
+var testHookPayload func()
+
+// payloadGrace is how long a write payload may keep arriving after
+// Shutdown stopped the reader in the middle of it.
+const payloadGrace = 5 * time.Second
+
+// readPayload fills p, or with p nil discards n bytes. When Shutdown's
+// deadline strikes in the middle of a payload, the request was already
+// partly received, so the deadline is extended to let it complete and be
+// answered.
+func (c *conn) readPayload(p []byte, n int) error {
+	if testHookPayload != nil {
+		testHookPayload()
+	}
+	for {
+		var err error
+		if p != nil {
+			var k int
+			k, err = io.ReadFull(c.br, p)
+			p = p[k:]
+		} else {
+			var k int
+			k, err = c.br.Discard(n)
+			n -= k
+		}
+		if err == nil {
+			return nil
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) || !c.stopping.Load() || c.aborted.Load() {
+			return err
+		}
+		c.nc.SetReadDeadline(time.Now().Add(payloadGrace))
 	}
 }
 
@@ -329,14 +381,36 @@ func (c *conn) check(s *slot, off uint64, length uint32) uint32 {
 		case !inRange, !aligned:
 			return errInval
 		}
+	case cmdBlockStatus:
+		// Answered by the reader: engines do not report holes, so the
+		// whole range is "allocated, contents unknown" (status 0), which
+		// the spec allows for any block.
+		switch {
+		case !c.metaAlloc, fl&^(cmdFlagFUA|cmdFlagReqOne) != 0, length == 0:
+			return errInval
+		case !inRange, !aligned:
+			return errInval
+		}
 	default:
 		return errInval
 	}
 	return 0
 }
 
-// attachBuf gives s a payload buffer of at least length bytes.
+// attachBuf gives s a payload buffer of at least length bytes, first
+// waiting while the connection's payload budget is spent (the requests
+// holding it finish without the reader's help).
 func (c *conn) attachBuf(s *slot, length uint32) {
+	need := int64(length)
+	for {
+		held := c.bufBytes.Load()
+		if held == 0 || held+need <= c.srv.opts.MaxBufferBytes {
+			break
+		}
+		<-c.bytesFree
+	}
+	c.bufBytes.Add(need)
+	s.charge = need
 	cl := classOf(length)
 	if s.buf != nil && s.buf.class != cl {
 		putBuf(s.buf)
@@ -352,6 +426,7 @@ func (c *conn) attachBuf(s *slot, length uint32) {
 // fewer than MaxInFlight exist. Workers are owned by the connection: they
 // exit when transmit closes c.work after every slot came home.
 func (c *conn) dispatch(s *slot) {
+	c.busy.Add(1)
 	select {
 	case c.work <- s:
 		return
@@ -370,6 +445,7 @@ func (c *conn) worker(s *slot) {
 	defer c.workers.Done()
 	for {
 		c.exec(s)
+		c.busy.Add(-1)
 		c.replies <- s
 		var ok bool
 		if s, ok = <-c.work; !ok {
@@ -389,22 +465,21 @@ func (c *conn) exec(s *slot) {
 	s.errno = 0
 }
 
-// wireErrno maps a handler error to one of the errors the spec allows.
-func wireErrno(err error) syscall.Errno {
-	switch e := pipeline.Errno(err); e {
-	case errPerm, errIO, 12 /* ENOMEM */, errInval, errNoSpc, errOverflow, errShutdown:
-		return e
-	case syscall.EOPNOTSUPP:
-		// Not in the NBD error list; EINVAL is what the spec suggests for
-		// requests the server does not support.
-		return errInval
-	default:
-		return errIO
-	}
-}
+// wireErrno maps a handler error to its wire value. pipeline.Errno only
+// yields values the NBD spec lists (EPERM, EIO, ENOMEM, EINVAL, ENOSPC,
+// EOVERFLOW, ENOTSUP, ESHUTDOWN), EIO for anything unknown.
+func wireErrno(err error) syscall.Errno { return pipeline.Errno(err) }
 
 // release returns s to the free list; large buffers go back to the pool.
 func (c *conn) release(s *slot) {
+	if s.charge != 0 {
+		c.bufBytes.Add(-s.charge)
+		s.charge = 0
+		select {
+		case c.bytesFree <- struct{}{}:
+		default:
+		}
+	}
 	if s.buf != nil && s.buf.class > keepClass {
 		putBuf(s.buf)
 		s.buf = nil
@@ -419,6 +494,11 @@ func (c *conn) release(s *slot) {
 func (c *conn) writeLoop() {
 	for s := range c.replies {
 		c.encode(s)
+		if len(c.replies) == 0 && c.busy.Load() > 0 {
+			// Requests are executing right now: give their workers a
+			// chance to finish so their replies share this write.
+			runtime.Gosched()
+		}
 		if len(c.replies) == 0 || len(c.iov) >= maxBatchIov || c.pending >= maxBatchBytes ||
 			len(c.wbuf) > writeBufSize-4096 {
 			c.flush()
@@ -434,6 +514,21 @@ func (c *conn) encode(s *slot) {
 	}
 	if s.cmd == cmdRead && c.structured {
 		c.encodeStructuredRead(s)
+		return
+	}
+	if s.cmd == cmdBlockStatus && s.errno == 0 {
+		var h [structHeaderSize + 12]byte
+		binary.BigEndian.PutUint32(h[0:], structuredMagic)
+		binary.BigEndian.PutUint16(h[4:], replyFlagDone)
+		binary.BigEndian.PutUint16(h[6:], replyTypeBlockStatus)
+		binary.BigEndian.PutUint64(h[8:], s.cookie)
+		binary.BigEndian.PutUint32(h[16:], 12)
+		binary.BigEndian.PutUint32(h[20:], metaIDBaseAllocation)
+		binary.BigEndian.PutUint32(h[24:], s.req.Length)
+		binary.BigEndian.PutUint32(h[28:], 0)
+		c.wbuf = append(c.wbuf, h[:]...)
+		c.pending += len(h)
+		c.release(s)
 		return
 	}
 	var h [simpleReplySize]byte

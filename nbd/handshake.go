@@ -143,9 +143,18 @@ func (h *handshaker) option(opt uint32, data []byte, noZeroes bool) (Export, err
 			return nil, h.replyErr(opt, repErrInvalid, "NBD_OPT_LIST takes no data")
 		}
 		for _, name := range c.srv.exps.ExportNames() {
-			p := make([]byte, 4+len(name))
+			// The description follows the name, for humans (nbdinfo
+			// --list shows it).
+			var desc string
+			if e, ok := c.srv.exps.Export(name); ok {
+				desc = e.Description()
+			}
+			if len(desc) > maxNameLen {
+				desc = desc[:maxNameLen]
+			}
+			p := make([]byte, 4, 4+len(name)+len(desc))
 			binary.BigEndian.PutUint32(p, uint32(len(name)))
-			copy(p[4:], name)
+			p = append(append(p, name...), desc...)
 			if err := h.send(opt, repServer, p); err != nil {
 				return nil, err
 			}
@@ -161,6 +170,9 @@ func (h *handshaker) option(opt uint32, data []byte, noZeroes bool) (Export, err
 
 	case optInfo, optGo:
 		return h.infoGo(opt, data, noZeroes)
+
+	case optListMetaContext, optSetMetaContext:
+		return nil, h.metaContext(opt, data)
 
 	case optStartTLS:
 		return nil, h.replyErr(opt, repErrUnsup, "TLS is not supported")
@@ -188,6 +200,9 @@ func (h *handshaker) infoGo(opt uint32, data []byte, _ bool) (Export, error) {
 	e, ok := c.srv.exps.Export(string(name))
 	if !ok {
 		return nil, h.replyErr(opt, repErrUnknown, "unknown export")
+	}
+	if opt == optGo && c.metaName != string(name) {
+		c.metaAlloc = false // the selection was for another export
 	}
 	var wantName, wantDesc bool
 	for i := 0; i < nreq; i++ {
@@ -299,4 +314,69 @@ func (c *conn) blockSizes(e Export) (minBS, prefBS, maxBS uint32) {
 	}
 	maxBS = c.srv.opts.MaxPayload / minBS * minBS
 	return minBS, prefBS, maxBS
+}
+
+// metaContext answers NBD_OPT_LIST_META_CONTEXT and
+// NBD_OPT_SET_META_CONTEXT. The server knows one context, base:allocation.
+func (h *handshaker) metaContext(opt uint32, data []byte) error {
+	c := h.c
+	if !c.structured {
+		return h.replyErr(opt, repErrInvalid, "structured replies not negotiated")
+	}
+	name, rest, ok := cutString(data)
+	if !ok || len(rest) < 4 {
+		return h.replyErr(opt, repErrInvalid, "malformed meta context request")
+	}
+	n := binary.BigEndian.Uint32(rest)
+	rest = rest[4:]
+	var queries []string
+	for range n {
+		q, r, ok := cutString(rest)
+		if !ok {
+			return h.replyErr(opt, repErrInvalid, "malformed meta context query")
+		}
+		queries = append(queries, q)
+		rest = r
+	}
+	if len(rest) != 0 {
+		return h.replyErr(opt, repErrInvalid, "trailing bytes in meta context request")
+	}
+	if _, ok := c.srv.exps.Export(name); !ok {
+		return h.replyErr(opt, repErrUnknown, "unknown export")
+	}
+	match := false
+	for _, q := range queries {
+		if q == metaBaseAllocation || (opt == optListMetaContext && q == "base:") {
+			match = true
+		}
+	}
+	if opt == optListMetaContext && len(queries) == 0 {
+		match = true
+	}
+	if opt == optSetMetaContext {
+		c.metaAlloc, c.metaName = match, name
+	}
+	if match {
+		id := uint32(0) // LIST: "reserved and SHOULD be set to zero"
+		if opt == optSetMetaContext {
+			id = metaIDBaseAllocation
+		}
+		p := binary.BigEndian.AppendUint32(nil, id)
+		if err := h.send(opt, repMetaContext, append(p, metaBaseAllocation...)); err != nil {
+			return err
+		}
+	}
+	return h.reply(opt, repAck, nil)
+}
+
+// cutString splits a 32-bit length-prefixed string off b.
+func cutString(b []byte) (string, []byte, bool) {
+	if len(b) < 4 {
+		return "", nil, false
+	}
+	n := binary.BigEndian.Uint32(b)
+	if n > maxNameLen || uint64(n) > uint64(len(b)-4) {
+		return "", nil, false
+	}
+	return string(b[4 : 4+n]), b[4+n:], true
 }

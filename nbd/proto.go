@@ -89,6 +89,13 @@ const (
 	cmdFlagFUA    = 1 << 0
 	cmdFlagNoHole = 1 << 1
 	cmdFlagDF     = 1 << 2
+	cmdFlagReqOne = 1 << 3
+)
+
+// Metadata contexts: the only one is base:allocation, under this id.
+const (
+	metaBaseAllocation   = "base:allocation"
+	metaIDBaseAllocation = 1
 )
 
 // Structured reply flags and chunk types.
@@ -97,6 +104,7 @@ const (
 
 	replyTypeNone        = 0
 	replyTypeOffsetData  = 1
+	replyTypeBlockStatus = 5
 	replyTypeError       = 1<<15 + 1
 	replyTypeErrorOffset = 1<<15 + 2
 )

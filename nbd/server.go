@@ -1,6 +1,7 @@
 // Package nbd is blockd's NBD protocol server: the fixed-newstyle handshake
-// (EXPORT_NAME, INFO, GO, LIST, ABORT, STRUCTURED_REPLY) and a concurrent
-// transmission phase that turns wire requests into pipeline requests.
+// (EXPORT_NAME, INFO, GO, LIST, ABORT, STRUCTURED_REPLY, LIST/SET_META_CONTEXT)
+// and a concurrent transmission phase that turns wire requests into pipeline
+// requests.
 //
 // Each connection owns three kinds of goroutines: the reader (the goroutine
 // that called ServeConn/ServeKernel), a lazily grown set of workers that run
@@ -23,8 +24,20 @@
 //     client has to send anyway, and discarding uses no memory.
 //   - Zero-length READ/WRITE/TRIM/WRITE_ZEROES/CACHE within the export are
 //     successful no-ops that do not reach the Handler.
-//   - Replies to commands other than READ are simple replies even when
-//     structured replies were negotiated (allowed: they carry no payload).
+//   - Replies to commands other than READ and BLOCK_STATUS are simple
+//     replies even when structured replies were negotiated (allowed: they
+//     carry no payload). A failed structured READ gets one
+//     NBD_REPLY_TYPE_ERROR chunk carrying the handler's message.
+//   - Handler errors go on the wire as pipeline.Errno(err).
+//   - The base:allocation meta context is offered; as engines do not report
+//     holes, BLOCK_STATUS answers one extent with status 0 ("allocated"),
+//     which the spec allows for any block.
+//   - Back-pressure: a connection stops reading when MaxInFlight requests
+//     are in flight or their payloads hold MaxBufferBytes.
+//
+// The reader never runs a request itself, even when idle: a pipeline stage
+// may wait (QoS throttling, write coalescing) and must not stall the
+// reading of the requests behind it.
 package nbd
 
 import (
@@ -69,6 +82,10 @@ type Options struct {
 	// MaxInFlight bounds concurrently handled requests per connection;
 	// default 128.
 	MaxInFlight int
+	// MaxBufferBytes bounds the payload bytes held by the requests in
+	// flight on one connection (so 128 x 32 MiB writes cannot pin 4 GiB);
+	// default 128 MiB. A single request of MaxPayload is always admitted.
+	MaxBufferBytes int64
 	// HandshakeTimeout bounds option haggling; default 30s.
 	HandshakeTimeout time.Duration
 	// Logger receives connection-level events (never per request);
@@ -77,9 +94,10 @@ type Options struct {
 }
 
 const (
-	defaultMaxPayload  = 32 << 20
-	defaultMaxInFlight = 128
-	defaultHandshake   = 30 * time.Second
+	defaultMaxPayload     = 32 << 20
+	defaultMaxInFlight    = 128
+	defaultMaxBufferBytes = 128 << 20
+	defaultHandshake      = 30 * time.Second
 )
 
 // Server serves Exports over NBD. Its methods are safe for concurrent use.
@@ -106,6 +124,9 @@ func NewServer(exps Exports, opts Options) *Server {
 	}
 	if opts.MaxInFlight <= 0 {
 		opts.MaxInFlight = defaultMaxInFlight
+	}
+	if opts.MaxBufferBytes <= 0 {
+		opts.MaxBufferBytes = defaultMaxBufferBytes
 	}
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = defaultHandshake
@@ -192,7 +213,9 @@ func (s *Server) isClosed() bool {
 
 // ServeConn runs the handshake and then the transmission phase on c until
 // the client disconnects or the server shuts down. It closes c. It returns
-// nil after a clean disconnect (NBD_CMD_DISC, NBD_OPT_ABORT, EOF).
+// nil after a clean disconnect (NBD_CMD_DISC, NBD_OPT_ABORT, EOF) or a
+// Shutdown, and ErrServerClosed when Close, Disconnect or the cancellation of
+// ctx cut it short. ctx is also the parent of the Handler's context.
 func (s *Server) ServeConn(ctx context.Context, c net.Conn) error {
 	cn, err := s.register(c)
 	if err != nil {
@@ -233,6 +256,31 @@ func (s *Server) unregister(c *conn) {
 	delete(s.conns, c)
 	s.mu.Unlock()
 	s.wg.Done()
+}
+
+// NumConns returns the number of open connections (in handshake or
+// transmission), for metrics.
+func (s *Server) NumConns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
+// Disconnect closes every connection in transmission on export e (compared
+// by identity) at once, as Close does for all; it returns how many it
+// closed. Clients learn a new size or a deletion by reconnecting. Export
+// values must be comparable (pointers are).
+func (s *Server) Disconnect(e Export) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for c := range s.conns {
+		if p := c.published.Load(); p != nil && *p == e {
+			c.abort()
+			n++
+		}
+	}
+	return n
 }
 
 // Shutdown stops accepting connections and reading new requests, lets the
@@ -283,3 +331,5 @@ func (s *Server) Close() error {
 	s.wg.Wait()
 	return nil
 }
+
+func (s *Server) shuttingDown() bool { return s.shutting.Load() }

@@ -1,0 +1,33 @@
+# eBPF per-pod block I/O probes (package probe).
+#   make ebpf-generate   rebuild probe/blockio_bpfel.{go,o} from probe/bpf/*.c
+#   make ebpf-check      regenerate into a temp dir and fail if the committed files differ
+#   make bench-probe     fio 4k randread QD32 on a tmpfs loop device, probes off vs on (root)
+#   make ebpf-vm-test    the root tests in QEMU on Debian 6.1 and 6.12 kernels
+APT_PACKAGES += clang llvm libbpf-dev fio util-linux qemu-system-x86 busybox-static cpio xz-utils
+TEST_TARGETS += ebpf-check
+
+.PHONY: ebpf-generate ebpf-check bench-probe
+
+ebpf-generate:
+	cd probe && $(GO) generate ./
+
+ebpf-check:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	(cd probe && BPF2GO_OUTPUT_DIR="$$tmp" $(GO) generate ./) && \
+	for f in blockio_bpfel.go blockio_bpfel.o; do \
+		cmp -s "probe/$$f" "$$tmp/$$f" || { echo "ebpf-check: probe/$$f is stale; run make ebpf-generate and commit" >&2; exit 1; }; \
+	done && echo "ebpf-check: generated BPF files up to date"
+
+# Not part of `make test`: it measures, it does not assert.
+PROBE_BENCH_ROUNDS ?= 30
+bench-probe:
+	PROBE_BENCH_ROUNDS=$(PROBE_BENCH_ROUNDS) $(GO) test -run '^$$' -bench '^BenchmarkProbeOverhead$$' -benchtime 1x -timeout 20m ./probe
+
+# Root tests in QEMU on Debian kernels (pure cgroup v2 with io+memory: bio
+# blkcg and writeback attribution; 6.1: the block_rq_issue fallback).
+# Each directory holds vmlinuz and modroot/ of an unpacked linux-image .deb.
+EBPF_VM_KERNELS ?= $(wildcard $(HOME)/.cache/blockd-vm/kernels/linux-image-*)
+.PHONY: ebpf-vm-test
+ebpf-vm-test:
+	@test -n "$(EBPF_VM_KERNELS)" || { echo "ebpf-vm-test: set EBPF_VM_KERNELS to unpacked kernel dirs" >&2; exit 1; }
+	@set -o pipefail; for k in $(EBPF_VM_KERNELS); do echo "== $$k"; probe/testdata/vm/run.sh "$$k" | grep -E -- '^(--- |    |kernel |PROBE-VM-EXIT)' || exit 1; done

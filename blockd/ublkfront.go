@@ -128,7 +128,7 @@ func (k *kernelUblk) Recover() {
 		}
 		dev, err := ublk.Recover(context.Background(), s.Attachment.Index, k.config(v, s.Attachment))
 		if err != nil {
-			k.log.Error("ublk device not recoverable; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
+			k.log.Warn("ublk device not recoverable; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
 			k.m.setAttachment(s.Name, nil)
 			continue
 		}

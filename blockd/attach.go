@@ -245,6 +245,7 @@ func (k *kernelNBD) Attach(name string, conns int) (Spec, error) {
 	if err := setReadAhead(idx, v.EffectiveProfile()); err != nil {
 		k.log.Warn("attach: read-ahead not set for io_profile", "volume", name, "err", err)
 	}
+	v.kernelLive.Store(true)
 	att := &Attachment{Frontend: FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns}
 	s, err := k.m.setAttachment(name, att)
 	if err != nil {
@@ -350,6 +351,7 @@ func (k *kernelNBD) Detach(name string) (Spec, error) {
 	if ka != nil {
 		ka.detaching = true
 	}
+	v.kernelLive.Store(false)
 	if err := nl.Disconnect(att.Index); err != nil && !errors.Is(err, nbdnl.ErrNoDevice) {
 		return Spec{}, fmt.Errorf("detach %s: %w", name, err)
 	}
@@ -437,6 +439,9 @@ func (k *kernelNBD) recoverOneLocked(nl *nbdnl.Client, s Spec) error {
 			return err
 		}
 		k.attached[s.Name] = ka
+		// The kernel kept the device's read-ahead; setting it now would
+		// wait for the requests still queued on the dead sockets.
+		v.kernelLive.Store(true)
 		k.log.Info("reattached live device", "volume", s.Name, "device", att.Device, "connections", att.Connections)
 		return nil
 	}
@@ -464,6 +469,7 @@ func (k *kernelNBD) recoverOneLocked(nl *nbdnl.Client, s Spec) error {
 	if err := setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
 		k.log.Warn("reconnect: read-ahead not set for io_profile", "volume", s.Name, "err", err)
 	}
+	v.kernelLive.Store(true)
 	k.attached[s.Name] = ka
 	k.log.Info("reconnected device", "volume", s.Name, "device", att.Device)
 	return nil
@@ -500,6 +506,9 @@ func ourNBDDevices() map[int]string {
 func (k *kernelNBD) beginClose() {
 	k.mu.Lock()
 	k.closing = true
+	for _, ka := range k.attached {
+		ka.vol.kernelLive.Store(false)
+	}
 	k.mu.Unlock()
 }
 

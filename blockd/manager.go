@@ -31,6 +31,8 @@ type Manager struct {
 	metrics *Metrics
 	qos     *qos.Node // nil: QoS disabled
 
+	bg sync.WaitGroup // kernel read-ahead updates in progress
+
 	mu   sync.RWMutex // guards vols; held across metadata changes so they are ordered
 	vols map[string]*Volume
 }
@@ -381,6 +383,15 @@ func (m *Manager) Close() error {
 func (m *Manager) closeAll() { m.closeAllLocked() }
 
 func (m *Manager) closeAllLocked() error {
+	// A read-ahead write waits for the device's queue to drain; do not
+	// let one stuck behind a dead device hold up shutdown for long.
+	done := make(chan struct{})
+	go func() { m.bg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		m.log.Warn("a kernel read-ahead update is still blocked; closing anyway")
+	}
 	var errs []error
 	for n, v := range m.vols {
 		if err := v.close(); err != nil {

@@ -31,14 +31,24 @@ func (m *Manager) newProfileStage(v *Volume, s Spec, e ioengine.Engine) *profile
 		if m.metrics != nil {
 			m.metrics.setProfile(s.Name, eff)
 		}
-		// auto learned a new behaviour: the kernel's read-ahead follows.
-		if a := v.Spec().Attachment; a != nil && a.Frontend == FrontendNBD {
-			// The device is missing while a restarted daemon has not
-			// recovered it yet; recovery sets read-ahead then.
+		// auto learned a new behaviour: the kernel's read-ahead follows,
+		// but only on a device this daemon serves. Writing the sysfs
+		// attribute freezes the queue (6.12), which waits for requests
+		// in flight: on a device whose sockets died with the previous
+		// daemon that wait ends only after the device is reconnected, so
+		// the write must never sit on the path that reconnects it. It
+		// runs on its own goroutine, owned by the manager (Close waits).
+		a := v.Spec().Attachment
+		if a == nil || a.Frontend != FrontendNBD || !v.kernelLive.Load() {
+			return
+		}
+		m.bg.Add(1)
+		go func() {
+			defer m.bg.Done()
 			if err := setReadAhead(a.Index, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				m.log.Warn("io_profile changed but read-ahead was not", "volume", s.Name, "err", err)
 			}
-		}
+		}()
 	}
 	return profile.New(p, opts)
 }

@@ -99,6 +99,9 @@ type Volume struct {
 	closed bool
 
 	readOnly atomic.Bool // mirrors spec.ReadOnly for the data path
+	// kernelLive is set while a kernel device of this daemon serves the
+	// volume (attached, or reconnected after a restart).
+	kernelLive atomic.Bool
 
 	mu   sync.Mutex // guards spec
 	spec Spec

@@ -288,10 +288,12 @@ func (c *conn) readLoop() error {
 		if cmd == cmdRead {
 			c.attachBuf(s, length)
 		}
-		c.busy.Add(1)
-		if c.br.Buffered() < requestSize && c.bellIdle.CompareAndSwap(true, false) {
-			// The reader is about to wait for data: the bell worker
-			// runs this request on this thread once the reader parks.
+		if c.busy.Add(1) == 1 && c.br.Buffered() < requestSize && c.bellIdle.CompareAndSwap(true, false) {
+			// Nothing else in flight and the reader is about to wait
+			// for data (queue depth 1): the bell worker runs this
+			// request on this thread once the reader parks. With more
+			// in flight the Ps are busy and a channel is cheaper than
+			// two eventfd syscalls.
 			c.bellq <- s
 			if _, err := c.bell.Write(c.bellOne[:]); err != nil {
 				// Cannot happen with a live eventfd; do not strand s.

@@ -68,17 +68,17 @@ type conn struct {
 	nwork   int          // workers started; touched only by the reader
 	busy    atomic.Int32 // requests dispatched whose Handler has not returned
 
-	// The doorbell: an eventfd the bell worker waits on in the netpoller.
+	// The doorbell: a pipe the bell worker waits on in the netpoller.
 	// When the reader is about to wait for the next request, it rings the
 	// bell instead of waking a parked worker through a channel: Go wakes
 	// a second thread for every goroutine it makes runnable while a P is
 	// idle, which at queue depth 1 cost about as much CPU as the rest of
-	// the request; the eventfd is instead found by the reader's own thread
-	// when it polls the network on going idle. nil if eventfd failed.
-	bell     *os.File
-	bellq    chan *slot  // the rung request (capacity 1)
-	bellIdle atomic.Bool // the bell worker waits; a ring takes it
-	bellOne  [8]byte     // eventfd increment 1
+	// the request; the pipe is instead found by the reader's own thread
+	// when it polls the network on going idle. nil if os.Pipe failed.
+	bellR, bellW *os.File
+	bellq        chan *slot  // the rung request (capacity 1)
+	bellIdle     atomic.Bool // the bell worker waits; a ring takes it
+	bellByte     [1]byte
 
 	bufBytes  atomic.Int64  // payload bytes of requests in flight
 	bytesFree chan struct{} // signalled when bufBytes drops
@@ -181,10 +181,9 @@ func (c *conn) transmit(parent context.Context) error {
 	c.iov = make([][]byte, 0, 2*maxBatchIov+2)
 	c.held = make([]*slot, 0, n)
 
-	if fd, _, e := syscall.Syscall(syscall.SYS_EVENTFD2, 0, syscall.O_NONBLOCK|syscall.O_CLOEXEC, 0); e == 0 {
-		c.bell = os.NewFile(fd, "nbd-bell")
+	if r, w, err := os.Pipe(); err == nil {
+		c.bellR, c.bellW = r, w
 		c.bellq = make(chan *slot, 1)
-		binary.NativeEndian.PutUint64(c.bellOne[:], 1)
 		c.bellIdle.Store(true)
 		c.workers.Add(1)
 		go c.bellWorker() // exits when transmit closes the bell
@@ -204,8 +203,9 @@ func (c *conn) transmit(parent context.Context) error {
 		<-c.free
 	}
 	close(c.work)
-	if c.bell != nil {
-		c.bell.Close()
+	if c.bellR != nil {
+		c.bellR.Close()
+		c.bellW.Close()
 	}
 	c.workers.Wait()
 	close(c.replies)
@@ -293,10 +293,10 @@ func (c *conn) readLoop() error {
 			// for data (queue depth 1): the bell worker runs this
 			// request on this thread once the reader parks. With more
 			// in flight the Ps are busy and a channel is cheaper than
-			// two eventfd syscalls.
+			// the pipe's two syscalls.
 			c.bellq <- s
-			if _, err := c.bell.Write(c.bellOne[:]); err != nil {
-				// Cannot happen with a live eventfd; do not strand s.
+			if _, err := c.bellW.Write(c.bellByte[:]); err != nil {
+				// Cannot happen with a live pipe; do not strand s.
 				<-c.bellq
 				c.dispatch(s)
 			}
@@ -497,9 +497,9 @@ func (c *conn) worker(s *slot) {
 // reader dispatch to the other workers). It exits when the bell is closed.
 func (c *conn) bellWorker() {
 	defer c.workers.Done()
-	var b [8]byte
+	var b [1]byte
 	for {
-		if _, err := c.bell.Read(b[:]); err != nil {
+		if _, err := c.bellR.Read(b[:]); err != nil {
 			return
 		}
 		s := <-c.bellq

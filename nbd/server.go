@@ -6,7 +6,7 @@
 // Each connection owns four kinds of goroutines: the reader (the goroutine
 // that called ServeConn/ServeKernel), a lazily grown set of workers that run
 // the export's Handler, one writer that batches replies into few syscalls,
-// and a bell worker that waits on an eventfd (one more fd per connection).
+// and a bell worker that waits on a pipe (two more fds per connection).
 // When nothing else is in flight the reader rings the bell instead of waking
 // a worker through a channel, and a worker whose reply cannot join a batch
 // writes it itself: at queue depth 1 Go would otherwise wake a second thread

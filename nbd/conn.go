@@ -31,8 +31,8 @@ const (
 )
 
 // slot is one request in flight. A connection has MaxInFlight of them; they
-// cycle free -> reader -> worker -> writer -> free, owned by one goroutine at
-// a time, handed over through channels.
+// cycle free -> reader -> worker -> reply path -> free, owned by one
+// goroutine at a time, handed over through channels or the write lock.
 type slot struct {
 	req    pipeline.Request
 	cookie uint64
@@ -66,7 +66,19 @@ type conn struct {
 	work    chan *slot   // reader -> idle worker (unbuffered)
 	replies chan *slot   // reader/workers -> writer
 	nwork   int          // workers started; touched only by the reader
-	busy    atomic.Int32 // requests a worker is executing
+	busy    atomic.Int32 // requests dispatched whose Handler has not returned
+
+	// The doorbell: a pipe the bell worker waits on in the netpoller.
+	// When the reader is about to wait for the next request, it rings the
+	// bell instead of waking a parked worker through a channel: Go wakes
+	// a second thread for every goroutine it makes runnable while a P is
+	// idle, which at queue depth 1 cost about as much CPU as the rest of
+	// the request; the pipe is instead found by the reader's own thread
+	// when it polls the network on going idle. nil if os.Pipe failed.
+	bellR, bellW *os.File
+	bellq        chan *slot  // the rung request (capacity 1)
+	bellIdle     atomic.Bool // the bell worker waits; a ring takes it
+	bellByte     [1]byte
 
 	bufBytes  atomic.Int64  // payload bytes of requests in flight
 	bytesFree chan struct{} // signalled when bufBytes drops
@@ -75,7 +87,9 @@ type conn struct {
 	stopping atomic.Bool // Shutdown: stop reading new requests
 	aborted  atomic.Bool // Close: tear down now
 
-	// Writer state, owned by the writer goroutine.
+	// Writer state, guarded by wmu: held by the writer goroutine while it
+	// encodes a batch, or by a worker that writes its own reply.
+	wmu     sync.Mutex
 	wbuf    []byte
 	segOff  int // start of wbuf not yet covered by iov
 	iov     [][]byte
@@ -167,6 +181,14 @@ func (c *conn) transmit(parent context.Context) error {
 	c.iov = make([][]byte, 0, 2*maxBatchIov+2)
 	c.held = make([]*slot, 0, n)
 
+	if r, w, err := os.Pipe(); err == nil {
+		c.bellR, c.bellW = r, w
+		c.bellq = make(chan *slot, 1)
+		c.bellIdle.Store(true)
+		c.workers.Add(1)
+		go c.bellWorker() // exits when transmit closes the bell
+	}
+
 	writerDone := make(chan struct{})
 	go func() { // the writer; exits when replies is closed and drained
 		defer close(writerDone)
@@ -181,6 +203,10 @@ func (c *conn) transmit(parent context.Context) error {
 		<-c.free
 	}
 	close(c.work)
+	if c.bellR != nil {
+		c.bellR.Close()
+		c.bellW.Close()
+	}
 	c.workers.Wait()
 	close(c.replies)
 	<-writerDone
@@ -261,6 +287,20 @@ func (c *conn) readLoop() error {
 		}
 		if cmd == cmdRead {
 			c.attachBuf(s, length)
+		}
+		if c.busy.Add(1) == 1 && c.br.Buffered() < requestSize && c.bellIdle.CompareAndSwap(true, false) {
+			// Nothing else in flight and the reader is about to wait
+			// for data (queue depth 1): the bell worker runs this
+			// request on this thread once the reader parks. With more
+			// in flight the Ps are busy and a channel is cheaper than
+			// the pipe's two syscalls.
+			c.bellq <- s
+			if _, err := c.bellW.Write(c.bellByte[:]); err != nil {
+				// Cannot happen with a live pipe; do not strand s.
+				<-c.bellq
+				c.dispatch(s)
+			}
+			continue
 		}
 		c.dispatch(s)
 	}
@@ -426,7 +466,6 @@ func (c *conn) attachBuf(s *slot, length uint32) {
 // fewer than MaxInFlight exist. Workers are owned by the connection: they
 // exit when transmit closes c.work after every slot came home.
 func (c *conn) dispatch(s *slot) {
-	c.busy.Add(1)
 	select {
 	case c.work <- s:
 		return
@@ -445,13 +484,42 @@ func (c *conn) worker(s *slot) {
 	defer c.workers.Done()
 	for {
 		c.exec(s)
-		c.busy.Add(-1)
-		c.replies <- s
+		c.complete(s)
 		var ok bool
 		if s, ok = <-c.work; !ok {
 			return
 		}
 	}
+}
+
+// bellWorker runs the requests rung on the doorbell, one at a time (the
+// reader rings only while bellIdle, so a Handler that blocks here makes the
+// reader dispatch to the other workers). It exits when the bell is closed.
+func (c *conn) bellWorker() {
+	defer c.workers.Done()
+	var b [1]byte
+	for {
+		if _, err := c.bellR.Read(b[:]); err != nil {
+			return
+		}
+		s := <-c.bellq
+		c.exec(s)
+		c.complete(s)
+		c.bellIdle.Store(true)
+	}
+}
+
+// complete queues the reply of an executed request. When no other request
+// is executing and no reply is queued, no batch can form, so the worker
+// writes the reply itself instead of waking the writer.
+func (c *conn) complete(s *slot) {
+	if c.busy.Add(-1) == 0 && len(c.replies) == 0 && c.wmu.TryLock() {
+		c.encode(s)
+		c.flush()
+		c.wmu.Unlock()
+		return
+	}
+	c.replies <- s
 }
 
 // exec runs the request on the export; the reply is sent only afterwards.
@@ -493,6 +561,9 @@ func (c *conn) release(s *slot) {
 // replies are queued, so a burst of completions costs one writev.
 func (c *conn) writeLoop() {
 	for s := range c.replies {
+		// Holding wmu across the batch (and the Gosched) makes finishing
+		// workers queue their replies here instead of writing alone.
+		c.wmu.Lock()
 		c.encode(s)
 		if len(c.replies) == 0 && c.busy.Load() > 0 {
 			// Requests are executing right now: give their workers a
@@ -503,8 +574,11 @@ func (c *conn) writeLoop() {
 			len(c.wbuf) > writeBufSize-4096 {
 			c.flush()
 		}
+		c.wmu.Unlock()
 	}
+	c.wmu.Lock()
 	c.flush()
+	c.wmu.Unlock()
 }
 
 func (c *conn) encode(s *slot) {

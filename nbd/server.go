@@ -3,10 +3,14 @@
 // and a concurrent transmission phase that turns wire requests into pipeline
 // requests.
 //
-// Each connection owns three kinds of goroutines: the reader (the goroutine
+// Each connection owns four kinds of goroutines: the reader (the goroutine
 // that called ServeConn/ServeKernel), a lazily grown set of workers that run
-// the export's Handler, and one writer that batches replies into few
-// syscalls. Requests live in a fixed set of per-connection slots with pooled
+// the export's Handler, one writer that batches replies into few syscalls,
+// and a bell worker that waits on a pipe (two more fds per connection).
+// When nothing else is in flight the reader rings the bell instead of waking
+// a worker through a channel, and a worker whose reply cannot join a batch
+// writes it itself: at queue depth 1 Go would otherwise wake a second thread
+// per request, which cost about as much CPU as the rest of the request. Requests live in a fixed set of per-connection slots with pooled
 // payload buffers, so the steady state allocates nothing per request. A
 // reply is only written after the Handler has returned, which is what makes
 // NBD_FLAG_CAN_MULTI_CONN honest: all connections to an export share one

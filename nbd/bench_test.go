@@ -264,10 +264,11 @@ func TestZeroAllocsPerRequest(t *testing.T) {
 			runtime.ReadMemStats(&after)
 			allocs := after.Mallocs - before.Mallocs
 			t.Logf("%d allocations over %d requests", allocs, n)
-			// A handful of process-wide allocations (runtime, test
-			// framework, a late worker start) may land in the window;
-			// one per request would be 20000.
-			if allocs > n/1000 {
+			// A few dozen process-wide allocations (runtime wait
+			// records recreated after a GC, the test framework, a late
+			// worker start) may land in the window, more under -race on
+			// a loaded machine; one per request would be 20000.
+			if allocs > n/200 {
 				t.Fatalf("%d allocations over %d requests: the request path allocates", allocs, n)
 			}
 		})

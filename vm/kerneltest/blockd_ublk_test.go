@@ -258,6 +258,12 @@ func TestBlockdUblkAttachExt4(t *testing.T) {
 		if _, err := f.WriteAt(fill, off); err != nil {
 			t.Fatal(err)
 		}
+		// The device has a write cache (FLUSH): an acknowledged write
+		// may still sit in blockd's write-back buffer (io_profile), so
+		// flush before counting what the backing file holds.
+		if err := f.Sync(); err != nil {
+			t.Fatal(err)
+		}
 		before := allocated(t, img)
 		guest.Run(t, "/usr/sbin/blkdiscard", "-o", strconv.FormatInt(off, 10), "-l", strconv.Itoa(8*mib), dev)
 		after := allocated(t, img)

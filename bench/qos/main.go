@@ -3,7 +3,7 @@
 // fio's per-second logs), isolation of a reserved volume from a noisy one
 // (with QoS and without), and the overhead of the QoS stage with no limits.
 //
-//	go run ./bench/qos -blockd bin/blockd [-duration 10s] [-only accuracy,isolation,overhead]
+//	go run ./bench/qos -blockd bin/blockd [-duration 10s] [-only accuracy,live,isolation,overhead]
 //
 // It starts its own daemons (`blockd serve --state-dir TMP --nbd-listen
 // 127.0.0.1:PORT --qos-capacity-iops N | --qos=false`) on memory volumes
@@ -33,7 +33,7 @@ var (
 	blockdBin   = flag.String("blockd", "bin/blockd", "blockd binary")
 	fioBin      = flag.String("fio", "fio", "fio binary")
 	duration    = flag.Duration("duration", 10*time.Second, "length of each fio run")
-	only        = flag.String("only", "accuracy,isolation,overhead", "comma-separated parts to run")
+	only        = flag.String("only", "accuracy,live,isolation,overhead", "comma-separated parts to run")
 	outDir      = flag.String("out", "", "directory for logs and results (default a new temp dir)")
 	capFraction = flag.Float64("capacity-fraction", 0.8, "node capacity for the isolation runs, as a fraction of the measured QoS-off maximum")
 	reservation = flag.Int64("reservation", 2000, "IOPS reservation of the isolated volume")
@@ -58,6 +58,9 @@ func main() {
 	ok := true
 	if parts["accuracy"] {
 		ok = accuracy(w) && ok
+	}
+	if parts["live"] {
+		ok = live(w) && ok
 	}
 	if parts["isolation"] {
 		ok = isolation(w) && ok
@@ -447,4 +450,46 @@ func rounded(v []float64) []int {
 		out[i] = int(x)
 	}
 	return out
+}
+
+// live: a cap raised and lowered with `blockd volume set` while fio runs
+// must hold in the next whole 1 s window of fio's per-second log.
+func live(w io.Writer) bool {
+	s := startServer()
+	defer s.stop()
+	s.create("live", "--iops-limit=2000")
+	saved := *duration
+	*duration = 9 * time.Second
+	defer func() { *duration = saved }()
+	done := make(chan []result, 1)
+	go func() { done <- runFio(s, false, job{"live", "live", "randrw", "4k", 32, nil}) }()
+	time.Sleep(3 * time.Second)
+	s.set("live", "--iops-limit=5000")
+	time.Sleep(3 * time.Second)
+	s.set("live", "--iops-limit=1000")
+	r := (<-done)[0]
+	fmt.Fprintf(w, "## Live change (cap 2000 -> 5000 at 3 s -> 1000 at 6 s; fio 1 s windows)\n\n")
+	fmt.Fprintln(w, "| second | IOPS | expected | within ±5% |")
+	fmt.Fprintln(w, "|---|---|---|---|")
+	ok := len(r.windows) >= 9
+	for i, v := range r.windows {
+		want := 0.0
+		switch i {
+		case 1, 2:
+			want = 2000
+		case 4, 5:
+			want = 5000 // the first whole window after the raise
+		case 7, 8:
+			want = 1000 // the first whole window after the lowering
+		}
+		if want == 0 {
+			fmt.Fprintf(w, "| %d | %.0f | (change or burst) | |\n", i, v)
+			continue
+		}
+		good := math.Abs(v/want-1) <= 0.05
+		ok = ok && good
+		fmt.Fprintf(w, "| %d | %.0f | %.0f | %s |\n", i, v, want, pass(good))
+	}
+	fmt.Fprintln(w)
+	return ok
 }

@@ -370,12 +370,7 @@ func (k *kernelNBD) Detach(name string) (Spec, error) {
 		ka.cancel()
 		delete(k.attached, name)
 	}
-	s, err := k.m.setAttachment(name, nil)
-	if err != nil {
-		return Spec{}, fmt.Errorf("detach %s: %w", name, err)
-	}
-	k.log.Info("volume detached", "volume", name, "device", att.Device)
-	return s, nil
+	return k.m.detached(name, att)
 }
 
 // Recover re-attaches every volume recorded as attached: a device the
@@ -387,12 +382,7 @@ func (k *kernelNBD) Detach(name string) (Spec, error) {
 func (k *kernelNBD) Recover() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	var want []Spec
-	for _, s := range k.m.List() {
-		if s.Attachment != nil && s.Attachment.Frontend == FrontendNBD {
-			want = append(want, s)
-		}
-	}
+	want := k.m.attachedWith(FrontendNBD)
 	orphans := ourNBDDevices()
 	if len(want) == 0 && len(orphans) == 0 {
 		return

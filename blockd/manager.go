@@ -340,6 +340,27 @@ func (m *Manager) setAttachment(name string, att *Attachment) (Spec, error) {
 	return s, nil
 }
 
+// attachedWith returns the volumes recorded as attached with frontend.
+func (m *Manager) attachedWith(frontend string) []Spec {
+	var out []Spec
+	for _, s := range m.List() {
+		if s.Attachment != nil && s.Attachment.Frontend == frontend {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// detached clears the record of a kernel device a frontend has removed.
+func (m *Manager) detached(name string, att *Attachment) (Spec, error) {
+	s, err := m.setAttachment(name, nil)
+	if err != nil {
+		return Spec{}, fmt.Errorf("detach %s: %w", name, err)
+	}
+	m.log.Info("volume detached", "volume", name, "device", att.Device)
+	return s, nil
+}
+
 // lookup returns an open volume by name.
 func (m *Manager) lookup(name string) (*Volume, bool) {
 	m.mu.RLock()

@@ -95,12 +95,7 @@ func (k *kernelUblk) Detach(name string) (Spec, error) {
 	} else if err := ublk.Remove(att.Index, k.load); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return Spec{}, fmt.Errorf("detach %s: %w", name, err)
 	}
-	s, err := k.m.setAttachment(name, nil)
-	if err != nil {
-		return Spec{}, fmt.Errorf("detach %s: %w", name, err)
-	}
-	k.log.Info("volume detached", "volume", name, "device", att.Device)
-	return s, nil
+	return k.m.detached(name, att)
 }
 
 // Recover re-attaches the ublk devices the metadata records: a device the
@@ -111,12 +106,7 @@ func (k *kernelUblk) Detach(name string) (Spec, error) {
 func (k *kernelUblk) Recover() {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	var want []Spec
-	for _, s := range k.m.List() {
-		if s.Attachment != nil && s.Attachment.Frontend == FrontendUblk {
-			want = append(want, s)
-		}
-	}
+	want := k.m.attachedWith(FrontendUblk)
 	if len(want) == 0 && !module.Loaded("ublk_drv") {
 		return // nothing recorded, and no driver that could hold orphans
 	}

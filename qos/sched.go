@@ -28,8 +28,9 @@ import (
 //     busy reserved volume gets its floor plus its weighted share of what
 //     the floors leave.
 //   - The node capacity is one more token bucket (IOPS and/or bytes/s)
-//     shared by all flows. The picked flow waits for it (except in the
-//     reservation phase, which may run the bucket into debt); no flow
+//     shared by all flows. The picked flow waits for it, except in the
+//     reservation phase and for a light flow within its weighted share (see
+//     mayBorrow), which may run the bucket into debt; otherwise no flow
 //     overtakes another for capacity, so large requests are not starved by
 //     small ones.
 type Scheduler struct {
@@ -259,7 +260,7 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 		// capacity (Node refuses reservations that sum beyond it), so the
 		// debt stays bounded, and a reserved volume's latency does not
 		// depend on the timer goroutine being scheduled in time.
-		if at := s.nodeReadyAt(h, t); at > t && !bestRes {
+		if at := s.nodeReadyAt(h, t); at > t && !bestRes && !s.mayBorrow(best) {
 			// Wake when the node has capacity for it, or earlier if a flow
 			// gets within its caps or becomes due for its reservation (it
 			// would not wait for the node).
@@ -270,6 +271,25 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 		out = append(out, h.id)
 	}
 	return out
+}
+
+// mayBorrow reports whether f's head, picked in the weight phase while the
+// node has no capacity for it, may start anyway and take the node's tokens
+// into debt. That is allowed to a light flow only: one with nothing else
+// waiting (a low-depth client, not a backlog) whose start tag has not run
+// ahead of the virtual time, so it is using no more than its weighted share.
+// Without it such a request would wait for the next token behind a busy
+// flow that keeps the node bucket empty: one token interval plus the wake-up
+// of the timer goroutine, which on a loaded host is what dominates a QD1
+// client's tail latency. The debt is what the busy flows then wait out, so
+// the node's long-run rate is still its capacity, and it is bounded by one
+// bucket (MinBurst of capacity), which also bounds the overshoot when many
+// light flows arrive at once.
+func (s *Scheduler) mayBorrow(f *Flow) bool {
+	if f.Waiting() != 1 || f.start > s.vtime {
+		return false
+	}
+	return s.nodeIO.mayOwe() && s.nodeBS.mayOwe()
 }
 
 // head returns the direction whose head request goes next in f, and when
@@ -480,6 +500,10 @@ func (b *bucket) readyAt(cost, t float64) float64 {
 	}
 	return t + wait
 }
+
+// mayOwe reports whether the bucket may go (further) into debt: while it
+// owes less than its size.
+func (b *bucket) mayOwe() bool { return b.rate == 0 || b.tokens > -b.size }
 
 func (b *bucket) take(cost float64) {
 	if b.rate != 0 {

@@ -132,6 +132,7 @@ func (m *Manager) open(s Spec) (*Volume, error) {
 			return nil, err
 		}
 		stages = append(stages, v.qos.Stage())
+		m.warnIdleShares(s.Name, s.QoS)
 	}
 	v.prof = m.newProfileStage(v, s, e) // io_profile: last before the engine
 	stages = append(stages, v.prof.Wrap)
@@ -304,6 +305,7 @@ func (m *Manager) Update(name string, fn func(*Spec) error) (Spec, error) {
 		if err := v.qos.Set(s.QoS); err != nil {
 			return Spec{}, fmt.Errorf("%w: %w", ErrInvalid, err)
 		}
+		m.warnIdleShares(name, s.QoS)
 	}
 	if err := m.persist(s); err != nil {
 		if v.qos != nil {
@@ -319,6 +321,22 @@ func (m *Manager) Update(name string, fn func(*Spec) error) (Spec, error) {
 		v.setProfile(s.Profile)
 	}
 	return s, nil
+}
+
+// warnIdleShares logs when a volume's reservation or weight cannot act:
+// they divide the node capacity, and a capacity left unlimited
+// (--qos-capacity-iops/--qos-capacity-bps 0) leaves nothing to divide.
+// Caps work either way.
+func (m *Manager) warnIdleShares(name string, l qos.Limits) {
+	c := m.qos.Capacity()
+	switch {
+	case l.IOPSReservation > 0 && c.IOPS == 0:
+		m.log.Warn("iops reservation has no effect while the node IOPS capacity is unlimited; set --qos-capacity-iops", "volume", name)
+	case l.BPSReservation > 0 && c.BPS == 0:
+		m.log.Warn("bps reservation has no effect while the node bytes/s capacity is unlimited; set --qos-capacity-bps", "volume", name)
+	case l.Weight > 0 && c.IOPS == 0 && c.BPS == 0:
+		m.log.Warn("weight has no effect while the node capacity is unlimited; set --qos-capacity-iops or --qos-capacity-bps", "volume", name)
+	}
 }
 
 // setAttachment records (att != nil) or clears a volume's attachment.

@@ -31,6 +31,11 @@ func (m *Manager) newProfileStage(v *Volume, s Spec, e ioengine.Engine) *profile
 		if m.metrics != nil {
 			m.metrics.setProfile(s.Name, eff)
 		}
+		if v.qos != nil {
+			// journal: small synchronous writes that others wait on go
+			// first in the QoS stage (after reservations).
+			v.qos.SetPriority(eff == profile.Journal)
+		}
 		// auto learned a new behaviour: the kernel's read-ahead follows,
 		// but only on a device this daemon serves. Writing the sysfs
 		// attribute freezes the queue (6.12), which waits for requests

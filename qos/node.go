@@ -346,6 +346,27 @@ func (v *VolumeQoS) Set(l Limits) error {
 	return nil
 }
 
+// SetPriority gives the volume's requests priority over every volume's
+// weight-phase requests (see Scheduler.SetPriority); blockd sets it while
+// the volume's io_profile is journal.
+func (v *VolumeQoS) SetPriority(on bool) {
+	n := v.n
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if v.closed {
+		return
+	}
+	n.s.SetPriority(v.f, on)
+	n.dispatchLocked()
+}
+
+// Priority reports whether the volume has priority (SetPriority).
+func (v *VolumeQoS) Priority() bool {
+	v.n.mu.Lock()
+	defer v.n.mu.Unlock()
+	return v.f.priority
+}
+
 // Stats returns the volume's stats.
 func (v *VolumeQoS) Stats() Stats {
 	v.n.mu.Lock()

@@ -51,6 +51,10 @@ type Flow struct {
 	q       [2]ring // reads, writes: a write waiting for write credit must not hold up reads
 	active  int     // index in s.active, -1 when idle
 	removed bool
+	// priority: picked before the weight phase and never waiting for node
+	// capacity while the node owes less than one bucket (the journal
+	// io_profile: small synchronous writes others wait on).
+	priority bool
 
 	resIOPS, resBPS float64
 	rNext           float64 // time the head becomes due in the reservation phase
@@ -128,6 +132,12 @@ func (s *Scheduler) AddFlow(l Limits, now time.Duration) *Flow {
 // SetLimits changes f's limits (valid ones) while requests may be waiting;
 // the credit saved so far is kept up to the new burst size.
 func (s *Scheduler) SetLimits(f *Flow, l Limits, now time.Duration) { f.set(l, secs(now)) }
+
+// SetPriority marks f as a priority flow (or not): after the reservation
+// phase its requests go before every weight-phase request, and they take
+// the node's tokens into debt rather than wait, up to one bucket; caps still
+// hold. blockd gives it to volumes whose io_profile is journal.
+func (s *Scheduler) SetPriority(f *Flow, on bool) { f.priority = on }
 
 // Limits returns f's limits.
 func (f *Flow) Limits() Limits { return f.limits }
@@ -227,7 +237,7 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 	s.nodeBS.refill(t)
 	for len(s.active) > 0 {
 		var best *Flow
-		bestRes, bestDir := false, 0
+		bestRes, bestRank, bestDir := false, 0, 0
 		capWait := math.Inf(1) // earliest time a flow not yet within its caps is
 		resWait := math.Inf(1) // earliest time a flow within its caps becomes due for its reservation
 		for _, f := range s.active {
@@ -241,12 +251,21 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 			if hasRes && !res {
 				resWait = math.Min(resWait, f.rNext)
 			}
+			// Reservation phase first, then priority flows, then the
+			// weight phase; within a rank the earliest tag.
+			rank := 0
+			switch {
+			case res:
+				rank = 2
+			case f.priority:
+				rank = 1
+			}
 			switch {
 			case best == nil,
-				res && !bestRes,
-				res && bestRes && f.rNext < best.rNext,
-				!res && !bestRes && f.start < best.start:
-				best, bestRes, bestDir = f, res, d
+				rank > bestRank,
+				rank == bestRank && res && f.rNext < best.rNext,
+				rank == bestRank && !res && f.start < best.start:
+				best, bestRes, bestRank, bestDir = f, res, rank, d
 			}
 		}
 		if best == nil {
@@ -286,7 +305,7 @@ func (s *Scheduler) Dispatch(now time.Duration, out []uint64) []uint64 {
 // bucket (MinBurst of capacity), which also bounds the overshoot when many
 // light flows arrive at once.
 func (s *Scheduler) mayBorrow(f *Flow) bool {
-	if f.Waiting() != 1 || f.start > s.vtime {
+	if !f.priority && (f.Waiting() != 1 || f.start > s.vtime) {
 		return false
 	}
 	return s.nodeIO.mayOwe() && s.nodeBS.mayOwe()
@@ -359,7 +378,7 @@ func (s *Scheduler) dispatch(f *Flow, d int, res bool, t float64) {
 		// up a little, not without bound.
 		f.rNext = math.Max(f.rNext, t-f.limits.effBurst()) + d
 	}
-	if !res {
+	if !res && !f.priority { // priority flows stay out of the weight phase's books
 		s.vtime = f.start
 		f.finish = f.start + s.nodeCost(e)/f.weight
 		f.start = f.finish

@@ -170,8 +170,13 @@ func (h *harness) run(cmd string) string {
 		if args[0] == "set" {
 			l = h.flows[name].Limits()
 		}
+		prio := -1 // priority=on|off (the journal io_profile), not a Limits flag
 		for _, kv := range args[2:] {
 			k, v, _ := strings.Cut(kv, "=")
+			if k == "priority" {
+				prio = map[string]int{"off": 0, "on": 1}[v]
+				continue
+			}
 			if err := l.SetFlag(k, v, nil); err != nil {
 				return "error: " + err.Error()
 			}
@@ -184,6 +189,9 @@ func (h *harness) run(cmd string) string {
 			h.flows[name], h.names[f] = f, name
 		} else {
 			h.s.SetLimits(h.flows[name], l, h.now)
+		}
+		if prio >= 0 {
+			h.s.SetPriority(h.flows[name], prio == 1)
 		}
 		return h.dispatch()
 	case "submit":

@@ -297,43 +297,7 @@ func TestBlockdUblkRestart(t *testing.T) {
 		if i < 0 || infos[i].State != ublk.StateQuiesced {
 			t.Fatalf("after SIGTERM the kernel's ublk devices are %+v; want %s left quiesced for the next daemon", infos, dev)
 		}
-		want := alignedBuf(writerBlock)
-		pattern(want, 7, 12345)
-		ioErr := make(chan error, 1)
-		got := alignedBuf(writerBlock)
-		t0 := time.Now()
-		go func() { // owner: this test; exits when the I/O completes or fails
-			f, err := os.OpenFile(dev, os.O_RDWR|syscall.O_DIRECT, 0)
-			if err != nil {
-				ioErr <- err
-				return
-			}
-			defer f.Close()
-			if _, err := f.WriteAt(want, 7*writerBlock); err != nil {
-				ioErr <- fmt.Errorf("write: %w", err)
-				return
-			}
-			_, err = f.ReadAt(got, 7*writerBlock)
-			ioErr <- err
-		}()
-		select {
-		case err := <-ioErr:
-			t.Fatalf("I/O finished while no daemon ran: %v", err)
-		case <-time.After(2 * time.Second):
-		}
-		d.start()
-		select {
-		case err := <-ioErr:
-			if err != nil {
-				t.Fatalf("I/O issued while blockd was stopped: %v", err)
-			}
-		case <-time.After(time.Minute):
-			t.Fatalf("I/O still blocked a minute after the restart\n%s", d.p.Output())
-		}
-		t.Logf("I/O issued while stopped completed %v after it was issued", time.Since(t0).Round(time.Millisecond))
-		if !bytes.Equal(got, want) {
-			t.Fatal("data read back after the restart differs from what was written")
-		}
+		ioHeldWhileStopped(t, d, dev)
 	})
 	d.detachUblk("urs", "urs", dev)
 	d.stop()

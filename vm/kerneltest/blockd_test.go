@@ -428,23 +428,7 @@ func TestBlockdRestart(t *testing.T) {
 	dev := d.attach("rs", 2)
 
 	ok := t.Run("KillDuringDirectWrites", func(t *testing.T) {
-		w := startWriter(dev, 256) // 16 MiB
-		select {
-		case <-w.startedOne:
-		case <-w.done:
-			t.Fatalf("writer: %v", w.err)
-		case <-time.After(2 * time.Minute):
-			t.Fatal("writer did not finish one pass over 16 MiB in 2 minutes")
-		}
-		n0 := w.count()
-		d.kill()
-		killed := time.Now()
-		time.Sleep(500 * time.Millisecond)
-		d.start()
-		t.Logf("blockd restarted %v after kill -9", time.Since(killed).Round(time.Millisecond))
-		guest.WaitFor(t, "writes after the restart", 2*time.Minute, func() bool { return w.count() > n0+2*256 })
-		w.finish(t)
-		t.Logf("writer: %d O_DIRECT writes of 64 KiB, longest single write (the stall) %v", w.count(), w.maxStall.Round(time.Millisecond))
+		killDuringDirectWrites(t, d, dev)
 		if v := d.get("rs"); v.Attachment == nil || v.Attachment.Device != dev {
 			t.Errorf("attachment after restart = %+v, want %s", v.Attachment, dev)
 		}
@@ -616,4 +600,28 @@ func ioHeldWhileStopped(t *testing.T, d *blockd, dev string) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("data read back after the restart differs from what was written")
 	}
+}
+
+// killDuringDirectWrites runs an O_DIRECT writer over the first 16 MiB of
+// dev, kills d with SIGKILL in the middle, starts it again on the same
+// state dir and checks that the writer goes on without an error.
+func killDuringDirectWrites(t *testing.T, d *blockd, dev string) {
+	t.Helper()
+	w := startWriter(dev, 256) // 16 MiB
+	select {
+	case <-w.startedOne:
+	case <-w.done:
+		t.Fatalf("writer: %v", w.err)
+	case <-time.After(2 * time.Minute):
+		t.Fatal("writer did not finish one pass over 16 MiB in 2 minutes")
+	}
+	n0 := w.count()
+	d.kill()
+	killed := time.Now()
+	time.Sleep(500 * time.Millisecond)
+	d.start()
+	t.Logf("blockd restarted %v after kill -9", time.Since(killed).Round(time.Millisecond))
+	guest.WaitFor(t, "writes after the restart", 2*time.Minute, func() bool { return w.count() > n0+2*256 })
+	w.finish(t)
+	t.Logf("writer: %d O_DIRECT writes of 64 KiB, longest single write (the stall) %v", w.count(), w.maxStall.Round(time.Millisecond))
 }

@@ -256,23 +256,7 @@ func TestBlockdUblkRestart(t *testing.T) {
 	dev := d.attachUblk("urs", 2, 0)
 
 	ok := t.Run("KillDuringDirectWrites", func(t *testing.T) {
-		w := startWriter(dev, 256) // 16 MiB
-		select {
-		case <-w.startedOne:
-		case <-w.done:
-			t.Fatalf("writer: %v", w.err)
-		case <-time.After(2 * time.Minute):
-			t.Fatal("writer did not finish one pass over 16 MiB in 2 minutes")
-		}
-		n0 := w.count()
-		d.kill()
-		killed := time.Now()
-		time.Sleep(500 * time.Millisecond)
-		d.start()
-		t.Logf("blockd restarted %v after kill -9", time.Since(killed).Round(time.Millisecond))
-		guest.WaitFor(t, "writes after the restart", 2*time.Minute, func() bool { return w.count() > n0+2*256 })
-		w.finish(t)
-		t.Logf("writer: %d O_DIRECT writes of 64 KiB, longest single write (the stall) %v", w.count(), w.maxStall.Round(time.Millisecond))
+		killDuringDirectWrites(t, d, dev)
 		if a := d.ublkAttachment("urs"); a == nil || a.Device != dev {
 			t.Errorf("attachment after restart = %+v, want %s", a, dev)
 		}

@@ -212,15 +212,7 @@ func TestBlockdAttachExt4(t *testing.T) {
 
 	var sums guest.Checksums
 	ok := t.Run("Ext4", func(t *testing.T) {
-		guest.Run(t, mke2fs, "-t", "ext4", "-F", "-q", dev)
-		mnt := guest.Mount(t, dev, "ext4")
-		sums = guest.WriteRandomFiles(t, mnt, 64, 256<<10)
-		syscall.Sync()
-		guest.Umount(t, mnt)
-		guest.Run(t, e2fsck, "-f", "-n", dev)
-		guest.Remount(t, dev, "ext4", mnt)
-		guest.VerifyFiles(t, mnt, sums)
-		guest.Umount(t, mnt)
+		sums = ext4RoundTrip(t, dev)
 	})
 	if !ok {
 		t.FailNow()
@@ -624,4 +616,21 @@ func killDuringDirectWrites(t *testing.T, d *blockd, dev string) {
 	guest.WaitFor(t, "writes after the restart", 2*time.Minute, func() bool { return w.count() > n0+2*256 })
 	w.finish(t)
 	t.Logf("writer: %d O_DIRECT writes of 64 KiB, longest single write (the stall) %v", w.count(), w.maxStall.Round(time.Millisecond))
+}
+
+// ext4RoundTrip makes an ext4 filesystem on dev, writes 64 random files,
+// and checks them across umount, e2fsck and a second mount; it returns
+// their checksums for later checks.
+func ext4RoundTrip(t *testing.T, dev string) guest.Checksums {
+	t.Helper()
+	guest.Run(t, mke2fs, "-t", "ext4", "-F", "-q", dev)
+	mnt := guest.Mount(t, dev, "ext4")
+	sums := guest.WriteRandomFiles(t, mnt, 64, 256<<10)
+	syscall.Sync()
+	guest.Umount(t, mnt)
+	guest.Run(t, e2fsck, "-f", "-n", dev)
+	guest.Remount(t, dev, "ext4", mnt)
+	guest.VerifyFiles(t, mnt, sums)
+	guest.Umount(t, mnt)
+	return sums
 }

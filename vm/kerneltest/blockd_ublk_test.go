@@ -208,15 +208,7 @@ func TestBlockdUblkAttachExt4(t *testing.T) {
 
 	var sums guest.Checksums
 	ok := t.Run("Ext4", func(t *testing.T) {
-		guest.Run(t, mke2fs, "-t", "ext4", "-F", "-q", dev)
-		mnt := guest.Mount(t, dev, "ext4")
-		sums = guest.WriteRandomFiles(t, mnt, 64, 256<<10)
-		syscall.Sync()
-		guest.Umount(t, mnt)
-		guest.Run(t, e2fsck, "-f", "-n", dev)
-		guest.Remount(t, dev, "ext4", mnt)
-		guest.VerifyFiles(t, mnt, sums)
-		guest.Umount(t, mnt)
+		sums = ext4RoundTrip(t, dev)
 	})
 	if !ok {
 		t.FailNow()

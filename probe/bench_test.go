@@ -3,6 +3,7 @@ package probe
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,15 +24,19 @@ import (
 //
 //   - Throughput: one fio run lasts the whole benchmark while the loaded
 //     programs are detached and attached in PROBE_BENCH_ROUNDS (default
-//     30) short off/on rounds of PROBE_BENCH_PHASE (default 400ms) each,
+//     60) short off/on rounds of PROBE_BENCH_PHASE (default 250ms) each,
 //     ending with an extra off phase. Completed reads are counted from
 //     the device's own statistics (/sys/block/loopN/stat) at the phase
 //     edges, after a settling pause that follows each attach or detach.
 //     Each on phase is compared with the mean of the off phases either
 //     side of it, which cancels load that drifts slowly on a shared
 //     machine; the median of these per-round ratios is reported as
-//     on/off. A single ratio swings by a few percent on a busy machine,
-//     the median of many settles.
+//     on/off, with a distribution-free 95% confidence interval (order
+//     statistics around the median). On a busy shared machine a single
+//     round swings by tens of percent, and the interval says whether the
+//     median resolves a few percent; PROBE_BENCH_CONTROL=empty runs the
+//     same rounds with empty programs, which shows the method's own
+//     spread and bias on the machine at hand.
 //   - CPU time: a last phase runs with kernel BPF statistics on
 //     (BPF_STATS_RUN_TIME) and reports each program's run time per run,
 //     together with that of an empty program on the same tracepoint
@@ -47,9 +52,11 @@ func BenchmarkProbeOverhead(b *testing.B) {
 	if _, err := exec.LookPath("fio"); err != nil {
 		b.Skip("fio not installed")
 	}
-	rounds := envInt("PROBE_BENCH_ROUNDS", 30)
-	phase := envDuration("PROBE_BENCH_PHASE", 400*time.Millisecond)
-	settle := envDuration("PROBE_BENCH_SETTLE", 50*time.Millisecond)
+	rounds := envInt("PROBE_BENCH_ROUNDS", 60)
+	phase := envDuration("PROBE_BENCH_PHASE", 250*time.Millisecond)
+	// Attaching takes ~13ms (trampolines, text patching): the pause
+	// keeps its tail out of the measured phase.
+	settle := envDuration("PROBE_BENCH_SETTLE", 100*time.Millisecond)
 	statsFor := envDuration("PROBE_BENCH_STATS", 3*time.Second)
 	loop := newLoop(b, 256<<20)
 
@@ -219,9 +226,10 @@ func BenchmarkProbeOverhead(b *testing.B) {
 		sorted := slices.Clone(ratios)
 		slices.Sort(sorted)
 		b.Logf("per-round on/off ratios (sorted): %s", fmtFloats(sorted))
-		fmt.Printf("PROBE-OVERHEAD on/off=%.4f (median of %d rounds, quartiles %.4f..%.4f; off %.0f IOPS) "+
+		lo, hi := medianCI(sorted)
+		fmt.Printf("PROBE-OVERHEAD on/off=%.4f (median of %d rounds, 95%% CI %.4f..%.4f; off %.0f IOPS) "+
 			"bpf=%.0f ns/req (%s %.0f + %s %.0f ns/run; empty program %.0f ns/run) implied on/off>=%.4f (%.0f ns/IO)\n",
-			ratio, rounds, quantile(sorted, 0.25), quantile(sorted, 0.75), iopsOff,
+			ratio, rounds, lo, hi, iopsOff,
 			bpfNs, p.progs[1], startNs, p.progs[0], doneNs, emptyNs, implied, nsPerIO)
 	}
 }
@@ -304,6 +312,17 @@ func median(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
 	return quantile(s, 0.5)
+}
+
+// medianCI returns the order statistics of sorted s that bound its median
+// with about 95% confidence whatever the distribution (binomial, normal
+// approximation).
+func medianCI(s []float64) (lo, hi float64) {
+	n := float64(len(s))
+	d := 0.98 * math.Sqrt(n)
+	i := max(int(math.Floor(n/2-d)), 0)
+	j := min(int(math.Ceil(n/2+d)), len(s)-1)
+	return s[i], s[j]
 }
 
 // quantile interpolates linearly in sorted s.

@@ -40,11 +40,14 @@ import (
 //   - CPU time: a last phase runs with kernel BPF statistics on
 //     (BPF_STATS_RUN_TIME) and reports each program's run time per run,
 //     together with that of an empty program on the same tracepoint
-//     (what the statistics and the program dispatch cost by themselves).
-//     bpf-ns/req is the two programs' time per request; implied-on/off
-//     is 1 - bpf-ns/req / ns-per-I/O (ns-per-I/O = 1e9 / off IOPS), the
-//     throughput left if the I/O path were one CPU's work, which makes it
-//     a pessimistic estimate when that work spreads over several CPUs.
+//     (the floor the statistics themselves add to every figure: two
+//     clock reads). bpf-ns/req is the two programs' time per request;
+//     implied-on/off is 1 - bpf-ns/req / ns-per-I/O (ns-per-I/O = 1e9 /
+//     off IOPS), the throughput left if the I/O path were one CPU's work
+//     (pessimistic when that work spreads over several CPUs). The
+//     figures leave out the dispatch to the programs (the tracepoints
+//     and trampolines, live only while something is attached): the
+//     control run's ratio shows what that costs.
 //
 // Run with `make bench-probe` (root); it prints one PROBE-OVERHEAD line.
 func BenchmarkProbeOverhead(b *testing.B) {

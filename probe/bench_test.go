@@ -1,8 +1,9 @@
 package probe
 
 import (
-	"bufio"
+	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,36 +14,56 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
 )
 
 // BenchmarkProbeOverhead measures what the probes cost 4k random reads at
-// QD32 (fio, libaio, O_DIRECT) on a loop device over tmpfs. One fio run
-// lasts the whole benchmark while the loaded programs are attached and
-// detached every PROBE_BENCH_PHASE (default 1s) for PROBE_BENCH_ROUNDS
-// off/on pairs (default 30); fio logs IOPS every 250ms and each sample
-// lying wholly inside a phase counts for that phase's side. Interleaving
-// finely in one run makes the load of a shared machine fall on both sides
-// alike. Reported: the median IOPS of each side, their ratio (on/off), and
-// from a last phase with kernel BPF statistics on, the programs' own run
-// time per request. Run with `make bench-probe` (root).
+// QD32 (fio, libaio, O_DIRECT) on a loop device over tmpfs, two ways:
+//
+//   - Throughput: one fio run lasts the whole benchmark while the loaded
+//     programs are detached and attached in PROBE_BENCH_ROUNDS (default
+//     60) short off/on rounds of PROBE_BENCH_PHASE (default 250ms) each,
+//     ending with an extra off phase. Completed reads are counted from
+//     the device's own statistics (/sys/block/loopN/stat) at the phase
+//     edges, after a settling pause that follows each attach or detach.
+//     Each on phase is compared with the mean of the off phases either
+//     side of it, which cancels load that drifts slowly on a shared
+//     machine; the median of these per-round ratios is reported as
+//     on/off, with a distribution-free 95% confidence interval (order
+//     statistics around the median). On a busy shared machine a single
+//     round swings by tens of percent, and the interval says whether the
+//     median resolves a few percent; PROBE_BENCH_CONTROL=empty runs the
+//     same rounds with empty programs, which shows the method's own
+//     spread and bias on the machine at hand.
+//   - CPU time: a last phase runs with kernel BPF statistics on
+//     (BPF_STATS_RUN_TIME) and reports each program's run time per run,
+//     together with that of an empty program on the same tracepoint
+//     (the floor the statistics themselves add to every figure: two
+//     clock reads). bpf-ns/req is the two programs' time per request;
+//     implied-on/off is 1 - bpf-ns/req / ns-per-I/O (ns-per-I/O = 1e9 /
+//     off IOPS), the throughput left if the I/O path were one CPU's work
+//     (pessimistic when that work spreads over several CPUs). The
+//     figures leave out the dispatch to the programs (the tracepoints
+//     and trampolines, live only while something is attached): the
+//     control run's ratio shows what that costs.
+//
+// Run with `make bench-probe` (root); it prints one PROBE-OVERHEAD line.
 func BenchmarkProbeOverhead(b *testing.B) {
 	needRoot(b)
 	if _, err := exec.LookPath("fio"); err != nil {
 		b.Skip("fio not installed")
 	}
-	rounds := 30
-	if v, err := strconv.Atoi(os.Getenv("PROBE_BENCH_ROUNDS")); err == nil && v > 0 {
-		rounds = v
-	}
-	phase := time.Second
-	if v, err := time.ParseDuration(os.Getenv("PROBE_BENCH_PHASE")); err == nil && v > 0 {
-		phase = v
-	}
-	const sampleMs = 250
+	rounds := envInt("PROBE_BENCH_ROUNDS", 60)
+	phase := envDuration("PROBE_BENCH_PHASE", 250*time.Millisecond)
+	// Attaching takes ~13ms (trampolines, text patching): the pause
+	// keeps its tail out of the measured phase.
+	settle := envDuration("PROBE_BENCH_SETTLE", 100*time.Millisecond)
+	statsFor := envDuration("PROBE_BENCH_STATS", 3*time.Second)
 	loop := newLoop(b, 256<<20)
-	logDir := b.TempDir()
 
-	p, err := New(Options{})
+	p, err := New(Options{Tracepoints: os.Getenv("PROBE_BENCH_TP")})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -53,57 +74,129 @@ func BenchmarkProbeOverhead(b *testing.B) {
 	if err := p.detach(); err != nil {
 		b.Fatal(err)
 	}
+	empty := emptyProgram(b, "block_rq_complete")
+	defer empty.Close()
+	// The phases toggle the probes; PROBE_BENCH_CONTROL=empty toggles two
+	// empty programs on the same tracepoints instead, a control run that
+	// shows what attaching alone costs and what bias the method has.
+	on, off := p.attach, p.detach
+	if os.Getenv("PROBE_BENCH_CONTROL") == "empty" {
+		startTP := "block_io_start"
+		if p.tp == "rq" {
+			startTP = "block_rq_issue"
+		}
+		e2 := emptyProgram(b, startTP)
+		defer e2.Close()
+		var links []link.Link
+		on = func() error {
+			for _, prog := range []*ebpf.Program{empty, e2} {
+				l, err := link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
+				if err != nil {
+					return err
+				}
+				links = append(links, l)
+			}
+			return nil
+		}
+		off = func() error {
+			var errs []error
+			for _, l := range links {
+				errs = append(errs, l.Close())
+			}
+			links = nil
+			return errors.Join(errs...)
+		}
+		defer off()
+	}
+	statPath := filepath.Join("/sys/dev/block", fmt.Sprintf("%d:%d", DevMajor(loop.dev), DevMinor(loop.dev)), "stat")
 
 	for i := 0; i < b.N; i++ {
-		// Warm-up phase, the off/on pairs, the statistics phase.
-		runtime := time.Duration(2*rounds+2) * phase
+		// fio runs until it is interrupted below; its runtime is only a
+		// bound in case the benchmark dies without killing it.
+		bound := time.Duration(2*rounds+1)*(phase+settle+time.Second) + statsFor + time.Minute
 		cmd := exec.Command("fio", "--name=probe-overhead", "--filename="+loop.path,
 			"--rw=randread", "--bs=4k", "--iodepth=32", "--ioengine=libaio", "--direct=1",
-			"--time_based", "--runtime="+strconv.Itoa(int(runtime.Milliseconds()))+"ms",
-			"--write_iops_log="+filepath.Join(logDir, "r"), "--log_avg_msec="+strconv.Itoa(sampleMs),
+			"--time_based", "--runtime="+strconv.Itoa(int(bound.Seconds()))+"s",
 			"--output=/dev/null")
 		if err := cmd.Start(); err != nil {
 			b.Fatal(err)
 		}
-		t0 := time.Now()
-		type span struct {
-			from, to int64 // ms since t0
-			on       bool
-		}
-		var spans []span
-		next := t0.Add(phase)
-		time.Sleep(time.Until(next)) // fio start-up counts for neither side
-		for ph := 0; ph < 2*rounds; ph++ {
-			on := ph%2 == 1
-			var err error
-			if on {
-				err = p.attach()
-			} else {
-				err = p.detach()
+		// fio's exit status after SIGINT is not 0 (128 for 3.33): only
+		// an error other than an exit status is a failure here; a fio
+		// that failed early shows as reads that did not move.
+		stop := func() error {
+			cmd.Process.Signal(os.Interrupt)
+			err := cmd.Wait()
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				return nil
 			}
-			if err != nil {
-				cmd.Process.Kill()
-				cmd.Wait()
-				b.Fatal(err)
-			}
-			start := time.Now()
-			next = next.Add(phase)
-			time.Sleep(time.Until(next))
-			spans = append(spans, span{start.Sub(t0).Milliseconds(), time.Since(t0).Milliseconds(), on})
+			return err
 		}
-		// Last phase: attached, with run-time statistics.
-		stats, err := ebpf.EnableStats(0) // BPF_STATS_RUN_TIME
-		if err != nil {
+		fail := func(err error) {
+			stop()
 			b.Fatal(err)
 		}
-		if !p.attachedLocked() {
-			b.Fatal("probes detached in the statistics phase")
+		time.Sleep(time.Second) // fio start-up counts for neither side
+
+		// Phases alternate off, on, off, ..., off: 2*rounds+1 of them.
+		rates := make([]float64, 2*rounds+1)
+		for ph := range rates {
+			toggle := off
+			if ph%2 == 1 {
+				toggle = on
+			}
+			if err := toggle(); err != nil {
+				fail(err)
+			}
+			time.Sleep(settle)
+			n0, t0, err := readsCompleted(statPath)
+			if err != nil {
+				fail(err)
+			}
+			time.Sleep(phase)
+			n1, t1, err := readsCompleted(statPath)
+			if err != nil {
+				fail(err)
+			}
+			rates[ph] = float64(n1-n0) / t1.Sub(t0).Seconds()
 		}
-		before := progRuntime(b, p)
-		time.Sleep(time.Until(next.Add(phase)))
-		after := progRuntime(b, p)
+		if slices.Contains(rates, 0) {
+			fail(fmt.Errorf("no reads completed in a phase (rates %v): fio not running?", rates))
+		}
+		var ratios, offs []float64
+		for r := range rounds {
+			off := (rates[2*r] + rates[2*r+2]) / 2
+			ratios = append(ratios, rates[2*r+1]/off)
+		}
+		for ph := 0; ph < len(rates); ph += 2 {
+			offs = append(offs, rates[ph])
+		}
+
+		// Statistics phase: attached, with run-time statistics, next to
+		// the empty program.
+		if err := off(); err != nil {
+			fail(err)
+		}
+		if err := p.attach(); err != nil {
+			fail(err)
+		}
+		el, err := link.AttachTracing(link.TracingOptions{Program: empty, AttachType: ebpf.AttachTraceRawTp})
+		if err != nil {
+			fail(err)
+		}
+		stats, err := ebpf.EnableStats(uint32(0)) // BPF_STATS_RUN_TIME
+		if err != nil {
+			el.Close()
+			fail(err)
+		}
+		time.Sleep(settle)
+		before := progStats(b, p, empty)
+		time.Sleep(statsFor)
+		after := progStats(b, p, empty)
 		stats.Close()
-		if err := cmd.Wait(); err != nil {
+		el.Close()
+		if err := stop(); err != nil {
 			b.Fatalf("fio: %v", err)
 		}
 		snap, err := p.Snapshot()
@@ -111,92 +204,139 @@ func BenchmarkProbeOverhead(b *testing.B) {
 			b.Fatalf("probes accounted nothing (%v)", err)
 		}
 
-		offs, ons := phaseSamples(b, filepath.Join(logDir, "r_iops.1.log"), sampleMs, func(at int64) (on, ok bool) {
-			// The sample covers (at-sampleMs, at] of fio's clock, which
-			// starts a little after t0: allow 50ms of slack.
-			for _, s := range spans {
-				if at-sampleMs >= s.from+50 && at <= s.to {
-					return s.on, true
-				}
+		perRun := func(j int) float64 {
+			n := after[j].RunCount - before[j].RunCount
+			if n == 0 {
+				b.Fatalf("program %d never ran in the statistics phase", j)
 			}
-			return false, false
-		})
-		if len(offs) < 3 || len(ons) < 3 {
-			b.Fatalf("too few samples: %d off, %d on", len(offs), len(ons))
+			return float64(after[j].Runtime-before[j].Runtime) / float64(n)
 		}
-		mOff, mOn := median(offs), median(ons)
-		b.Logf("%d samples off, %d on; median IOPS off %.0f, on %.0f", len(offs), len(ons), mOff, mOn)
-		b.ReportMetric(mOff, "iops-off")
-		b.ReportMetric(mOn, "iops-on")
-		b.ReportMetric(mOn/mOff, "on/off")
-		if n := after.starts - before.starts; n > 0 {
-			b.ReportMetric(float64(after.ns-before.ns)/float64(n), "bpf-ns/req")
-		}
+		doneNs, startNs, emptyNs := perRun(0), perRun(1), perRun(2)
+		// Requests: runs of the start program. Completions run at least
+		// once per request (more when a request completes in parts).
+		reqs := float64(after[1].RunCount - before[1].RunCount)
+		bpfNs := (float64(after[0].Runtime-before[0].Runtime) + float64(after[1].Runtime-before[1].Runtime)) / reqs
+		ratio, iopsOff := median(ratios), median(offs)
+		nsPerIO := 1e9 / iopsOff
+		implied := 1 - bpfNs/nsPerIO
+		b.ReportMetric(ratio, "on/off")
+		b.ReportMetric(iopsOff, "iops-off")
+		b.ReportMetric(startNs, p.progs[1]+"-ns/run")
+		b.ReportMetric(doneNs, p.progs[0]+"-ns/run")
+		b.ReportMetric(emptyNs, "empty-ns/run")
+		b.ReportMetric(bpfNs, "bpf-ns/req")
+		b.ReportMetric(implied, "implied-on/off")
+		sorted := slices.Clone(ratios)
+		slices.Sort(sorted)
+		b.Logf("per-round on/off ratios (sorted): %s", fmtFloats(sorted))
+		lo, hi := medianCI(sorted)
+		fmt.Printf("PROBE-OVERHEAD on/off=%.4f (median of %d rounds, 95%% CI %.4f..%.4f; off %.0f IOPS) "+
+			"bpf=%.0f ns/req (%s %.0f + %s %.0f ns/run; empty program %.0f ns/run) implied on/off>=%.4f (%.0f ns/IO)\n",
+			ratio, rounds, lo, hi, iopsOff,
+			bpfNs, p.progs[1], startNs, p.progs[0], doneNs, emptyNs, implied, nsPerIO)
 	}
 }
 
-type runtimeTotals struct{ ns, starts uint64 }
-
-// progRuntime sums the kernel's run-time statistics of the attached
-// programs; starts counts requests (one run of the start program each).
-func progRuntime(b *testing.B, p *Probe) runtimeTotals {
-	var t runtimeTotals
-	for i, name := range p.progs {
-		st, err := p.coll.Programs[name].Stats()
-		if err != nil {
-			b.Fatal(err)
-		}
-		t.ns += uint64(st.Runtime)
-		if i == 1 {
-			t.starts = st.RunCount
-		}
+// readsCompleted returns the device's completed reads (the first field of
+// its sysfs stat file) and when they were read.
+func readsCompleted(path string) (uint64, time.Time, error) {
+	raw, err := os.ReadFile(path)
+	now := time.Now()
+	if err != nil {
+		return 0, now, err
 	}
-	return t
+	f := strings.Fields(string(raw))
+	if len(f) == 0 {
+		return 0, now, fmt.Errorf("%s: empty", path)
+	}
+	n, err := strconv.ParseUint(f[0], 10, 64)
+	return n, now, err
 }
 
-func (p *Probe) attachedLocked() bool { return len(p.links) == 2 }
-
-// phaseSamples reads a fio IOPS log and sorts its samples by side.
-func phaseSamples(b *testing.B, path string, sampleMs int64, side func(at int64) (on, ok bool)) (offs, ons []float64) {
-	f, err := os.Open(path)
+// emptyProgram loads a program that returns at once, for tracepoint tp:
+// its run time is the floor that the statistics and the dispatch add to
+// every program.
+func emptyProgram(b *testing.B, tp string) *ebpf.Program {
+	kspec, err := btf.LoadKernelSpec()
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fl := strings.Split(sc.Text(), ",")
-		if len(fl) < 2 {
-			continue
-		}
-		at, err1 := strconv.ParseInt(strings.TrimSpace(fl[0]), 10, 64)
-		v, err2 := strconv.ParseFloat(strings.TrimSpace(fl[1]), 64)
-		if err1 != nil || err2 != nil {
-			b.Fatalf("fio log line %q", sc.Text())
-		}
-		if on, ok := side(at); ok {
-			if on {
-				ons = append(ons, v)
-			} else {
-				offs = append(offs, v)
-			}
-		}
-	}
-	if err := sc.Err(); err != nil {
+	prog, err := ebpf.NewProgramWithOptions(&ebpf.ProgramSpec{
+		Name:         "empty",
+		Type:         ebpf.Tracing,
+		AttachType:   ebpf.AttachTraceRawTp,
+		AttachTo:     tp,
+		License:      "GPL",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+	}, ebpf.ProgramOptions{KernelTypes: kspec})
+	if err != nil {
 		b.Fatal(err)
 	}
-	if dbg := os.Getenv("PROBE_BENCH_DEBUG"); dbg != "" {
-		raw, _ := os.ReadFile(path)
-		os.WriteFile(dbg, []byte(fmt.Sprintf("off %v\non %v\nlog:\n%s", offs, ons, raw)), 0o644)
+	return prog
+}
+
+// progStats reads the run-time statistics of the completion program, the
+// start program and the empty program, in that order.
+func progStats(b *testing.B, p *Probe, empty *ebpf.Program) [3]*ebpf.ProgramStats {
+	var out [3]*ebpf.ProgramStats
+	for i, prog := range []*ebpf.Program{p.coll.Programs[p.progs[0]], p.coll.Programs[p.progs[1]], empty} {
+		st, err := prog.Stats()
+		if err != nil {
+			b.Fatal(err)
+		}
+		out[i] = st
 	}
-	return offs, ons
+	return out
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+func envDuration(name string, def time.Duration) time.Duration {
+	if v, err := time.ParseDuration(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+func fmtFloats(v []float64) string {
+	s := make([]string, len(v))
+	for i, x := range v {
+		s[i] = strconv.FormatFloat(x, 'f', 3, 64)
+	}
+	return strings.Join(s, " ")
 }
 
 func median(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
-	if len(s)%2 == 1 {
-		return s[len(s)/2]
+	return quantile(s, 0.5)
+}
+
+// medianCI returns the order statistics of sorted s that bound its median
+// with about 95% confidence whatever the distribution (binomial, normal
+// approximation).
+func medianCI(s []float64) (lo, hi float64) {
+	n := float64(len(s))
+	d := 0.98 * math.Sqrt(n)
+	i := max(int(math.Floor(n/2-d)), 0)
+	j := min(int(math.Ceil(n/2+d)), len(s)-1)
+	return s[i], s[j]
+}
+
+// quantile interpolates linearly in sorted s.
+func quantile(s []float64, q float64) float64 {
+	if len(s) == 0 {
+		return 0
 	}
-	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	pos := q * float64(len(s)-1)
+	i := int(pos)
+	if i+1 >= len(s) {
+		return s[len(s)-1]
+	}
+	return s[i] + (pos-float64(i))*(s[i+1]-s[i])
 }

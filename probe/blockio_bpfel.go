@@ -18,10 +18,7 @@ type blockioInflightReq struct {
 	Rq       uint64
 	StartNs  uint64
 	CgroupId uint64
-	Bytes    uint64
-	Dev      uint32
-	Op       uint32
-	Pad      [3]uint64
+	Pad      [5]uint64
 }
 
 type blockioIoKey struct {

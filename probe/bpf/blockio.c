@@ -2,11 +2,19 @@
 /*
  * Per-cgroup block I/O accounting.
  *
- * Request start stamps a request in `inflight` (keyed by its address) with
- * the submitting cgroup, device, op class and start time; completion adds
- * the request, its bytes and its latency to per-CPU counters and a log2
- * histogram in `stats`. Nothing is sent to user space per event: the Go
- * side reads `stats` when it is asked for a snapshot.
+ * Completion adds the request's bytes, and once it is done its count and
+ * latency, to per-CPU counters and a log2 histogram in `stats`. Nothing
+ * is sent to user space per event: the Go side reads `stats` when it is
+ * asked for a snapshot.
+ *
+ * The completion needs the owning cgroup and the start time. Where the
+ * request carries both (a cgroup v2 blkcg on its bio whose cgroup has no
+ * descendants, and the block layer's own start stamp) the completion
+ * reads them off the request and the start program does nothing: the
+ * common case on a kubelet node with the io controller enabled down to
+ * the containers. Otherwise the start program records them in
+ * `inflight`, keyed by the request's address, and the completion looks
+ * them up there.
  *
  * Start: on 6.5+ kernels block_io_start, which fires in the submitter's
  * context when the block layer starts accounting the request; older
@@ -69,15 +77,13 @@ struct io_stats {
 };
 
 /* Padded to 64 bytes so that slots do not share cache lines: start and
- * completion usually run on different CPUs and each moves the line. */
+ * completion usually run on different CPUs and each moves the line.
+ * Device, op and bytes are read at completion from the request itself. */
 struct inflight_req {
 	__u64 rq; /* owner; 0 when free */
 	__u64 start_ns;
 	__u64 cgroup_id;
-	__u64 bytes;
-	__u32 dev;
-	__u32 op;
-	__u64 pad[3];
+	__u64 pad[5];
 };
 
 /* Non-zero accounts every device, zero only those in `devices`. A global
@@ -219,22 +225,52 @@ static __always_inline __u32 op_class(__u32 cmd_flags)
  * it; then the submitting task's cgroup is the more precise answer. On
  * hybrid hosts the blkcg belongs to v1 blkio and means nothing in v2, so
  * the task's cgroup is used.
+ *
+ * rq_blkcg returns the blkcg's cgroup when it is on v2, else NULL.
  */
-static __always_inline __u64 rq_cgroup(struct request *rq)
+static __always_inline struct cgroup *rq_blkcg(struct request *rq)
 {
-	__u64 cur = bpf_get_current_cgroup_id();
-
 	if (!bpf_core_field_exists(((struct bio *)0)->bi_blkg))
-		return cur;
+		return NULL;
 	struct bio *bio = rq->bio;
-	if (!bio || !bio->bi_blkg)
-		return cur;
-	struct cgroup *cg = bio->bi_blkg->blkcg->css.cgroup;
+	if (!bio)
+		return NULL;
+	struct blkcg_gq *blkg = bio->bi_blkg;
+	if (!blkg)
+		return NULL;
+	struct cgroup *cg = blkg->blkcg->css.cgroup;
 	if (!cg || cg->root->hierarchy_id != 0)
-		return cur;
+		return NULL;
+	return cg;
+}
+
+/*
+ * Whether the request alone answers the completion: its v2 blkcg cgroup
+ * has no descendants, so a submitter inside it can only sit in that very
+ * cgroup (the owner is the blkcg either way, with no need for the task),
+ * and the block layer stamped its start (the same clock as
+ * bpf_ktime_get_ns; it does whenever it keeps I/O statistics, the
+ * default). bios of different blkcgs are not merged, so rq->bio's blkcg
+ * holds for the whole request. Start and completion both ask; if a
+ * cgroup gains or loses a descendant in between, a skipped start shows
+ * as an unmatched completion and a needless record is reclaimed when the
+ * request (preallocated per tag) starts again.
+ */
+static __always_inline __u64 self_owned(struct request *rq, struct cgroup *cg)
+{
+	if (!cg || cg->nr_descendants != 0)
+		return 0;
+	return rq->start_time_ns;
+}
+
+/* The owner when the start program must record it, see rq_blkcg. */
+static __always_inline __u64 task_owner(struct cgroup *cg)
+{
+	if (!cg)
+		return bpf_get_current_cgroup_id();
 	__u64 id = cg->kn->id;
 	if (bpf_get_current_ancestor_cgroup_id(cg->level) == id)
-		return cur;
+		return bpf_get_current_cgroup_id();
 	return id;
 }
 
@@ -277,8 +313,10 @@ static __always_inline __u64 rq_key(struct request *rq, __u32 who)
 
 static __always_inline int on_start(struct request *rq)
 {
-	__u32 dev = rq_dev(rq);
-	if (!dev_wanted(dev))
+	if (!dev_wanted(rq_dev(rq)))
+		return 0;
+	struct cgroup *cg = rq_blkcg(rq);
+	if (self_owned(rq, cg))
 		return 0;
 
 	__u64 key = rq_key(rq, 0);
@@ -295,7 +333,8 @@ static __always_inline int on_start(struct request *rq)
 		if (!s)
 			return 0;
 		__u64 owner = s->rq;
-		/* Ours already: the request is being issued again (requeue). */
+		/* Ours already: the request is being issued again (requeue),
+		 * or its completion took the fast path. */
 		if (owner == key ||
 		    (owner == 0 && __sync_val_compare_and_swap(&s->rq, 0, key) == 0)) {
 			found = idx;
@@ -309,19 +348,10 @@ static __always_inline int on_start(struct request *rq)
 	struct inflight_req *slot = bpf_map_lookup_elem(&inflight, &found);
 	if (!slot)
 		return 0;
-	/* The block layer has already stamped the request (same clock as
-	 * bpf_ktime_get_ns) whenever it keeps I/O statistics, which is
-	 * always for block_io_start; it saves a clock read per request. */
-	__u64 start = 0;
-	if (bpf_core_field_exists(rq->start_time_ns))
-		start = rq->start_time_ns;
+	/* The block layer's stamp saves a clock read where it has one. */
+	__u64 start = rq->start_time_ns;
 	slot->start_ns = start ? start : bpf_ktime_get_ns();
-	slot->cgroup_id = rq_cgroup(rq);
-	/* Bytes are summed at completion: bios merged into the request after
-	 * block_io_start would be missed by its size now. */
-	slot->bytes = 0;
-	slot->dev = dev;
-	slot->op = op_class(rq->cmd_flags);
+	slot->cgroup_id = task_owner(cg);
 	return 0;
 }
 
@@ -329,58 +359,64 @@ static __always_inline int on_start(struct request *rq)
  * block_rq_complete fires at the top of blk_update_request, once per
  * (possibly partial) completion, with the bytes it completes; rq's
  * remaining length still includes them. The request is done when they
- * cover the rest.
+ * cover the rest. Bytes are added at every completion (bios merged into
+ * the request after its start are in them); the request, its latency and
+ * the release of its record only when it is done.
  */
 static __always_inline int on_complete(struct request *rq, __u32 nr_bytes)
 {
 	/* Filter first: completions on devices we do not account (the
 	 * node's own disks) then cost a lookup, not a probe of the table. */
-	if (!dev_wanted(rq_dev(rq)))
+	__u32 dev = rq_dev(rq);
+	if (!dev_wanted(dev))
 		return 0;
-	__u64 key = rq_key(rq, 1);
-	if (!key)
-		return 0;
-	__u32 h = rq_hash(key), found = INFLIGHT_SLOTS;
-#pragma unroll
-	for (int i = 0; i < INFLIGHT_PROBES; i++) {
-		__u32 idx = (h + i) & (INFLIGHT_SLOTS - 1);
-		struct inflight_req *s = bpf_map_lookup_elem(&inflight, &idx);
-		if (!s)
-			return 0;
-		if (s->rq == key) {
-			found = idx;
-			break;
-		}
-	}
-	if (found == INFLIGHT_SLOTS) {
-		/* Started before we attached or before the device was added,
-		 * or its start found no slot. */
-		count(CNT_NO_START);
-		return 0;
-	}
-	struct inflight_req *in = bpf_map_lookup_elem(&inflight, &found);
-	if (!in)
-		return 0;
-	/* Completions of one request do not race each other. */
-	in->bytes += nr_bytes;
-	if (nr_bytes < rq->__data_len)
-		return 0;
-
-	__u64 now = bpf_ktime_get_ns();
-	__u64 lat = now > in->start_ns ? now - in->start_ns : 0;
+	bool done = nr_bytes >= rq->__data_len;
+	struct cgroup *cg = rq_blkcg(rq);
 	struct io_key k = {
-		.cgroup_id = in->cgroup_id,
-		.dev = in->dev,
-		.op = in->op,
+		.dev = dev,
+		.op = op_class(rq->cmd_flags),
 	};
+	__u64 start = self_owned(rq, cg);
+	if (start) {
+		k.cgroup_id = cg->kn->id;
+	} else {
+		__u64 key = rq_key(rq, 1);
+		if (!key)
+			return 0;
+		__u32 h = rq_hash(key), found = INFLIGHT_SLOTS;
+#pragma unroll
+		for (int i = 0; i < INFLIGHT_PROBES; i++) {
+			__u32 idx = (h + i) & (INFLIGHT_SLOTS - 1);
+			struct inflight_req *s = bpf_map_lookup_elem(&inflight, &idx);
+			if (!s)
+				return 0;
+			if (s->rq == key) {
+				found = idx;
+				break;
+			}
+		}
+		if (found == INFLIGHT_SLOTS) {
+			/* Started before we attached or before the device was
+			 * added, or its start found no slot. */
+			count(CNT_NO_START);
+			return 0;
+		}
+		struct inflight_req *in = bpf_map_lookup_elem(&inflight, &found);
+		if (!in)
+			return 0;
+		k.cgroup_id = in->cgroup_id;
+		start = in->start_ns;
+		/* Release the slot only after copying it out; completions of
+		 * one request do not race each other. */
+		if (done)
+			__sync_fetch_and_and(&in->rq, 0);
+	}
 	/* A cache flush reaches the block layer as an empty write with
 	 * REQ_PREFLUSH (REQ_OP_FLUSH is only the flush machinery's own
-	 * request): a write that moved no data is a flush. */
-	if (k.op == OP_WRITE && in->bytes == 0)
+	 * request): a write that moved no data is a flush. Only a request's
+	 * last completion can be empty, and only if it moved no data before. */
+	if (done && k.op == OP_WRITE && nr_bytes == 0)
 		k.op = OP_FLUSH;
-	__u64 bytes = in->bytes;
-	/* Release the slot only after copying it out. */
-	__sync_fetch_and_and(&in->rq, 0);
 
 	struct io_stats *st = bpf_map_lookup_elem(&stats, &k);
 	if (!st) {
@@ -397,8 +433,12 @@ static __always_inline int on_complete(struct request *rq, __u32 nr_bytes)
 			return 0;
 		}
 	}
+	st->bytes += nr_bytes;
+	if (!done)
+		return 0;
+	__u64 now = bpf_ktime_get_ns();
+	__u64 lat = now > start ? now - start : 0;
 	st->ops += 1;
-	st->bytes += bytes;
 	st->lat_sum_ns += lat;
 	/* The empty asm hides slot's origin from clang, so the bound check
 	 * stays right before the access where older verifiers (6.1) need it

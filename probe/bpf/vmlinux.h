@@ -74,6 +74,7 @@ struct cgroup_subsys_state {
 struct cgroup {
 	struct cgroup_subsys_state self;
 	int level;
+	int nr_descendants;
 	struct kernfs_node *kn;
 	struct cgroup_root *root;
 };

@@ -93,3 +93,14 @@ func TestCollectorSourceError(t *testing.T) {
 		t.Error("gather succeeded although the snapshot failed")
 	}
 }
+
+func TestStatsEntriesFitTheBudget(t *testing.T) {
+	for _, c := range []struct {
+		ncpu int
+		want uint32
+	}{{2, 16384}, {8, 16384}, {64, 3048}, {128, 1524}, {1024, 1024}} {
+		if got := statsEntries(16384, 344, c.ncpu); got != c.want {
+			t.Errorf("statsEntries(16384, 344, %d) = %d, want %d", c.ncpu, got, c.want)
+		}
+	}
+}

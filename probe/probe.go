@@ -143,6 +143,9 @@ func New(opts Options) (*Probe, error) {
 			delete(spec.Programs, name)
 		}
 	}
+	if ms := spec.Maps["stats"]; ms != nil {
+		ms.MaxEntries = statsEntries(ms.MaxEntries, ms.ValueSize, ebpf.MustPossibleCPU())
+	}
 	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
 		Programs: ebpf.ProgramOptions{KernelTypes: kspec},
 	})
@@ -457,4 +460,21 @@ func (p *Probe) Run(ctx context.Context, interval time.Duration) error {
 			}
 		}
 	}
+}
+
+// statsMemBudget bounds the preallocated memory of the per-CPU stats map
+// (entries × value size × possible CPUs): 16384 (pod, device) entries cost
+// 5.6 MB per CPU, over 700 MB on a 128-CPU node. A completion that finds
+// the map full is counted (Counters.StatsFull), not lost silently.
+const statsMemBudget = 64 << 20
+
+// statsEntries returns how many entries the stats map gets: the compiled-in
+// maximum, or fewer so that it fits statsMemBudget on ncpu CPUs, but never
+// below 1024 (a busy node's pods times its devices).
+func statsEntries(limit, valueSize uint32, ncpu int) uint32 {
+	if valueSize == 0 || ncpu <= 0 {
+		return limit
+	}
+	n := uint64(statsMemBudget) / (uint64(valueSize) * uint64(ncpu))
+	return uint32(min(uint64(limit), max(n, 1024)))
 }

@@ -98,6 +98,12 @@ type Volume struct {
 	gate   sync.RWMutex
 	closed bool
 
+	// refReads: every stage of pipe passes reads through unchanged, so a
+	// read may be answered by reference to engine memory
+	// (pipeline.FlagRef). True for the memory engine, whose profile stage
+	// neither prefetches nor buffers writes (profile.Options.InMemory).
+	refReads bool
+
 	readOnly atomic.Bool // mirrors spec.ReadOnly for the data path
 	// kernelLive is set while a kernel device of this daemon serves the
 	// volume (attached, or reconnected after a restart).
@@ -123,6 +129,9 @@ func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
 	defer v.gate.RUnlock()
 	if v.closed {
 		return pipeline.ErrShutdown
+	}
+	if !v.refReads {
+		r.Flags &^= pipeline.FlagRef
 	}
 	return v.pipe.Handle(ctx, r)
 }

@@ -241,6 +241,8 @@ func TestZeroAllocsPerRequest(t *testing.T) {
 		{"read4k", false, cmdRead, 4096},
 		{"write4k", false, cmdWrite, 4096},
 		{"read64k", false, cmdRead, 64 << 10},
+		{"read1m", false, cmdRead, 1 << 20},
+		{"write1m", false, cmdWrite, 1 << 20},
 		{"structured-read4k", true, cmdRead, 4096},
 	}
 	for _, tc := range cases {

@@ -41,7 +41,8 @@ type slot struct {
 	errno  uint32 // wire error; 0 = success
 	err    error  // handler error, for the structured error message
 	buf    *pbuf
-	charge int64 // payload bytes counted in conn.bufBytes
+	charge int64    // payload bytes counted in conn.bufBytes
+	refs   [][]byte // room for a read answered by reference (req.Ref)
 }
 
 type conn struct {
@@ -356,6 +357,15 @@ func (c *conn) check(s *slot, off uint64, length uint32) uint32 {
 	switch s.cmd {
 	case cmdRead:
 		s.req.Op = pipeline.OpRead
+		// Offer to take the data by reference: a memory engine then
+		// lends its pages and writev copies them to the socket once,
+		// instead of a copy into the payload buffer first. Room for one
+		// slice per MiB (the memory engine's chunk) and the two ends.
+		if s.refs == nil {
+			s.refs = make([][]byte, 0, int(c.maxPayload>>20)+2)
+		}
+		s.req.Flags |= pipeline.FlagRef
+		s.req.Ref = s.refs[:0]
 		allowed := uint16(cmdFlagFUA)
 		if c.structured {
 			allowed |= cmdFlagDF
@@ -553,6 +563,8 @@ func (c *conn) release(s *slot) {
 		s.buf = nil
 	}
 	s.req.Buf = nil
+	clear(s.req.Ref) // do not pin engine memory (a trimmed chunk) while idle
+	s.req.Ref = nil
 	s.err = nil
 	c.free <- s
 }
@@ -655,22 +667,41 @@ func (c *conn) encodeStructuredRead(s *slot) {
 	}
 }
 
-// addPayload appends the read data of s to the batch, by reference for
-// large payloads (writev, no copy) and by copy for small ones.
+// addPayload appends the read data of s to the batch: the engine's own
+// memory when it lent it (req.Ref), else the payload buffer. Large pieces
+// go by reference (writev, no copy), small ones are copied next to their
+// header. Lent memory is copied out by the writev that sends the reply, so
+// the reply still carries every write that completed before the read was
+// received.
 func (c *conn) addPayload(s *slot) {
-	p := s.req.Buf[:s.req.Length]
-	c.pending += len(p)
+	c.pending += int(s.req.Length)
+	held := false
+	if len(s.req.Ref) > 0 {
+		for _, p := range s.req.Ref {
+			held = c.addSeg(p) || held
+		}
+	} else {
+		held = c.addSeg(s.req.Buf[:s.req.Length])
+	}
+	if held {
+		c.held = append(c.held, s)
+		return
+	}
+	c.release(s)
+}
+
+// addSeg adds p to the batch and reports whether the batch references it.
+func (c *conn) addSeg(p []byte) bool {
 	if len(p) < iovMin {
 		c.wbuf = append(c.wbuf, p...)
-		c.release(s)
-		return
+		return false
 	}
 	if len(c.wbuf) > c.segOff {
 		c.iov = append(c.iov, c.wbuf[c.segOff:])
 		c.segOff = len(c.wbuf)
 	}
 	c.iov = append(c.iov, p)
-	c.held = append(c.held, s)
+	return true
 }
 
 // flush writes the batch and releases the slots it referenced. After a

@@ -54,6 +54,7 @@ type conn struct {
 	metaAlloc  bool   // base:allocation selected (for metaName)
 	metaName   string // export the meta context selection applies to
 	exp        Export
+	inl        Inliner                // exp, if it implements Inliner
 	published  atomic.Pointer[Export] // exp, for Server.Disconnect
 	minBS      uint32
 	maxPayload uint32
@@ -153,6 +154,7 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 		}
 	}
 	c.exp = e
+	c.inl, _ = e.(Inliner)
 	c.published.Store(&e)
 	c.minBS = max(e.MinBlockSize(), 1)
 	return c.transmit(ctx)
@@ -233,9 +235,16 @@ func (c *conn) transmit(parent context.Context) error {
 // readLoop reads requests until DISC, EOF, a protocol violation or
 // shutdown. It never holds a slot when it returns.
 func (c *conn) readLoop() error {
+	// Replies of requests run inline wait in the batch until the reader
+	// would block; on the way out they go now (transmit waits for their
+	// slots).
+	defer c.flushInline()
 	for {
 		if c.stopping.Load() {
 			return nil
+		}
+		if c.br.Buffered() < requestSize {
+			c.flushInline() // Peek may wait for the client
 		}
 		hdr, err := c.br.Peek(requestSize)
 		if err != nil {
@@ -260,6 +269,9 @@ func (c *conn) readLoop() error {
 		if cmd == cmdDisc {
 			return nil
 		}
+		if len(c.free) == 0 {
+			c.flushInline() // its slots come home
+		}
 		s := <-c.free
 		s.cookie, s.cmd, s.cmdFl = cookie, cmd, cmdFl
 		s.err = nil
@@ -275,6 +287,9 @@ func (c *conn) readLoop() error {
 				}
 			} else if length > 0 {
 				c.attachBuf(s, length)
+				if c.br.Buffered() < int(length) {
+					c.flushInline() // the payload may keep us waiting
+				}
 				if err := c.readPayload(s.req.Buf, 0); err != nil {
 					c.release(s)
 					return fmt.Errorf("nbd write payload: %w", err)
@@ -288,6 +303,10 @@ func (c *conn) readLoop() error {
 		}
 		if cmd == cmdRead {
 			c.attachBuf(s, length)
+		}
+		if c.inl != nil && c.inl.Inline(&s.req) {
+			c.runInline(s)
+			continue
 		}
 		if c.busy.Add(1) == 1 && c.br.Buffered() < requestSize && c.bellIdle.CompareAndSwap(true, false) {
 			// Nothing else in flight and the reader is about to wait
@@ -457,6 +476,7 @@ func (c *conn) attachBuf(s *slot, length uint32) {
 		if held == 0 || held+need <= c.srv.opts.MaxBufferBytes {
 			break
 		}
+		c.flushInline() // inline replies may hold buffers
 		<-c.bytesFree
 	}
 	c.bufBytes.Add(need)
@@ -500,6 +520,34 @@ func (c *conn) worker(s *slot) {
 			return
 		}
 	}
+}
+
+// runInline runs s on the reader (the export promised it cannot wait)
+// and adds its reply to the batch, which goes out when the reader would
+// block or the batch is full: a burst of requests costs one writev and
+// no goroutine wakeup.
+func (c *conn) runInline(s *slot) {
+	c.exec(s)
+	c.wmu.Lock()
+	c.encode(s)
+	if len(c.iov) >= maxBatchIov || c.pending >= maxBatchBytes || len(c.wbuf) > writeBufSize-4096 {
+		c.flush()
+	}
+	c.wmu.Unlock()
+}
+
+// flushInline writes the replies waiting in the batch. The reader calls it
+// before anything that may block: nothing else would send the replies of
+// requests it ran inline.
+func (c *conn) flushInline() {
+	if c.inl == nil {
+		return
+	}
+	c.wmu.Lock()
+	if len(c.wbuf) > 0 || len(c.iov) > 0 {
+		c.flush()
+	}
+	c.wmu.Unlock()
 }
 
 // bellWorker runs the requests rung on the doorbell, one at a time (the

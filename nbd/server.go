@@ -39,9 +39,13 @@
 //   - Back-pressure: a connection stops reading when MaxInFlight requests
 //     are in flight or their payloads hold MaxBufferBytes.
 //
-// The reader never runs a request itself, even when idle: a pipeline stage
-// may wait (QoS throttling, write coalescing) and must not stall the
-// reading of the requests behind it.
+// The reader does not run a request itself, even when idle: a pipeline
+// stage may wait (QoS throttling, write coalescing) and must not stall the
+// reading of the requests behind it. The exception is an export that
+// implements Inliner and vouches for a request: the reader runs it and
+// queues its reply, and writes the queued replies before anything that
+// may block it (reading from the socket, waiting for a slot or for
+// payload budget), so a reply never waits for a later request.
 package nbd
 
 import (
@@ -69,6 +73,18 @@ type Export interface {
 	// lengths must be multiples of it (a power of two).
 	MinBlockSize() uint32
 	PreferredBlockSize() uint32
+}
+
+// Inliner is implemented by exports that can tell that handling a request
+// will wait for nothing but CPU and memory: no throttling, no device I/O,
+// no timer, no lock held across any of those. The connection's reader
+// then runs such a request itself and batches its reply with the others
+// it reads in the same burst, saving a goroutine wakeup per request and
+// keeping a write's payload in the cache of the core that received it.
+// Inline is called for every request, so it must be cheap; a wrong true
+// stalls the connection (not others) while the request waits.
+type Inliner interface {
+	Inline(r *pipeline.Request) bool
 }
 
 // Exports is the set of exports a Server offers.

@@ -279,6 +279,9 @@ func (c *conn) readLoop() error {
 
 		errno := c.check(s, off, length)
 		if cmd == cmdWrite {
+			if c.br.Buffered() < int(length) {
+				c.flushInline() // the payload may keep us waiting
+			}
 			if errno != 0 {
 				// Consume the payload so the stream stays in sync.
 				if err := c.readPayload(nil, int(length)); err != nil {
@@ -287,9 +290,6 @@ func (c *conn) readLoop() error {
 				}
 			} else if length > 0 {
 				c.attachBuf(s, length)
-				if c.br.Buffered() < int(length) {
-					c.flushInline() // the payload may keep us waiting
-				}
 				if err := c.readPayload(s.req.Buf, 0); err != nil {
 					c.release(s)
 					return fmt.Errorf("nbd write payload: %w", err)

@@ -17,6 +17,17 @@
 // Handler, so a FLUSH on any connection covers every write already replied
 // to on all of them.
 //
+// READs offer the Handler to answer by reference (pipeline.FlagRef): a
+// memory engine then lends its pages and the reply's writev copies them to
+// the socket directly, one copy instead of two. The lent memory is live, so
+// the reply carries every write completed before the READ was received and
+// may carry any mix of old and new data of a write to the same range that
+// is in flight at the same time. NBD lets a server process requests in
+// flight in any order and promises no atomicity between overlapping ones
+// (the copying path could already show a multi-chunk write half done); a
+// client that needs an order waits for one reply before sending the
+// overlapping request, as the kernel and libnbd users do.
+//
 // Choices where the spec leaves room:
 //   - READ, TRIM and CACHE past the end of the export fail with EINVAL;
 //     WRITE and WRITE_ZEROES past the end fail with ENOSPC (proto.md "Error

@@ -137,6 +137,7 @@ func (m *Manager) open(s Spec) (*Volume, error) {
 	v.prof = m.newProfileStage(v, s, e) // io_profile: last before the engine
 	stages = append(stages, v.prof.Wrap)
 	v.pipe = pipeline.Chain(ioengine.Handler(e), stages...)
+	v.inMemory = s.Engine == ioengine.KindMemory
 	return v, nil
 }
 

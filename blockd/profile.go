@@ -26,7 +26,9 @@ func (m *Manager) newProfileStage(v *Volume, s Spec, e ioengine.Engine) *profile
 	if err != nil { // validate() admits only known profiles
 		p = profile.Auto
 	}
-	opts := profile.Options{Size: e.Size}
+	// A memory engine is as fast as the stage's cache and buffer: they
+	// would only add a copy per request.
+	opts := profile.Options{Size: e.Size, InMemory: s.Engine == ioengine.KindMemory}
 	opts.OnChange = func(eff profile.Profile) {
 		if m.metrics != nil {
 			m.metrics.setProfile(s.Name, eff)

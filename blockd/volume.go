@@ -98,6 +98,13 @@ type Volume struct {
 	gate   sync.RWMutex
 	closed bool
 
+	// inMemory: the engine is RAM and the profile stage neither
+	// prefetches nor buffers writes (profile.Options.InMemory), so every
+	// stage passes reads through unchanged (a read may be answered by
+	// reference to engine memory, pipeline.FlagRef) and reads and plain
+	// writes never wait for I/O (see Inline).
+	inMemory bool
+
 	readOnly atomic.Bool // mirrors spec.ReadOnly for the data path
 	// kernelLive is set while a kernel device of this daemon serves the
 	// volume (attached, or reconnected after a restart).
@@ -124,7 +131,31 @@ func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
 	if v.closed {
 		return pipeline.ErrShutdown
 	}
+	if !v.inMemory {
+		r.Flags &^= pipeline.FlagRef
+	}
 	return v.pipe.Handle(ctx, r)
+}
+
+// Inline implements nbd.Inliner: on a memory volume whose QoS lets
+// everything through, reads and plain writes wait for nothing (the profile
+// stage neither buffers nor group-commits them, the engine is RAM), so the
+// NBD reader may run them itself. FUA writes (group commit may wait),
+// flushes and the rest go to workers.
+func (v *Volume) Inline(r *pipeline.Request) bool {
+	if !v.inMemory {
+		return false
+	}
+	switch r.Op {
+	case pipeline.OpRead:
+	case pipeline.OpWrite:
+		if r.Flags&pipeline.FlagFUA != 0 {
+			return false
+		}
+	default:
+		return false
+	}
+	return v.qos == nil || v.qos.Bypassed()
 }
 
 // Size returns the volume's current size in bytes.

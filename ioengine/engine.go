@@ -34,6 +34,18 @@ type FUAWriter interface {
 	WriteAtFUA(p []byte, off int64) (int, error)
 }
 
+// RefReader is implemented by engines that keep the volume in memory and
+// can lend it for a read (pipeline.FlagRef): ReadRef appends to dst slices
+// of its memory holding [off, off+n), in order, and reports false, leaving
+// dst alone, when that would need more than cap(dst) slices. The range is
+// checked by the caller. The slices never alias memory that is reused for
+// other offsets, so they stay correct for as long as a frontend needs to
+// send them, apart from later writes to the same range (see
+// pipeline.Request.Ref).
+type RefReader interface {
+	ReadRef(dst [][]byte, off int64, n int) ([][]byte, bool)
+}
+
 // Kinds of engine, as stored in volume metadata.
 const (
 	KindFile   = "file"
@@ -63,12 +75,14 @@ func Open(kind, path string, size int64) (Engine, error) {
 func Handler(e Engine) pipeline.Handler {
 	h := &handler{e: e}
 	h.fua, _ = e.(FUAWriter)
+	h.ref, _ = e.(RefReader)
 	return h
 }
 
 type handler struct {
 	e   Engine
 	fua FUAWriter
+	ref RefReader
 }
 
 func (h *handler) Handle(_ context.Context, r *pipeline.Request) error {
@@ -77,6 +91,12 @@ func (h *handler) Handle(_ context.Context, r *pipeline.Request) error {
 	}
 	switch r.Op {
 	case pipeline.OpRead:
+		if r.Flags&pipeline.FlagRef != 0 && h.ref != nil {
+			if refs, ok := h.ref.ReadRef(r.Ref[:0], r.Offset, int(r.Length)); ok {
+				r.Ref = refs
+				return nil
+			}
+		}
 		_, err := h.e.ReadAt(r.Buf[:r.Length], r.Offset)
 		return err
 	case pipeline.OpWrite:

@@ -80,6 +80,42 @@ func (m *Memory) ReadAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
+// zeroChunk is what unwritten chunks lend to ReadRef. Nothing writes it;
+// as untouched zero memory it costs no RAM.
+var zeroChunk [memChunk]byte
+
+// ReadRef implements RefReader. A chunk's data array, once allocated, only
+// ever holds that chunk's bytes (Trim drops it rather than reusing it), so
+// a lent slice never shows another offset's data.
+func (m *Memory) ReadRef(dst [][]byte, off int64, n int) ([][]byte, bool) {
+	if n <= 0 {
+		return dst, true
+	}
+	first, last := off/memChunk, (off+int64(n)-1)/memChunk
+	if int(last-first+1) > cap(dst)-len(dst) {
+		return dst, false
+	}
+	cs := *m.chunks.Load()
+	if last >= int64(len(cs)) { // shrunk under the caller's range check
+		return dst, false
+	}
+	for rest := int64(n); rest > 0; {
+		c := cs[off/memChunk]
+		coff := off % memChunk
+		l := min(rest, memChunk-coff)
+		c.mu.RLock()
+		d := c.data
+		c.mu.RUnlock()
+		if d == nil {
+			d = zeroChunk[:]
+		}
+		dst = append(dst, d[coff:coff+l:coff+l])
+		off += l
+		rest -= l
+	}
+	return dst, true
+}
+
 // WriteAt implements Engine.
 func (m *Memory) WriteAt(p []byte, off int64) (int, error) {
 	if err := m.check(off, int64(len(p))); err != nil {

@@ -205,12 +205,13 @@ func reportCPU(b *testing.B, start time.Duration) {
 	b.ReportMetric(float64(cpuTime()-start)/float64(b.N), "cpu-ns/op")
 }
 
-func BenchmarkRead4K(b *testing.B)    { benchIO(b, cmdRead, 4096, 32) }
-func BenchmarkWrite4K(b *testing.B)   { benchIO(b, cmdWrite, 4096, 32) }
-func BenchmarkRead4KQD1(b *testing.B) { benchIO(b, cmdRead, 4096, 1) }
-func BenchmarkRead128K(b *testing.B)  { benchIO(b, cmdRead, 128<<10, 8) }
-func BenchmarkWrite128K(b *testing.B) { benchIO(b, cmdWrite, 128<<10, 8) }
-func BenchmarkRead1MQD4(b *testing.B) { benchIO(b, cmdRead, 1<<20, 4) }
+func BenchmarkRead4K(b *testing.B)     { benchIO(b, cmdRead, 4096, 32) }
+func BenchmarkWrite4K(b *testing.B)    { benchIO(b, cmdWrite, 4096, 32) }
+func BenchmarkRead4KQD1(b *testing.B)  { benchIO(b, cmdRead, 4096, 1) }
+func BenchmarkRead128K(b *testing.B)   { benchIO(b, cmdRead, 128<<10, 8) }
+func BenchmarkWrite128K(b *testing.B)  { benchIO(b, cmdWrite, 128<<10, 8) }
+func BenchmarkRead1MQD4(b *testing.B)  { benchIO(b, cmdRead, 1<<20, 4) }
+func BenchmarkWrite1MQD4(b *testing.B) { benchIO(b, cmdWrite, 1<<20, 4) }
 func BenchmarkStructuredRead4K(b *testing.B) {
 	nc := structuredConn(b, benchSpan)
 	l := newLoadClient(nc, true, cmdRead, 4096, benchSpan, 32)

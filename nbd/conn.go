@@ -41,7 +41,8 @@ type slot struct {
 	errno  uint32 // wire error; 0 = success
 	err    error  // handler error, for the structured error message
 	buf    *pbuf
-	charge int64 // payload bytes counted in conn.bufBytes
+	charge int64    // payload bytes counted in conn.bufBytes
+	refs   [][]byte // room for a read answered by reference (req.Ref)
 }
 
 type conn struct {
@@ -53,6 +54,7 @@ type conn struct {
 	metaAlloc  bool   // base:allocation selected (for metaName)
 	metaName   string // export the meta context selection applies to
 	exp        Export
+	inl        Inliner                // exp, if it implements Inliner
 	published  atomic.Pointer[Export] // exp, for Server.Disconnect
 	minBS      uint32
 	maxPayload uint32
@@ -152,6 +154,7 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 		}
 	}
 	c.exp = e
+	c.inl, _ = e.(Inliner)
 	c.published.Store(&e)
 	c.minBS = max(e.MinBlockSize(), 1)
 	return c.transmit(ctx)
@@ -232,9 +235,16 @@ func (c *conn) transmit(parent context.Context) error {
 // readLoop reads requests until DISC, EOF, a protocol violation or
 // shutdown. It never holds a slot when it returns.
 func (c *conn) readLoop() error {
+	// Replies of requests run inline wait in the batch until the reader
+	// would block; on the way out they go now (transmit waits for their
+	// slots).
+	defer c.flushInline()
 	for {
 		if c.stopping.Load() {
 			return nil
+		}
+		if c.br.Buffered() < requestSize {
+			c.flushInline() // Peek may wait for the client
 		}
 		hdr, err := c.br.Peek(requestSize)
 		if err != nil {
@@ -259,6 +269,9 @@ func (c *conn) readLoop() error {
 		if cmd == cmdDisc {
 			return nil
 		}
+		if len(c.free) == 0 {
+			c.flushInline() // its slots come home
+		}
 		s := <-c.free
 		s.cookie, s.cmd, s.cmdFl = cookie, cmd, cmdFl
 		s.err = nil
@@ -266,6 +279,9 @@ func (c *conn) readLoop() error {
 
 		errno := c.check(s, off, length)
 		if cmd == cmdWrite {
+			if c.br.Buffered() < int(length) {
+				c.flushInline() // the payload may keep us waiting
+			}
 			if errno != 0 {
 				// Consume the payload so the stream stays in sync.
 				if err := c.readPayload(nil, int(length)); err != nil {
@@ -287,6 +303,10 @@ func (c *conn) readLoop() error {
 		}
 		if cmd == cmdRead {
 			c.attachBuf(s, length)
+		}
+		if c.inl != nil && c.inl.Inline(&s.req) {
+			c.runInline(s)
+			continue
 		}
 		if c.busy.Add(1) == 1 && c.br.Buffered() < requestSize && c.bellIdle.CompareAndSwap(true, false) {
 			// Nothing else in flight and the reader is about to wait
@@ -356,6 +376,15 @@ func (c *conn) check(s *slot, off uint64, length uint32) uint32 {
 	switch s.cmd {
 	case cmdRead:
 		s.req.Op = pipeline.OpRead
+		// Offer to take the data by reference: a memory engine then
+		// lends its pages and writev copies them to the socket once,
+		// instead of a copy into the payload buffer first. Room for one
+		// slice per MiB (the memory engine's chunk) and the two ends.
+		if s.refs == nil {
+			s.refs = make([][]byte, 0, int(c.maxPayload>>20)+2)
+		}
+		s.req.Flags |= pipeline.FlagRef
+		s.req.Ref = s.refs[:0]
 		allowed := uint16(cmdFlagFUA)
 		if c.structured {
 			allowed |= cmdFlagDF
@@ -447,6 +476,7 @@ func (c *conn) attachBuf(s *slot, length uint32) {
 		if held == 0 || held+need <= c.srv.opts.MaxBufferBytes {
 			break
 		}
+		c.flushInline() // inline replies may hold buffers
 		<-c.bytesFree
 	}
 	c.bufBytes.Add(need)
@@ -490,6 +520,34 @@ func (c *conn) worker(s *slot) {
 			return
 		}
 	}
+}
+
+// runInline runs s on the reader (the export promised it cannot wait)
+// and adds its reply to the batch, which goes out when the reader would
+// block or the batch is full: a burst of requests costs one writev and
+// no goroutine wakeup.
+func (c *conn) runInline(s *slot) {
+	c.exec(s)
+	c.wmu.Lock()
+	c.encode(s)
+	if len(c.iov) >= maxBatchIov || c.pending >= maxBatchBytes || len(c.wbuf) > writeBufSize-4096 {
+		c.flush()
+	}
+	c.wmu.Unlock()
+}
+
+// flushInline writes the replies waiting in the batch. The reader calls it
+// before anything that may block: nothing else would send the replies of
+// requests it ran inline.
+func (c *conn) flushInline() {
+	if c.inl == nil {
+		return
+	}
+	c.wmu.Lock()
+	if len(c.wbuf) > 0 || len(c.iov) > 0 {
+		c.flush()
+	}
+	c.wmu.Unlock()
 }
 
 // bellWorker runs the requests rung on the doorbell, one at a time (the
@@ -553,6 +611,8 @@ func (c *conn) release(s *slot) {
 		s.buf = nil
 	}
 	s.req.Buf = nil
+	clear(s.req.Ref) // do not pin engine memory (a trimmed chunk) while idle
+	s.req.Ref = nil
 	s.err = nil
 	c.free <- s
 }
@@ -655,22 +715,41 @@ func (c *conn) encodeStructuredRead(s *slot) {
 	}
 }
 
-// addPayload appends the read data of s to the batch, by reference for
-// large payloads (writev, no copy) and by copy for small ones.
+// addPayload appends the read data of s to the batch: the engine's own
+// memory when it lent it (req.Ref), else the payload buffer. Large pieces
+// go by reference (writev, no copy), small ones are copied next to their
+// header. Lent memory is copied out by the writev that sends the reply, so
+// the reply still carries every write that completed before the read was
+// received.
 func (c *conn) addPayload(s *slot) {
-	p := s.req.Buf[:s.req.Length]
-	c.pending += len(p)
+	c.pending += int(s.req.Length)
+	held := false
+	if len(s.req.Ref) > 0 {
+		for _, p := range s.req.Ref {
+			held = c.addSeg(p) || held
+		}
+	} else {
+		held = c.addSeg(s.req.Buf[:s.req.Length])
+	}
+	if held {
+		c.held = append(c.held, s)
+		return
+	}
+	c.release(s)
+}
+
+// addSeg adds p to the batch and reports whether the batch references it.
+func (c *conn) addSeg(p []byte) bool {
 	if len(p) < iovMin {
 		c.wbuf = append(c.wbuf, p...)
-		c.release(s)
-		return
+		return false
 	}
 	if len(c.wbuf) > c.segOff {
 		c.iov = append(c.iov, c.wbuf[c.segOff:])
 		c.segOff = len(c.wbuf)
 	}
 	c.iov = append(c.iov, p)
-	c.held = append(c.held, s)
+	return true
 }
 
 // flush writes the batch and releases the slots it referenced. After a

@@ -214,9 +214,32 @@ func TestInteropQemuIO(t *testing.T) {
 	}
 }
 
+// memoryServer serves "disk", a 64 MiB memory-engine export that lends
+// its memory for reads and lets the reader run reads and writes inline
+// (the daemon's memory volumes).
+func memoryServer(t *testing.T) fileExports {
+	t.Helper()
+	e, _ := memExport(t, 64<<20)
+	exps := exportSet{"disk": &inlineExport{testExport: e}}
+	_, addr := startServer(t, exps, Options{})
+	return fileExports{exps: exps, addr: addr, uri: func(name string) string {
+		return "nbd://" + addr + "/" + name
+	}}
+}
+
+// servers runs fn against the file-engine server and the inline memory
+// server.
+func servers(t *testing.T, fn func(t *testing.T, fs fileExports)) {
+	t.Run("file", func(t *testing.T) { fn(t, fileServer(t)) })
+	t.Run("memory-inline", func(t *testing.T) { fn(t, memoryServer(t)) })
+}
+
 func TestInteropFio(t *testing.T) {
 	bin := need(t, "fio")
-	fs := fileServer(t)
+	servers(t, func(t *testing.T, fs fileExports) { interopFio(t, bin, fs) })
+}
+
+func interopFio(t *testing.T, bin string, fs fileExports) {
 	out := run(t, 3*time.Minute, bin,
 		"--name=verify", "--ioengine=nbd", "--uri="+fs.uri("disk"),
 		"--rw=randwrite", "--bsrange=4k-128k", "--numjobs=4",
@@ -302,7 +325,10 @@ print("nbdsh checks passed")
 // block status to find holes.
 func TestInteropNbdcopy(t *testing.T) {
 	bin := need(t, "nbdcopy")
-	fs := fileServer(t)
+	servers(t, func(t *testing.T, fs fileExports) { interopNbdcopy(t, bin, fs) })
+}
+
+func interopNbdcopy(t *testing.T, bin string, fs fileExports) {
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.raw")
 	data := make([]byte, 64<<20)

@@ -17,6 +17,17 @@
 // Handler, so a FLUSH on any connection covers every write already replied
 // to on all of them.
 //
+// READs offer the Handler to answer by reference (pipeline.FlagRef): a
+// memory engine then lends its pages and the reply's writev copies them to
+// the socket directly, one copy instead of two. The lent memory is live, so
+// the reply carries every write completed before the READ was received and
+// may carry any mix of old and new data of a write to the same range that
+// is in flight at the same time. NBD lets a server process requests in
+// flight in any order and promises no atomicity between overlapping ones
+// (the copying path could already show a multi-chunk write half done); a
+// client that needs an order waits for one reply before sending the
+// overlapping request, as the kernel and libnbd users do.
+//
 // Choices where the spec leaves room:
 //   - READ, TRIM and CACHE past the end of the export fail with EINVAL;
 //     WRITE and WRITE_ZEROES past the end fail with ENOSPC (proto.md "Error
@@ -39,9 +50,13 @@
 //   - Back-pressure: a connection stops reading when MaxInFlight requests
 //     are in flight or their payloads hold MaxBufferBytes.
 //
-// The reader never runs a request itself, even when idle: a pipeline stage
-// may wait (QoS throttling, write coalescing) and must not stall the
-// reading of the requests behind it.
+// The reader does not run a request itself, even when idle: a pipeline
+// stage may wait (QoS throttling, write coalescing) and must not stall the
+// reading of the requests behind it. The exception is an export that
+// implements Inliner and vouches for a request: the reader runs it and
+// queues its reply, and writes the queued replies before anything that
+// may block it (reading from the socket, waiting for a slot or for
+// payload budget), so a reply never waits for a later request.
 package nbd
 
 import (
@@ -69,6 +84,18 @@ type Export interface {
 	// lengths must be multiples of it (a power of two).
 	MinBlockSize() uint32
 	PreferredBlockSize() uint32
+}
+
+// Inliner is implemented by exports that can tell that handling a request
+// will wait for nothing but CPU and memory: no throttling, no device I/O,
+// no timer, no lock held across any of those. The connection's reader
+// then runs such a request itself and batches its reply with the others
+// it reads in the same burst, saving a goroutine wakeup per request and
+// keeping a write's payload in the cache of the core that received it.
+// Inline is called for every request, so it must be cheap; a wrong true
+// stalls the connection (not others) while the request waits.
+type Inliner interface {
+	Inline(r *pipeline.Request) bool
 }
 
 // Exports is the set of exports a Server offers.

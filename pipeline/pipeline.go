@@ -47,6 +47,13 @@ const (
 	FlagFUA Flags = 1 << iota
 	// FlagNoHole asks WriteZeroes to allocate rather than punch a hole.
 	FlagNoHole
+	// FlagRef, on an OpRead, lets the handler answer by reference (see
+	// Request.Ref) instead of copying into Buf. A frontend sets it when it
+	// can send Ref; a stage that needs the data in Buf (to read or change
+	// it after the next handler returns) must clear it before passing the
+	// request on. The daemon keeps it only on pipelines that pass reads
+	// through unchanged.
+	FlagRef
 )
 
 // Request is one block I/O. Frontends own Requests and their buffers (they
@@ -59,6 +66,19 @@ type Request struct {
 	// Buf is the data for OpWrite and the destination for OpRead, with
 	// len(Buf) == Length. It is nil for every other op.
 	Buf []byte
+	// Ref is where a handler answers an OpRead that carries FlagRef
+	// without copying: it appends, in order, slices of the engine's own
+	// memory that hold the Length bytes, and leaves Buf alone. It never
+	// appends past cap(Ref) (the frontend provides the room; a handler
+	// without enough fills Buf instead), so an empty Ref after success
+	// means the data is in Buf. The slices stay valid while referenced,
+	// but they are live: a write that completes later changes them. The
+	// frontend therefore copies them out (sends them) before it replies,
+	// and a read overlapping a write that is in flight at the same time
+	// may see any mix of old and new data, which NBD and the block layer
+	// leave undefined anyway. A read still sees every write that
+	// completed before it was received.
+	Ref [][]byte
 }
 
 // End returns the first byte past the request.

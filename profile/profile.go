@@ -107,6 +107,12 @@ type Options struct {
 	// before it starts the engine flush, once concurrency was seen
 	// (default 250µs; negative: never wait).
 	CommitDelay time.Duration
+	// InMemory says the engine keeps the volume in RAM: prefetching into
+	// the cache and buffering writes would each add a memory copy per
+	// request and save no engine latency, so the stage does neither (the
+	// classifier, group commit and the read-ahead hint still follow the
+	// profile).
+	InMemory bool
 	// OnChange, if set, is called with the new effective profile each
 	// time it changes (and once from New). It runs on the stage's own
 	// goroutine or in SetProfile, never on the data path.
@@ -209,7 +215,7 @@ func (s *Stage) Wrap(next pipeline.Handler) pipeline.Handler {
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Add(1)
 	go s.run()
-	for i := 0; i < s.opts.PrefetchWorkers; i++ {
+	for i := 0; i < s.opts.PrefetchWorkers && !s.opts.InMemory; i++ {
 		s.wg.Add(1)
 		go s.cache.worker(s.ctx, &s.wg)
 	}
@@ -363,7 +369,8 @@ func (s *Stage) observe(r *pipeline.Request, p Profile) {
 	default:
 		return
 	}
-	seq, from, to := s.streams.observe(r.Offset, r.End(), r.Op == pipeline.OpRead && p == Sequential, s.opts.CacheBytes/2)
+	prefetch := r.Op == pipeline.OpRead && p == Sequential && !s.opts.InMemory
+	seq, from, to := s.streams.observe(r.Offset, r.End(), prefetch, s.opts.CacheBytes/2)
 	s.cls.observe(r, seq)
 	if to > from {
 		s.cache.schedule(from, to)
@@ -394,7 +401,7 @@ const maxBuffered = 128 << 10
 
 func (s *Stage) write(ctx context.Context, r *pipeline.Request, p Profile) error {
 	fua := r.Flags&pipeline.FlagFUA != 0
-	if p == Sequential && !fua && r.Length <= maxBuffered {
+	if p == Sequential && !fua && r.Length <= maxBuffered && !s.opts.InMemory {
 		if r.Offset < 0 || r.End() > s.opts.Size() {
 			return pipeline.ErrOutOfRange
 		}

@@ -400,6 +400,11 @@ func (v *VolumeQoS) Close() error {
 	return nil
 }
 
+// Bypassed reports whether Wait returns at once right now (no caps on the
+// volume, unlimited node capacity, not closed). Frontends use it to run a
+// request without a goroutine of its own.
+func (v *VolumeQoS) Bypassed() bool { return v.bypass.Load() && v.n.unlimited.Load() }
+
 // Wait blocks until the volume's QoS lets a request of this kind through:
 // write is true for writes, trims and write-zeroes; bytes is the data it
 // moves. It returns ctx.Err() if ctx ends first (the request gives up its

@@ -1,0 +1,68 @@
+package blockd
+
+import (
+	"context"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/qos"
+)
+
+// TestFastPathsFollowPipeline: only a memory volume whose QoS lets
+// everything through runs reads and plain writes on the NBD reader, and
+// only a memory volume answers reads by reference.
+func TestFastPathsFollowPipeline(t *testing.T) {
+	qn, err := qos.NewNode(qos.Capacity{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer qn.Close()
+	m, err := openManager(t.TempDir(), quietLog(), NewMetrics(prometheus.NewRegistry()), qn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	for _, s := range []Spec{{Name: "mem", Size: 8 << 20, Engine: "memory"}, {Name: "file", Size: 8 << 20, Engine: "file"}} {
+		if _, err := m.Create(s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mem, _ := m.Get("mem")
+	file, _ := m.Get("file")
+	read := &pipeline.Request{Op: pipeline.OpRead, Length: 4096}
+	write := &pipeline.Request{Op: pipeline.OpWrite, Length: 4096}
+	fua := &pipeline.Request{Op: pipeline.OpWrite, Flags: pipeline.FlagFUA, Length: 4096}
+	flush := &pipeline.Request{Op: pipeline.OpFlush}
+	for _, tc := range []struct {
+		v    *Volume
+		r    *pipeline.Request
+		want bool
+	}{{mem, read, true}, {mem, write, true}, {mem, fua, false}, {mem, flush, false}, {file, read, false}, {file, write, false}} {
+		if got := tc.v.Inline(tc.r); got != tc.want {
+			t.Errorf("%s: Inline(%v flags %d) = %v, want %v", tc.v.Name(), tc.r.Op, tc.r.Flags, got, tc.want)
+		}
+	}
+	// A cap means QoS may hold requests back: no more inline requests.
+	if _, err := m.Update("mem", func(s *Spec) error { s.QoS = qos.Limits{IOPS: 1000}; return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if mem.Inline(read) {
+		t.Error("Inline is true on a volume with an IOPS cap")
+	}
+
+	for _, tc := range []struct {
+		v     *Volume
+		byRef bool
+	}{{mem, true}, {file, false}} {
+		r := pipeline.Request{Op: pipeline.OpRead, Flags: pipeline.FlagRef, Offset: 0, Length: 4096,
+			Buf: make([]byte, 4096), Ref: make([][]byte, 0, 4)}
+		if err := tc.v.Handle(context.Background(), &r); err != nil {
+			t.Fatal(err)
+		}
+		if (len(r.Ref) > 0) != tc.byRef {
+			t.Errorf("%s: read answered by reference %v, want %v", tc.v.Name(), len(r.Ref) > 0, tc.byRef)
+		}
+	}
+}

@@ -27,6 +27,9 @@ func (m *Manager) newProfileStage(v *Volume, s Spec, e ioengine.Engine) *profile
 		p = profile.Auto
 	}
 	opts := profile.Options{Size: e.Size}
+	if c, ok := e.(ioengine.CachedWriter); ok {
+		opts.Cached = c // db writes through the page cache
+	}
 	opts.OnChange = func(eff profile.Profile) {
 		if m.metrics != nil {
 			m.metrics.setProfile(s.Name, eff)

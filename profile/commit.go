@@ -38,15 +38,19 @@ type groupCommit struct {
 	// only by a flush this stage runs.
 	writes atomic.Uint64
 
-	mu       sync.Mutex
-	cond     sync.Cond
-	running  int
-	inside   int // callers in flush (tests wait for arrivals on it)
-	leading  uint64 // the highest count a running engine flush covers
-	covered  uint64 // the highest count a successful engine flush covers
-	finished uint64 // engine flushes finished
-	failedAt uint64 // finished's value when the last failure finished (0: none)
-	err      error  // that failure
+	mu      sync.Mutex
+	cond    sync.Cond
+	running int
+	inside  int    // callers in flush (tests wait for arrivals on it)
+	leading uint64 // the highest count a running engine flush covers
+	covered uint64 // the highest count a successful engine flush covers
+	// err is the first engine flush failure. It is sticky: every later
+	// FLUSH fails too. A failed fdatasync means writes that completed
+	// before it (page-cache writes above all, whose own calls succeeded)
+	// may be lost, and the kernel reports that to one fdatasync only; a
+	// later flush that succeeded would prove nothing about them, and every
+	// later FLUSH covers them.
+	err      error
 	maxSyncs int
 	reqs     []pipeline.Request // one per slot
 	counts   []uint64           // the count each running slot covers
@@ -75,26 +79,19 @@ func (g *groupCommit) wrote() { g.writes.Add(1) }
 
 // flush returns when every write that completed before the call is
 // durable: an engine flush that started after the last of them completed
-// has finished. If any engine flush failed after the call began, its
-// error is returned, even if it covered other writes and a later one
-// succeeded: an fdatasync reports a writeback error to one caller only,
-// so the failure may have been this caller's data.
+// has finished. Once an engine flush has failed, it returns that error.
 func (g *groupCommit) flush(ctx context.Context) error {
 	w := g.writes.Load()
 	g.mu.Lock()
-	arrived := g.finished
 	g.inside++
-	for g.covered < w && g.failedAt <= arrived {
+	for g.covered < w && g.err == nil {
 		if g.leading >= w || g.running >= g.maxSyncs {
 			g.cond.Wait() // a running flush covers w, or the slots are full
 			continue
 		}
 		g.leadLocked(ctx)
 	}
-	var err error
-	if g.failedAt > arrived {
-		err = g.err
-	}
+	err := g.err
 	g.inside--
 	g.mu.Unlock()
 	return err
@@ -118,9 +115,10 @@ func (g *groupCommit) leadLocked(ctx context.Context) {
 	g.mu.Lock()
 	g.free = append(g.free, slot)
 	g.running--
-	g.finished++
 	if err != nil {
-		g.failedAt, g.err = g.finished, err
+		if g.err == nil {
+			g.err = err
+		}
 	} else {
 		g.covered = max(g.covered, count)
 	}

@@ -462,8 +462,8 @@ func TestFlushWithoutWritesSkipsEngine(t *testing.T) {
 	}
 }
 
-// A failed engine flush fails the FLUSHes waiting for it, and the next
-// FLUSH runs a new engine flush rather than trusting the failed one.
+// A failed engine flush fails the FLUSHes waiting for it and every later
+// one: they all cover the writes it may have lost.
 func TestGroupCommitFlushError(t *testing.T) {
 	b := newBlocking()
 	b.fail = errors.New("injected")
@@ -482,15 +482,15 @@ func TestGroupCommitFlushError(t *testing.T) {
 			t.Fatalf("FLUSH %d during a failing engine flush returned %v", i, err)
 		}
 	}
-	b.fail = nil
-	go func() { done <- handle(h, pipeline.OpFlush) }()
-	select {
-	case <-b.started:
-	case err := <-done:
-		t.Fatalf("FLUSH after a failed engine flush returned %v without flushing", err)
+	handle(h, pipeline.OpWrite)
+	if err := handle(h, pipeline.OpFlush); !errors.Is(err, b.fail) {
+		t.Fatalf("FLUSH after a failed engine flush returned %v", err)
 	}
-	b.release <- struct{}{}
-	if err := <-done; err != nil {
-		t.Fatal(err)
+	fua := pipeline.Request{Op: pipeline.OpWrite, Flags: pipeline.FlagFUA, Length: 4096, Buf: make([]byte, 4096)}
+	if err := h.Handle(context.Background(), &fua); !errors.Is(err, b.fail) {
+		t.Fatalf("FUA write after a failed engine flush returned %v", err)
+	}
+	if n := b.count.Load(); n != 1 {
+		t.Errorf("%d engine flushes, want 1 (the failed one)", n)
 	}
 }

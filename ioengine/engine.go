@@ -57,7 +57,9 @@ var Kinds = []string{KindFile, KindMemory}
 // The memory engine ignores path. File engines bypass the page cache
 // (O_DIRECT where the filesystem allows it): the volume pipeline does its
 // own caching, and a second copy in the host page cache would make its
-// prefetch and write-back decisions meaningless.
+// prefetch and write-back decisions meaningless. The one exception is
+// CachedWriter, which the db profile uses for writes that a group flush
+// writes back in bulk.
 func Open(kind, path string, size int64) (Engine, error) {
 	switch kind {
 	case KindFile, "":

@@ -29,6 +29,9 @@ func (m *Manager) newProfileStage(v *Volume, s Spec, e ioengine.Engine) *profile
 	// A memory engine is as fast as the stage's cache and buffer: they
 	// would only add a copy per request.
 	opts := profile.Options{Size: e.Size, InMemory: s.Engine == ioengine.KindMemory}
+	if c, ok := e.(ioengine.CachedWriter); ok {
+		opts.Cached = c // db writes through the page cache
+	}
 	opts.OnChange = func(eff profile.Profile) {
 		if m.metrics != nil {
 			m.metrics.setProfile(s.Name, eff)

@@ -28,6 +28,16 @@ type Engine interface {
 	Close() error
 }
 
+// CachedWriter is implemented by engines that can take a write into a
+// volatile cache below blockd (the host page cache) instead of the device:
+// the write is as visible as any other when it returns and durable after
+// the next Flush, which writes the cache back in bulk. The db profile uses
+// it so that a group commit's one flush does the device writes of every
+// write it covers.
+type CachedWriter interface {
+	WriteAtCached(p []byte, off int64) (int, error)
+}
+
 // FUAWriter is implemented by engines that can make one write durable
 // cheaper than WriteAt followed by Flush.
 type FUAWriter interface {
@@ -59,7 +69,9 @@ var Kinds = []string{KindFile, KindMemory}
 // The memory engine ignores path. File engines bypass the page cache
 // (O_DIRECT where the filesystem allows it): the volume pipeline does its
 // own caching, and a second copy in the host page cache would make its
-// prefetch and write-back decisions meaningless.
+// prefetch and write-back decisions meaningless. The one exception is
+// CachedWriter, which the db profile uses for writes that a group flush
+// writes back in bulk.
 func Open(kind, path string, size int64) (Engine, error) {
 	switch kind {
 	case KindFile, "":

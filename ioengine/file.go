@@ -26,8 +26,14 @@ import (
 // is a read-modify-write of its edge blocks). Filesystems that refuse
 // O_DIRECT (tmpfs) get buffered I/O instead.
 type File struct {
-	f      *os.File
-	fd     int
+	f  *os.File
+	fd int
+	// cf is a second descriptor of the file without O_DIRECT (nil when
+	// f is buffered already): WriteAtCached writes through it into the
+	// host page cache, and the next Flush (fdatasync of the same inode)
+	// writes those pages back.
+	cf     *os.File
+	cfd    int
 	size   atomic.Int64
 	direct atomic.Bool // O_DIRECT is in effect on fd
 
@@ -97,6 +103,15 @@ func OpenFileWith(path string, size int64, opts OpenFileOptions) (*File, error) 
 		}
 	}
 	e := &File{f: f, fd: int(f.Fd())}
+	e.cfd = e.fd
+	if direct {
+		cf, err := os.OpenFile(path, os.O_RDWR, 0)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("file engine: %w", err)
+		}
+		e.cf, e.cfd = cf, int(cf.Fd())
+	}
 	e.direct.Store(direct)
 	e.size.Store(size)
 	return e, nil
@@ -183,6 +198,34 @@ func (e *File) pread(p []byte, off int64) (int, error) {
 // WriteAt implements Engine.
 func (e *File) WriteAt(p []byte, off int64) (int, error) {
 	return e.writeAt(p, off, 0)
+}
+
+// WriteAtCached implements CachedWriter: the write goes into the host page
+// cache, whatever the engine's O_DIRECT setting, and is durable after the
+// next Flush (an fdatasync writes back every dirty page of the file). It
+// stays coherent with O_DIRECT reads and writes of the same range: the
+// kernel writes back (and for writes invalidates) cached pages of a range
+// before direct I/O to it.
+func (e *File) WriteAtCached(p []byte, off int64) (int, error) {
+	if err := e.check(off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	// Shared with aligned writes, so no cached write lands between a
+	// read-modify-write's read and write of its edge blocks.
+	e.rmw.RLock()
+	defer e.rmw.RUnlock()
+	done := 0
+	for done < len(p) {
+		n, err := unix.Pwrite(e.cfd, p[done:], off+int64(done))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
 }
 
 // WriteAtFUA implements FUAWriter: the write is durable when it returns,
@@ -414,4 +457,10 @@ func (e *File) Allocated() (int64, error) {
 }
 
 // Close implements Engine.
-func (e *File) Close() error { return e.f.Close() }
+func (e *File) Close() error {
+	err := e.f.Close()
+	if e.cf != nil {
+		err = errors.Join(err, e.cf.Close())
+	}
+	return err
+}

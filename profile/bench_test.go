@@ -68,9 +68,20 @@ func BenchmarkGroupCommitParallel(b *testing.B) {
 // TestZeroAllocs asserts what the benchmark shows, so a regression fails
 // make test: no allocation per request on the none, db and random paths.
 func TestZeroAllocs(t *testing.T) {
-	for _, p := range []Profile{None, DB, DBRemote, Random, Journal} {
-		e, _ := ioengine.NewMemory(16 << 20)
-		st := New(p, Options{Size: e.Size})
+	type tc struct {
+		p    Profile
+		file bool // db on the file engine: its page-cache write path
+	}
+	for _, c := range []tc{{None, false}, {DB, false}, {DBRemote, false}, {Random, false}, {Journal, false}, {DB, true}} {
+		p := c.p
+		var e ioengine.Engine
+		e, _ = ioengine.NewMemory(16 << 20)
+		opts := Options{Size: e.Size}
+		if c.file {
+			e = openFile(t, 16<<20)
+			opts = Options{Size: e.Size, Cached: e.(CachedWriter)}
+		}
+		st := New(p, opts)
 		h := st.Wrap(ioengine.Handler(e))
 		buf := make([]byte, 4096)
 		ctx := context.Background()
@@ -92,5 +103,6 @@ func TestZeroAllocs(t *testing.T) {
 			}
 		}
 		st.Close()
+		e.Close()
 	}
 }

@@ -21,13 +21,17 @@ import (
 var allProfiles = []Profile{None, DB, DBRemote, Sequential, Random, Journal, Auto}
 
 func testOptions(e ioengine.Engine) Options {
-	return Options{
+	o := Options{
 		Size:           e.Size,
 		CacheBytes:     4 << 20,
 		WriteBackBytes: 512 << 10,
 		WriteBackAge:   20 * time.Millisecond,
 		Tick:           10 * time.Millisecond,
 	}
+	if c, ok := e.(CachedWriter); ok {
+		o.Cached = c // as the daemon wires it
+	}
+	return o
 }
 
 // staged is an Engine whose every call goes through a profile stage: it
@@ -102,8 +106,8 @@ func TestEngineSuite(t *testing.T) {
 			enginetest.Run(t, func(t *testing.T, size int64) ioengine.Engine {
 				var e ioengine.Engine
 				switch p {
-				case None, Sequential, Auto:
-					e = openFile(t, size)
+				case None, DB, DBRemote, Sequential, Auto:
+					e = openFile(t, size) // db: its page-cache writes
 				default:
 					e, _ = ioengine.NewMemory(size)
 				}
@@ -242,6 +246,12 @@ func newDurable(size int64) *durableEngine {
 	return &durableEngine{Memory: m, dur: make([]byte, size)}
 }
 
+// WriteAtCached is the page-cache write: volatile until a flush, like
+// every write here.
+func (d *durableEngine) WriteAtCached(p []byte, off int64) (int, error) {
+	return d.Memory.WriteAt(p, off)
+}
+
 func (d *durableEngine) Flush() error {
 	snap := make([]byte, d.Size())
 	d.mu.Lock()
@@ -330,11 +340,13 @@ func TestFlushDurability(t *testing.T) {
 	}
 }
 
-// blockingFlush is a next handler whose engine flushes wait for release.
+// blockingFlush is a next handler whose engine flushes wait for release
+// (or fail with fail, if set); other requests succeed at once.
 type blockingFlush struct {
 	started chan struct{}
 	release chan struct{}
 	count   atomic.Int32
+	fail    error
 }
 
 func (b *blockingFlush) Handle(_ context.Context, r *pipeline.Request) error {
@@ -342,48 +354,143 @@ func (b *blockingFlush) Handle(_ context.Context, r *pipeline.Request) error {
 		b.count.Add(1)
 		b.started <- struct{}{}
 		<-b.release
+		return b.fail
 	}
 	return nil
 }
 
-// A FLUSH that arrives while an engine flush is running waits for a new
-// one: the running flush may have started before its writes completed.
-// Flushes that arrive together share that new one.
+// waitInside waits until n callers are inside the stage's group commit.
+func waitInside(st *Stage, n int) {
+	for {
+		st.gc.mu.Lock()
+		in := st.gc.inside
+		st.gc.mu.Unlock()
+		if in >= n {
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+func newBlocking() *blockingFlush {
+	return &blockingFlush{started: make(chan struct{}, 8), release: make(chan struct{})}
+}
+
+func handle(h pipeline.Handler, op pipeline.Op) error {
+	r := pipeline.Request{Op: op}
+	if op == pipeline.OpWrite {
+		r.Length, r.Buf = 4096, make([]byte, 4096)
+	}
+	return h.Handle(context.Background(), &r)
+}
+
+// A FLUSH that arrives while an engine flush is running shares it if every
+// write it covers completed before that flush started; if a write
+// completed after, it waits for a new engine flush.
 func TestGroupCommitWaitsForLaterFlush(t *testing.T) {
-	b := &blockingFlush{started: make(chan struct{}, 4), release: make(chan struct{})}
+	b := newBlocking()
 	st := New(DB, Options{Size: func() int64 { return 1 << 20 }})
 	h := st.Wrap(b)
 	defer st.Close()
-	flush := func(done chan<- error) {
-		r := pipeline.Request{Op: pipeline.OpFlush}
-		done <- h.Handle(context.Background(), &r)
+	flush := func(done chan<- error) { done <- handle(h, pipeline.OpFlush) }
+	if err := handle(h, pipeline.OpWrite); err != nil {
+		t.Fatal(err)
 	}
 	first := make(chan error, 1)
 	go flush(first)
-	<-b.started // engine flush #1 running
-	later := make(chan error, 3)
-	for i := 0; i < 3; i++ {
-		go flush(later)
-	}
-	// Give the three time to queue behind flush #1 (if one slipped past,
-	// the assertion below still holds: it may not finish before #2).
-	time.Sleep(20 * time.Millisecond)
-	b.release <- struct{}{} // finish #1
-	if err := <-first; err != nil {
+	<-b.started // engine flush #1 running; it covers the write above
+	covered := make(chan error, 1)
+	go flush(covered) // nothing written since #1 started
+	waitInside(st, 2)
+	if err := handle(h, pipeline.OpWrite); err != nil {
 		t.Fatal(err)
+	}
+	later := make(chan error, 2)
+	go flush(later) // written after #1 started
+	go flush(later)
+	waitInside(st, 4)
+	b.release <- struct{}{} // finish #1
+	for _, c := range []chan error{first, covered} {
+		if err := <-c; err != nil {
+			t.Fatal(err)
+		}
 	}
 	select {
 	case <-later:
-		t.Fatal("a FLUSH issued during a running engine flush completed without a later engine flush")
+		t.Fatal("a FLUSH after a write that completed during a running engine flush completed without a later engine flush")
 	case <-b.started: // #2 started: the later ones wait for it
 	}
 	close(b.release)
-	for i := 0; i < 3; i++ {
+	for i := 0; i < 2; i++ {
 		if err := <-later; err != nil {
 			t.Fatal(err)
 		}
 	}
 	if n := b.count.Load(); n != 2 {
-		t.Errorf("%d engine flushes for 4 FLUSHes (1 then 3 together), want 2", n)
+		t.Errorf("%d engine flushes for 4 FLUSHes (2 covered by #1, 2 after a later write), want 2", n)
+	}
+}
+
+// The first FLUSH after the stage opened always reaches the engine (a
+// previous process may have left writes in the page cache); later a FLUSH
+// with no write since the last engine flush started needs none.
+func TestFlushWithoutWritesSkipsEngine(t *testing.T) {
+	b := newBlocking()
+	close(b.release)
+	st := New(DB, Options{Size: func() int64 { return 1 << 20 }})
+	h := st.Wrap(b)
+	defer st.Close()
+	steps := []struct {
+		op   pipeline.Op
+		want int32 // engine flushes after the step
+	}{
+		{pipeline.OpFlush, 1},
+		{pipeline.OpFlush, 1},
+		{pipeline.OpWrite, 1},
+		{pipeline.OpFlush, 2},
+		{pipeline.OpFlush, 2},
+		{pipeline.OpTrim, 2},
+		{pipeline.OpFlush, 3},
+	}
+	for i, s := range steps {
+		if err := handle(h, s.op); err != nil {
+			t.Fatal(err)
+		}
+		if n := b.count.Load(); n != s.want {
+			t.Fatalf("step %d (%s): %d engine flushes, want %d", i, s.op, n, s.want)
+		}
+	}
+}
+
+// A failed engine flush fails the FLUSHes waiting for it and every later
+// one: they all cover the writes it may have lost.
+func TestGroupCommitFlushError(t *testing.T) {
+	b := newBlocking()
+	b.fail = errors.New("injected")
+	st := New(DB, Options{Size: func() int64 { return 1 << 20 }})
+	h := st.Wrap(b)
+	defer st.Close()
+	handle(h, pipeline.OpWrite)
+	done := make(chan error, 3)
+	go func() { done <- handle(h, pipeline.OpFlush) }()
+	<-b.started
+	go func() { done <- handle(h, pipeline.OpFlush) }() // covered by the failing one
+	waitInside(st, 2)
+	b.release <- struct{}{}
+	for i := 0; i < 2; i++ {
+		if err := <-done; !errors.Is(err, b.fail) {
+			t.Fatalf("FLUSH %d during a failing engine flush returned %v", i, err)
+		}
+	}
+	handle(h, pipeline.OpWrite)
+	if err := handle(h, pipeline.OpFlush); !errors.Is(err, b.fail) {
+		t.Fatalf("FLUSH after a failed engine flush returned %v", err)
+	}
+	fua := pipeline.Request{Op: pipeline.OpWrite, Flags: pipeline.FlagFUA, Length: 4096, Buf: make([]byte, 4096)}
+	if err := h.Handle(context.Background(), &fua); !errors.Is(err, b.fail) {
+		t.Fatalf("FUA write after a failed engine flush returned %v", err)
+	}
+	if n := b.count.Load(); n != 1 {
+		t.Errorf("%d engine flushes, want 1 (the failed one)", n)
 	}
 }

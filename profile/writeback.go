@@ -216,7 +216,9 @@ func (w *writeBack) drainLocked(ctx context.Context) error {
 			buf = w.merge[:n]
 		}
 		w.req = pipeline.Request{Op: pipeline.OpWrite, Offset: off, Length: uint32(len(buf)), Buf: buf}
-		if err = w.s.next.Handle(ctx, &w.req); err != nil {
+		err = w.s.next.Handle(ctx, &w.req)
+		w.s.gc.wrote()
+		if err != nil {
 			break
 		}
 		w.drainWrites.Add(1)

@@ -37,7 +37,7 @@ var (
 	outDir      = flag.String("out", "", "directory for logs and results (default a new temp dir)")
 	capFraction = flag.Float64("capacity-fraction", 0.8, "node capacity for the isolation runs, as a fraction of the measured QoS-off maximum")
 	reservation = flag.Int64("reservation", 2000, "IOPS reservation of the isolated volume")
-	overheadRep = flag.Int("overhead-runs", 4, "side-by-side runs for the overhead comparison")
+	overheadRep = flag.Int("overhead-runs", 6, "side-by-side runs for the overhead comparison")
 	isoRounds   = flag.Int("isolation-rounds", 3, "alternating solo/loaded rounds per isolation setup (medians are compared)")
 )
 
@@ -447,14 +447,16 @@ func durs(v []float64) string {
 }
 
 func overhead(w io.Writer) bool {
-	off := startServer("--qos=false")
-	defer off.stop()
-	on := startServer()
-	defer on.stop()
-	off.create("o")
-	on.create("o")
+	// Fresh daemons for every pair: one process can be a few percent
+	// faster than another with the same flags for the whole of its life
+	// (where its threads and memory landed), which would otherwise pass
+	// for the cost or the gain of QoS.
 	var ratios, onIOPS, offIOPS []float64
 	for i := 0; i < *overheadRep; i++ {
+		off := startServer("--qos=false")
+		on := startServer()
+		off.create("o")
+		on.create("o")
 		jOff := job{"off", "o", "randread", "4k", 32, off}
 		jOn := job{"on", "o", "randread", "4k", 32, on}
 		var a, b result
@@ -465,6 +467,8 @@ func overhead(w io.Writer) bool {
 			b = runFio(nil, false, jOn)[0]
 			a = runFio(nil, false, jOff)[0]
 		}
+		off.stop()
+		on.stop()
 		offIOPS = append(offIOPS, a.iops)
 		onIOPS = append(onIOPS, b.iops)
 		ratios = append(ratios, b.iops/a.iops)

@@ -137,11 +137,12 @@ func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
 	return v.pipe.Handle(ctx, r)
 }
 
-// Inline implements nbd.Inliner: on a memory volume whose QoS lets
-// everything through, reads and plain writes wait for nothing (the profile
-// stage neither buffers nor group-commits them, the engine is RAM), so the
-// NBD reader may run them itself. FUA writes (group commit may wait),
-// flushes and the rest go to workers.
+// Inline implements nbd.Inliner: on a memory volume, reads and plain
+// writes that QoS lets through at once (no caps and unlimited capacity, or
+// admitted now by TryAdmit) wait for nothing (the profile stage neither
+// buffers nor group-commits them, the engine is RAM), so the NBD reader may
+// run them itself. A request QoS would hold back, FUA writes (group commit
+// may wait), flushes and the rest go to workers.
 func (v *Volume) Inline(r *pipeline.Request) bool {
 	if !v.inMemory {
 		return false
@@ -155,7 +156,16 @@ func (v *Volume) Inline(r *pipeline.Request) bool {
 	default:
 		return false
 	}
-	return v.qos == nil || v.qos.Bypassed()
+	if v.qos == nil || v.qos.Bypassed() {
+		return true
+	}
+	// QoS would let it go now (within caps and capacity, or reserved):
+	// admit it here, so that the stage does not wait for it.
+	if v.qos.TryAdmit(r.Op == pipeline.OpWrite, int64(r.Length)) {
+		r.Flags |= pipeline.FlagAdmitted
+		return true
+	}
+	return false
 }
 
 // Size returns the volume's current size in bytes.

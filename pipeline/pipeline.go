@@ -54,6 +54,10 @@ const (
 	// request on. The daemon keeps it only on pipelines that pass reads
 	// through unchanged.
 	FlagRef
+	// FlagAdmitted says QoS already let the request through (a frontend
+	// asked before running it on its own thread, see qos.VolumeQoS.TryAdmit):
+	// the QoS stage clears it and passes the request on without waiting.
+	FlagAdmitted
 )
 
 // Request is one block I/O. Frontends own Requests and their buffers (they

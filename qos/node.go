@@ -400,6 +400,42 @@ func (v *VolumeQoS) Close() error {
 	return nil
 }
 
+// TryAdmit lets one request through now if QoS would let it go without
+// waiting (within the volume's caps and the node's capacity, or by its
+// reservation, or as a light volume within its share), counting it as
+// dispatched; otherwise it changes nothing and returns false, and the
+// request takes the ordinary path (Wait). It never overtakes a request of
+// the volume that is already waiting. Frontends use it to run a request on
+// their own thread instead of handing it to a goroutine that may block;
+// such a request carries pipeline.FlagAdmitted so that the stage does not
+// count it twice.
+func (v *VolumeQoS) TryAdmit(write bool, bytes int64) bool {
+	if v.bypass.Load() && v.n.unlimited.Load() {
+		return true
+	}
+	n := v.n
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if v.closed || v.f.Waiting() > 0 {
+		return false
+	}
+	id := n.getSlotLocked()
+	s := n.slots[id]
+	now := n.now()
+	n.s.Enqueue(v.f, id, write, bytes, now)
+	n.dispatchAtLocked(now)
+	ok := false
+	select {
+	case <-s.ch:
+		ok = true
+	default:
+		n.s.Cancel(v.f, id, now) // still queued: it was not dispatched
+	}
+	s.err = nil
+	n.free = append(n.free, id)
+	return ok
+}
+
 // Bypassed reports whether Wait returns at once right now (no caps on the
 // volume, unlimited node capacity, not closed). Frontends use it to run a
 // request without a goroutine of its own.
@@ -469,6 +505,10 @@ type stage struct {
 }
 
 func (s *stage) Handle(ctx context.Context, r *pipeline.Request) error {
+	if r.Flags&pipeline.FlagAdmitted != 0 {
+		r.Flags &^= pipeline.FlagAdmitted
+		return s.next.Handle(ctx, r)
+	}
 	var err error
 	switch r.Op {
 	case pipeline.OpRead:

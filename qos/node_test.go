@@ -363,3 +363,37 @@ func BenchmarkStageScheduled(b *testing.B) {
 func BenchmarkStageThrottled(b *testing.B) {
 	benchStage(b, Capacity{}, Limits{IOPS: 200000}, true)
 }
+
+// TryAdmit takes what is there at once and nothing more: a refused try
+// leaves no request behind and no credit taken, and it never overtakes a
+// request already waiting.
+func TestTryAdmit(t *testing.T) {
+	n := newNode(t, Capacity{})
+	v := newVolume(t, n, "a", oneIOPS)
+	if !v.TryAdmit(true, 4096) {
+		t.Fatal("TryAdmit refused the first request of a full bucket")
+	}
+	if v.TryAdmit(true, 4096) {
+		t.Fatal("TryAdmit admitted a second request at 1 IOPS")
+	}
+	if st := v.Stats(); st.Waiting != 0 || st.Passed != 1 {
+		t.Fatalf("stats after one admitted and one refused try %+v: want 0 waiting, 1 passed", st)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ch := async(func() error { return v.Wait(ctx, false, 4096) })
+	waitFor(t, "a waiting request", func() bool { return v.Stats().Waiting == 1 })
+	if v.TryAdmit(false, 4096) {
+		t.Fatal("TryAdmit overtook a waiting request")
+	}
+	cancel()
+	if err := result(t, ch); !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled wait returned %v", err)
+	}
+	u := newVolume(t, n, "free", Limits{})
+	for i := 0; i < 3; i++ {
+		if !u.TryAdmit(false, 1<<20) {
+			t.Fatal("TryAdmit refused a request on a volume without caps on an unlimited node")
+		}
+	}
+}

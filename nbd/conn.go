@@ -685,10 +685,10 @@ func (c *conn) encodeStructuredRead(s *slot) {
 	binary.BigEndian.PutUint64(h[8:], s.cookie)
 	switch {
 	case s.errno != 0:
-		msg := ""
-		if s.err != nil {
-			msg = s.err.Error()
-		}
+		// The wire carries the errno's own text, not the backend's error:
+		// that names backing files and paths, which are no business of a
+		// network client.
+		msg := syscall.Errno(s.errno).Error()
 		if len(msg) > maxErrMsgLen {
 			msg = msg[:maxErrMsgLen]
 		}

@@ -37,8 +37,8 @@ var (
 	outDir      = flag.String("out", "", "directory for logs and results (default a new temp dir)")
 	capFraction = flag.Float64("capacity-fraction", 0.8, "node capacity for the isolation runs, as a fraction of the measured QoS-off maximum")
 	reservation = flag.Int64("reservation", 2000, "IOPS reservation of the isolated volume")
-	overheadRep = flag.Int("overhead-runs", 6, "side-by-side runs for the overhead comparison")
-	isoRounds   = flag.Int("isolation-rounds", 3, "alternating solo/loaded rounds per isolation setup (medians are compared)")
+	overheadRep = flag.Int("overhead-runs", 10, "side-by-side runs for the overhead comparison")
+	isoRounds   = flag.Int("isolation-rounds", 5, "alternating solo/loaded rounds per isolation setup (medians are compared)")
 )
 
 func main() {

@@ -214,18 +214,7 @@ func (e *File) WriteAtCached(p []byte, off int64) (int, error) {
 	// read-modify-write's read and write of its edge blocks.
 	e.rmw.RLock()
 	defer e.rmw.RUnlock()
-	done := 0
-	for done < len(p) {
-		n, err := unix.Pwrite(e.cfd, p[done:], off+int64(done))
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return done, err
-		}
-		done += n
-	}
-	return done, nil
+	return pwriteAll(e.cfd, p, off, 0)
 }
 
 // WriteAtFUA implements FUAWriter: the write is durable when it returns,
@@ -285,14 +274,20 @@ func (e *File) writeAt(p []byte, off int64, rwf int) (int, error) {
 }
 
 func (e *File) pwrite(p []byte, off int64, rwf int) (int, error) {
+	return pwriteAll(e.fd, p, off, rwf)
+}
+
+// pwriteAll writes all of p at off on fd, with pwritev2 flags rwf (0: a
+// plain pwrite), resuming after short writes and EINTR.
+func pwriteAll(fd int, p []byte, off int64, rwf int) (int, error) {
 	done := 0
 	for done < len(p) {
 		var n int
 		var err error
 		if rwf != 0 {
-			n, err = pwritev2(e.fd, p[done:], off+int64(done), rwf)
+			n, err = pwritev2(fd, p[done:], off+int64(done), rwf)
 		} else {
-			n, err = unix.Pwrite(e.fd, p[done:], off+int64(done))
+			n, err = unix.Pwrite(fd, p[done:], off+int64(done))
 		}
 		if err == unix.EINTR {
 			continue

@@ -128,15 +128,7 @@ func TestNBDExt4(t *testing.T) {
 		return n == size
 	})
 
-	guest.Run(t, mke2fs, "-t", "ext4", "-F", "-q", dev)
-	mnt := guest.Mount(t, dev, "ext4")
-	sums := guest.WriteRandomFiles(t, mnt, 64, 256<<10)
-	syscall.Sync()
-	guest.Umount(t, mnt)
-	guest.Run(t, e2fsck, "-f", "-n", dev)
-	guest.Remount(t, dev, "ext4", mnt)
-	guest.VerifyFiles(t, mnt, sums)
-	guest.Umount(t, mnt)
+	ext4RoundTrip(t, dev)
 
 	for i := range r.served {
 		if n := r.served[i].Load(); n == 0 {

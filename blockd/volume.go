@@ -168,6 +168,20 @@ func (v *Volume) Inline(r *pipeline.Request) bool {
 	return false
 }
 
+// LendWrite implements nbd.WriteLender: for a write Inline vouched for on
+// a memory volume, the engine's own memory for the range (when it lies in
+// one chunk), so the payload is received straight into it.
+func (v *Volume) LendWrite(r *pipeline.Request) []byte {
+	if !v.inMemory || r.Op != pipeline.OpWrite {
+		return nil
+	}
+	l, ok := v.engine.(ioengine.WriteLender)
+	if !ok {
+		return nil
+	}
+	return l.LendWrite(r.Offset, int(r.Length))
+}
+
 // Size returns the volume's current size in bytes.
 func (v *Volume) Size() int64 { return v.engine.Size() }
 

@@ -56,6 +56,20 @@ type RefReader interface {
 	ReadRef(dst [][]byte, off int64, n int) ([][]byte, bool)
 }
 
+// WriteLender is implemented by engines that keep the volume in memory and
+// can take a write's payload in place: LendWrite returns the engine's own
+// memory for [off, off+n) when the range lies in one allocation unit (nil
+// otherwise, or for a range outside the volume). A frontend reads the
+// payload straight into it and then passes that slice to WriteAt as
+// usual, which recognises its own memory and skips the copy; if the memory
+// was dropped meanwhile (a concurrent Trim), WriteAt copies from it. The
+// bytes land before the write completes, so a read of the same range in
+// flight at the same time may see them early: overlapping requests in
+// flight have no defined order (see pipeline.Request.Ref).
+type WriteLender interface {
+	LendWrite(off int64, n int) []byte
+}
+
 // Kinds of engine, as stored in volume metadata.
 const (
 	KindFile   = "file"

@@ -116,18 +116,42 @@ func (m *Memory) ReadRef(dst [][]byte, off int64, n int) ([][]byte, bool) {
 	return dst, true
 }
 
-// WriteAt implements Engine.
+// LendWrite implements WriteLender: it allocates the chunk if needed.
+func (m *Memory) LendWrite(off int64, n int) []byte {
+	if n <= 0 || m.check(off, int64(n)) != nil || off/memChunk != (off+int64(n)-1)/memChunk {
+		return nil
+	}
+	cs := *m.chunks.Load()
+	if off/memChunk >= int64(len(cs)) { // shrunk under the size check
+		return nil
+	}
+	c := cs[off/memChunk]
+	coff := off % memChunk
+	c.mu.Lock()
+	if c.data == nil {
+		c.data = make([]byte, memChunk)
+	}
+	d := c.data[coff : coff+int64(n) : coff+int64(n)]
+	c.mu.Unlock()
+	return d
+}
+
+// WriteAt implements Engine. A piece of p that is already the chunk's own
+// memory (lent by LendWrite) is not copied.
 func (m *Memory) WriteAt(p []byte, off int64) (int, error) {
 	if err := m.check(off, int64(len(p))); err != nil {
 		return 0, err
 	}
 	base := off
 	m.each(off, int64(len(p)), func(c *chunk, coff, lo, hi int64) {
+		src := p[lo-base : hi-base]
 		c.mu.Lock()
 		if c.data == nil {
 			c.data = make([]byte, memChunk)
 		}
-		copy(c.data[coff:], p[lo-base:hi-base])
+		if dst := c.data[coff:]; &dst[0] != &src[0] {
+			copy(dst, src)
+		}
 		c.mu.Unlock()
 	})
 	return len(p), nil

@@ -55,6 +55,7 @@ type conn struct {
 	metaName   string // export the meta context selection applies to
 	exp        Export
 	inl        Inliner                // exp, if it implements Inliner
+	lender     WriteLender            // exp, if an Inliner that lends memory
 	published  atomic.Pointer[Export] // exp, for Server.Disconnect
 	minBS      uint32
 	maxPayload uint32
@@ -155,6 +156,9 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 	}
 	c.exp = e
 	c.inl, _ = e.(Inliner)
+	if c.inl != nil {
+		c.lender, _ = e.(WriteLender)
+	}
 	c.published.Store(&e)
 	c.minBS = max(e.MinBlockSize(), 1)
 	return c.transmit(ctx)
@@ -278,6 +282,7 @@ func (c *conn) readLoop() error {
 		s.req = pipeline.Request{Offset: int64(off), Length: length}
 
 		errno := c.check(s, off, length)
+		inline := false
 		if cmd == cmdWrite {
 			if c.br.Buffered() < int(length) {
 				c.flushInline() // the payload may keep us waiting
@@ -289,7 +294,15 @@ func (c *conn) readLoop() error {
 					return fmt.Errorf("nbd write payload: %w", err)
 				}
 			} else if length > 0 {
-				c.attachBuf(s, length)
+				// Decided before the payload arrives, so that a vouched
+				// write can be received straight into the export.
+				inline = c.inl != nil && c.inl.Inline(&s.req)
+				if inline && c.lender != nil {
+					s.req.Buf = c.lender.LendWrite(&s.req)
+				}
+				if s.req.Buf == nil {
+					c.attachBuf(s, length)
+				}
 				if err := c.readPayload(s.req.Buf, 0); err != nil {
 					c.release(s)
 					return fmt.Errorf("nbd write payload: %w", err)
@@ -304,7 +317,7 @@ func (c *conn) readLoop() error {
 		if cmd == cmdRead {
 			c.attachBuf(s, length)
 		}
-		if c.inl != nil && c.inl.Inline(&s.req) {
+		if inline || (cmd != cmdWrite && c.inl != nil && c.inl.Inline(&s.req)) {
 			c.runInline(s)
 			continue
 		}

@@ -98,6 +98,17 @@ type Inliner interface {
 	Inline(r *pipeline.Request) bool
 }
 
+// WriteLender is implemented by Inliners whose storage can receive a
+// write's payload in place: for a write that Inline vouched for,
+// LendWrite returns the export's own memory for the range (or nil), the
+// reader fills it from the socket, and Handle then finds the payload
+// already there. Bytes land before the write completes and, if the client
+// goes away mid-payload, a partial payload stays: both are allowed for a
+// write that is not yet acknowledged.
+type WriteLender interface {
+	LendWrite(r *pipeline.Request) []byte
+}
+
 // Exports is the set of exports a Server offers.
 type Exports interface {
 	Export(name string) (Export, bool)

@@ -50,6 +50,7 @@ const (
 	blockioProgRqComplete = "rq_complete"
 	blockioProgRqIssue    = "rq_issue"
 	blockioVarAllDevices  = "all_devices"
+	blockioVarBlkcgV2     = "blkcg_v2"
 )
 
 // loadBlockio returns the embedded CollectionSpec for blockio.
@@ -116,6 +117,7 @@ type blockioMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type blockioVariableSpecs struct {
 	AllDevices *ebpf.VariableSpec `ebpf:"all_devices"`
+	BlkcgV2    *ebpf.VariableSpec `ebpf:"blkcg_v2"`
 }
 
 // blockioObjects contains all objects after they have been loaded into the kernel.
@@ -162,6 +164,7 @@ func (m *blockioMaps) Close() error {
 // It can be passed to loadBlockioObjects or ebpf.CollectionSpec.LoadAndAssign.
 type blockioVariables struct {
 	AllDevices *ebpf.Variable `ebpf:"all_devices"`
+	BlkcgV2    *ebpf.Variable `ebpf:"blkcg_v2"`
 }
 
 // blockioPrograms contains all programs after they have been loaded into the kernel.

@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -78,6 +79,17 @@ func newResolver(root, podLogDir string) (*resolver, error) {
 		pods:      map[string][2]string{},
 		devs:      map[uint32]string{},
 	}, nil
+}
+
+// ioOnV2 reports whether the io controller is on the cgroup v2 hierarchy,
+// so that bios carry v2 blkcgs. When the root's controller list cannot be
+// read it says true: the BPF side then checks each bio's hierarchy itself.
+func (r *resolver) ioOnV2() bool {
+	b, err := os.ReadFile(filepath.Join(r.root, "cgroup.controllers"))
+	if err != nil {
+		return true
+	}
+	return slices.Contains(strings.Fields(string(b)), "io")
 }
 
 func (r *resolver) close() {

@@ -143,6 +143,12 @@ func New(opts Options) (*Probe, error) {
 			delete(spec.Programs, name)
 		}
 	}
+	if v := spec.Variables["blkcg_v2"]; v != nil {
+		if err := v.Set(boolU32(res.ioOnV2())); err != nil {
+			res.close()
+			return nil, fmt.Errorf("probe: %w", err)
+		}
+	}
 	if ms := spec.Maps["stats"]; ms != nil {
 		ms.MaxEntries = statsEntries(ms.MaxEntries, ms.ValueSize, ebpf.MustPossibleCPU())
 	}
@@ -477,4 +483,11 @@ func statsEntries(limit, valueSize uint32, ncpu int) uint32 {
 	}
 	n := uint64(statsMemBudget) / (uint64(valueSize) * uint64(ncpu))
 	return uint32(min(uint64(limit), max(n, 1024)))
+}
+
+func boolU32(b bool) uint32 {
+	if b {
+		return 1
+	}
+	return 0
 }

@@ -86,6 +86,12 @@ struct inflight_req {
 	__u64 pad[5];
 };
 
+/* Set by the Go side before loading: whether the io controller lives on
+ * the cgroup v2 hierarchy. Where it does not (hybrid hosts, v1 blkio), a
+ * bio's blkcg never names a v2 cgroup, and with this 0 the verifier drops
+ * the walk that would find that out on every request. */
+const volatile __u32 blkcg_v2 = 1;
+
 /* Non-zero accounts every device, zero only those in `devices`. A global
  * (a plain load) rather than a map lookup: it is read on every request. */
 volatile __u32 all_devices = 0;
@@ -230,7 +236,7 @@ static __always_inline __u32 op_class(__u32 cmd_flags)
  */
 static __always_inline struct cgroup *rq_blkcg(struct request *rq)
 {
-	if (!bpf_core_field_exists(((struct bio *)0)->bi_blkg))
+	if (!blkcg_v2 || !bpf_core_field_exists(((struct bio *)0)->bi_blkg))
 		return NULL;
 	struct bio *bio = rq->bio;
 	if (!bio)
@@ -407,9 +413,10 @@ static __always_inline int on_complete(struct request *rq, __u32 nr_bytes)
 		k.cgroup_id = in->cgroup_id;
 		start = in->start_ns;
 		/* Release the slot only after copying it out; completions of
-		 * one request do not race each other. */
+		 * one request do not race each other, and a start only ever
+		 * claims a free slot, so a plain store releases it. */
 		if (done)
-			__sync_fetch_and_and(&in->rq, 0);
+			*(volatile __u64 *)&in->rq = 0;
 	}
 	/* A cache flush reaches the block layer as an empty write with
 	 * REQ_PREFLUSH (REQ_OP_FLUSH is only the flush machinery's own

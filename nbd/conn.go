@@ -48,6 +48,7 @@ type slot struct {
 type conn struct {
 	srv *Server
 	nc  net.Conn
+	sys *sysConn // nc's socket, read and written without entering the scheduler; nil if nc has none
 	br  *bufio.Reader
 
 	structured bool   // negotiated NBD_OPT_STRUCTURED_REPLY
@@ -103,12 +104,18 @@ type conn struct {
 }
 
 func newConn(s *Server, nc net.Conn) *conn {
-	return &conn{
+	c := &conn{
 		srv:        s,
 		nc:         nc,
-		br:         bufio.NewReaderSize(nc, readBufSize),
+		sys:        newSysConn(nc),
 		maxPayload: s.opts.MaxPayload,
 	}
+	if c.sys != nil {
+		c.br = bufio.NewReaderSize(c.sys, readBufSize)
+	} else {
+		c.br = bufio.NewReaderSize(nc, readBufSize)
+	}
+	return c
 }
 
 // stopReading makes the reader stop at the next request boundary (or now,
@@ -771,9 +778,15 @@ func (c *conn) addSeg(p []byte) bool {
 func (c *conn) flush() {
 	if !c.wfailed && (len(c.wbuf) > 0 || len(c.iov) > 0) {
 		var err error
-		if len(c.iov) == 0 {
+		switch {
+		case c.sys != nil:
+			if len(c.wbuf) > c.segOff {
+				c.iov = append(c.iov, c.wbuf[c.segOff:])
+			}
+			err = c.sys.writev(c.iov)
+		case len(c.iov) == 0:
 			_, err = c.nc.Write(c.wbuf)
-		} else {
+		default:
 			if len(c.wbuf) > c.segOff {
 				c.iov = append(c.iov, c.wbuf[c.segOff:])
 			}

@@ -51,15 +51,16 @@ type conn struct {
 	sys *sysConn // nc's socket, read and written without entering the scheduler; nil if nc has none
 	br  *bufio.Reader
 
-	structured bool   // negotiated NBD_OPT_STRUCTURED_REPLY
-	metaAlloc  bool   // base:allocation selected (for metaName)
-	metaName   string // export the meta context selection applies to
-	exp        Export
-	inl        Inliner                // exp, if it implements Inliner
-	lender     WriteLender            // exp, if an Inliner that lends memory
-	published  atomic.Pointer[Export] // exp, for Server.Disconnect
-	minBS      uint32
-	maxPayload uint32
+	structured  bool   // negotiated NBD_OPT_STRUCTURED_REPLY
+	metaAlloc   bool   // base:allocation selected (for metaName)
+	metaName    string // export the meta context selection applies to
+	exp         Export
+	inl         Inliner                // exp, if it implements Inliner
+	lender      WriteLender            // exp, if an Inliner that lends memory
+	flushOnWait bool                   // c.sys flushes inline replies before a read waits
+	published   atomic.Pointer[Export] // exp, for Server.Disconnect
+	minBS       uint32
+	maxPayload  uint32
 
 	ctx      context.Context
 	cancelMu sync.Mutex // guards cancel: abort runs on another goroutine
@@ -163,6 +164,13 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 	}
 	c.exp = e
 	c.inl, _ = e.(Inliner)
+	if c.inl != nil && c.sys != nil {
+		// The socket reads themselves flush the batch when they would
+		// wait (sysConn.beforeWait), so the reader need not guess from
+		// its buffer.
+		c.sys.beforeWait = c.flushInline
+		c.flushOnWait = true
+	}
 	if c.inl != nil {
 		c.lender, _ = e.(WriteLender)
 	}
@@ -254,7 +262,7 @@ func (c *conn) readLoop() error {
 		if c.stopping.Load() {
 			return nil
 		}
-		if c.br.Buffered() < requestSize {
+		if c.br.Buffered() < requestSize && !c.flushOnWait {
 			c.flushInline() // Peek may wait for the client
 		}
 		hdr, err := c.br.Peek(requestSize)
@@ -291,7 +299,7 @@ func (c *conn) readLoop() error {
 		errno := c.check(s, off, length)
 		inline := false
 		if cmd == cmdWrite {
-			if c.br.Buffered() < int(length) {
+			if c.br.Buffered() < int(length) && !c.flushOnWait {
 				c.flushInline() // the payload may keep us waiting
 			}
 			if errno != 0 {

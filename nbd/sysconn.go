@@ -31,6 +31,12 @@ type sysConn struct {
 	rn     int
 	rerr   syscall.Errno
 	readFn func(uintptr) bool
+	// beforeWait, if set, runs once per Read when the socket has nothing
+	// to read, before the reader waits: the connection writes the replies
+	// it batched. Flushing there, rather than whenever the read buffer
+	// runs short, keeps batches whole while the client is still sending.
+	beforeWait func()
+	waited     bool
 
 	iov     []syscall.Iovec
 	werr    syscall.Errno
@@ -62,6 +68,11 @@ func (s *sysConn) doRead(fd uintptr) bool {
 		case syscall.EINTR:
 			continue
 		case syscall.EAGAIN:
+			if s.beforeWait != nil && !s.waited {
+				s.waited = true
+				s.beforeWait()
+				continue // data may have come in meanwhile
+			}
 			return false // wait in the netpoller
 		}
 		s.rn, s.rerr = int(n), e
@@ -74,7 +85,7 @@ func (s *sysConn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	s.rp, s.rn, s.rerr = p, 0, 0
+	s.rp, s.rn, s.rerr, s.waited = p, 0, 0, false
 	err := s.rc.Read(s.readFn)
 	s.rp = nil
 	if err != nil {

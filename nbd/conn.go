@@ -786,20 +786,18 @@ func (c *conn) addSeg(p []byte) bool {
 func (c *conn) flush() {
 	if !c.wfailed && (len(c.wbuf) > 0 || len(c.iov) > 0) {
 		var err error
-		switch {
-		case c.sys != nil:
-			if len(c.wbuf) > c.segOff {
-				c.iov = append(c.iov, c.wbuf[c.segOff:])
-			}
-			err = c.sys.writev(c.iov)
-		case len(c.iov) == 0:
+		if c.sys == nil && len(c.iov) == 0 {
 			_, err = c.nc.Write(c.wbuf)
-		default:
+		} else {
 			if len(c.wbuf) > c.segOff {
 				c.iov = append(c.iov, c.wbuf[c.segOff:])
 			}
-			c.bufs = c.iov
-			_, err = c.bufs.WriteTo(c.nc)
+			if c.sys != nil {
+				err = c.sys.writev(c.iov)
+			} else {
+				c.bufs = c.iov
+				_, err = c.bufs.WriteTo(c.nc)
+			}
 		}
 		if err != nil {
 			c.wfailed = true

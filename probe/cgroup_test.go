@@ -69,3 +69,34 @@ func TestCgroup2Mount(t *testing.T) {
 		t.Errorf("%s is not a cgroup2 mount: %v", root, err)
 	}
 }
+
+// TestIOOnV2: the BPF blkcg walk is kept where the v2 root lists the io
+// controller, dropped where it does not (hybrid hosts, io on v1 blkio),
+// and kept when the list cannot be read (the BPF side then checks).
+func TestIOOnV2(t *testing.T) {
+	const missing = "(no file)"
+	for _, tc := range []struct {
+		controllers string
+		want        bool
+	}{
+		{"cpuset cpu io memory pids\n", true},
+		{"cpuset cpu memory pids\n", false},
+		{"iocost memory\n", false},
+		{missing, true},
+	} {
+		root := t.TempDir()
+		if tc.controllers != missing {
+			if err := os.WriteFile(filepath.Join(root, "cgroup.controllers"), []byte(tc.controllers), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		r, err := newResolver(root, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := r.ioOnV2(); got != tc.want {
+			t.Errorf("controllers %q: ioOnV2 = %v, want %v", tc.controllers, got, tc.want)
+		}
+		r.close()
+	}
+}

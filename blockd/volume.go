@@ -137,24 +137,33 @@ func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
 	return v.pipe.Handle(ctx, r)
 }
 
-// Inline implements nbd.Inliner: on a memory volume, reads and plain
-// writes that QoS lets through at once (no caps and unlimited capacity, or
-// admitted now by TryAdmit) wait for nothing (the profile stage neither
-// buffers nor group-commits them, the engine is RAM), so the NBD reader may
-// run them itself. A request QoS would hold back, FUA writes (group commit
-// may wait), flushes and the rest go to workers.
+// Inline implements nbd.Inliner: the requests that wait for nothing, so
+// the NBD reader may run them itself. On a memory volume those are reads
+// and plain writes (the profile stage neither buffers nor group-commits
+// them, the engine is RAM); on a file volume, what the profile stage says
+// it answers without engine I/O (profile.Stage.Inline: reads from its
+// prefetch cache, writes into its write-back buffer or, under db, into the
+// page cache). Either way QoS must let the request through at once (no
+// caps and unlimited capacity, or admitted now by TryAdmit). A request QoS
+// would hold back, FUA writes (group commit may wait), flushes and the
+// rest go to workers.
 func (v *Volume) Inline(r *pipeline.Request) bool {
 	if !v.inMemory {
-		return false
-	}
-	switch r.Op {
-	case pipeline.OpRead:
-	case pipeline.OpWrite:
-		if r.Flags&pipeline.FlagFUA != 0 {
+		// A file volume: only what the profile stage answers from its
+		// own memory or the page cache.
+		if v.prof == nil || !v.prof.Inline(r) {
 			return false
 		}
-	default:
-		return false
+	} else {
+		switch r.Op {
+		case pipeline.OpRead:
+		case pipeline.OpWrite:
+			if r.Flags&pipeline.FlagFUA != 0 {
+				return false
+			}
+		default:
+			return false
+		}
 	}
 	if v.qos == nil || v.qos.Bypassed() {
 		return true

@@ -224,6 +224,20 @@ func (c *cache) read(r *pipeline.Request) bool {
 	return true
 }
 
+// holds reports whether every byte of [off, end) is in valid segments, so
+// that read would copy it out without waiting.
+func (c *cache) holds(off, end int64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for so := off &^ (segSize - 1); so < end; so += segSize {
+		seg, ok := c.segs[so]
+		if !ok || seg.state != segValid || seg.end() < min(end, so+segSize) {
+			return false
+		}
+	}
+	return true
+}
+
 func (seg *segment) end() int64 { return seg.off + int64(len(seg.data)) }
 
 // invalidate drops cached data in [off, end): call it after the write

@@ -371,6 +371,40 @@ func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
 	return s.next.Handle(ctx, r)
 }
 
+// Inline reports whether Handle would complete r now without engine I/O
+// and without waiting for another request: a read whose every byte the
+// prefetch cache holds, a write the write-back buffer has room for
+// (sequential), or a db write into the engine's page cache. The NBD reader
+// then runs r itself instead of waking a worker. It is a hint: the state
+// may change before Handle runs (an eviction, a drain starting, a profile
+// switch), and then Handle does the engine I/O after all, on the reader.
+// It never waits: a buffer whose lock is held (a drain in progress) says
+// no.
+func (s *Stage) Inline(r *pipeline.Request) bool {
+	if s.opts.InMemory {
+		return false // the caller knows RAM engines better (blockd.Volume.Inline)
+	}
+	p := Profile(s.effective.Load())
+	switch r.Op {
+	case pipeline.OpRead:
+		if s.wb.nonEmpty() && !s.wb.clearOf(r.Offset, r.End()) {
+			return false
+		}
+		return s.cache.nonEmpty() && s.cache.holds(r.Offset, r.End())
+	case pipeline.OpWrite:
+		if r.Flags&pipeline.FlagFUA != 0 || r.Offset < 0 || r.End() > s.opts.Size() {
+			return false // FUA waits for a flush; errors take the slow path
+		}
+		if p == Sequential && r.Length <= maxBuffered {
+			return s.wb.hasRoom(r.Offset, r.End())
+		}
+		if (p == DB || p == DBRemote) && s.opts.Cached != nil {
+			return !s.wb.nonEmpty() || s.wb.clearOf(r.Offset, r.End())
+		}
+	}
+	return false
+}
+
 // observe feeds the classifier and the stream detector; for a sequential
 // read under the sequential profile it schedules prefetch.
 func (s *Stage) observe(r *pipeline.Request, p Profile) {

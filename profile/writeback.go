@@ -167,6 +167,29 @@ func (w *writeBack) read(ctx context.Context, r *pipeline.Request, p Profile) (d
 	return true, nil
 }
 
+// clearOf reports whether nothing buffered overlaps [off, end), so a read
+// of it needs no overlay and a write no drain. It does not wait: while the
+// buffer is locked (a put or a drain) it says false.
+func (w *writeBack) clearOf(off, end int64) bool {
+	if !w.mu.TryRLock() {
+		return false
+	}
+	defer w.mu.RUnlock()
+	i := w.find(off)
+	return i == len(w.ext) || w.ext[i].off >= end
+}
+
+// hasRoom reports whether put could buffer [off, end) without draining:
+// even written as new slabs it would stay within the limit. Like clearOf
+// it does not wait for the lock.
+func (w *writeBack) hasRoom(off, end int64) bool {
+	if !w.mu.TryRLock() {
+		return false
+	}
+	defer w.mu.RUnlock()
+	return len(w.ext)+int((end-off+slabSize-1)/slabSize) <= w.limit
+}
+
 // drainIfOverlap drains the buffer if any of it overlaps [off, end).
 func (w *writeBack) drainIfOverlap(ctx context.Context, off, end int64) error {
 	w.mu.Lock()

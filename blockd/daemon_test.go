@@ -256,3 +256,50 @@ func TestMetricsEndpoint(t *testing.T) {
 		t.Errorf("no write latency histogram: %v", got)
 	}
 }
+
+// TestServeProcs: serve adds scheduler slots for goroutines blocked in file
+// I/O unless told otherwise, and says so in its log.
+func TestServeProcs(t *testing.T) {
+	for _, tc := range []struct {
+		flag   int
+		envSet bool
+		cpus   int
+		want   int
+	}{{0, false, 2, 2 + blockedProcs}, {0, false, 16, 16 + blockedProcs}, {3, false, 2, 3}, {3, true, 2, 3}, {0, true, 2, 0}} {
+		if got, _ := serveProcs(tc.flag, tc.envSet, tc.cpus); got != tc.want {
+			t.Errorf("serveProcs(%d, env %v, %d CPUs) = %d, want %d", tc.flag, tc.envSet, tc.cpus, got, tc.want)
+		}
+	}
+
+	bad := exec.Command(os.Args[0], "serve", "--gomaxprocs", "-1", "--state-dir", t.TempDir())
+	bad.Env = append(os.Environ(), "BLOCKD_TEST_AS_DAEMON=1")
+	if out, err := bad.CombinedOutput(); err == nil || !strings.Contains(string(out), "--gomaxprocs -1") {
+		t.Fatalf("serve --gomaxprocs -1: %v\n%s", err, out)
+	}
+
+	dir := t.TempDir()
+	logPath := filepath.Join(dir, "log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(os.Args[0], "serve", "--state-dir", dir, "--nbd-listen", freePort(t), "--metrics-listen", "", "--gomaxprocs", "5")
+	cmd.Env = append(os.Environ(), "BLOCKD_TEST_AS_DAEMON=1")
+	cmd.Stderr = logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	var log []byte
+	for i := 0; !bytes.Contains(log, []byte("blockd ready")); i++ {
+		if i > 1000 {
+			t.Fatalf("daemon did not start:\n%s", log)
+		}
+		time.Sleep(20 * time.Millisecond)
+		log, _ = os.ReadFile(logPath)
+	}
+	if !bytes.Contains(log, []byte(`msg="scheduler slots" gomaxprocs=5 why=--gomaxprocs`)) {
+		t.Fatalf("daemon log does not report --gomaxprocs 5:\n%s", log)
+	}
+}

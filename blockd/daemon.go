@@ -288,7 +288,8 @@ func serveCmd(args []string, stderr io.Writer) error {
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	logLevel := fs.String("log-level", "info", "log level: debug, info, warn, error")
 	shutdownTimeout := fs.Duration("shutdown-timeout", 30*time.Second, "how long SIGTERM waits for in-flight requests")
-	procs := fs.Int("gomaxprocs", 0, "Go scheduler slots (GOMAXPROCS); 0: the CPUs Go sees plus "+strconv.Itoa(blockedProcs)+" for goroutines blocked in file I/O, unless $GOMAXPROCS is set")
+	procs := fs.Int("gomaxprocs", 0, "Go scheduler slots (GOMAXPROCS); 0: Go's choice ($GOMAXPROCS, else the CPUs it may use). "+
+		"More than the CPUs helps many concurrent clients of file volumes (a P stays with a goroutine blocked in pread/fdatasync) but makes QoS timers late")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -333,10 +334,10 @@ func serveCmd(args []string, stderr io.Writer) error {
 		cfg.NBDSocket = ""
 	}
 
-	if n, why := serveProcs(*procs, os.Getenv("GOMAXPROCS") != "", runtime.GOMAXPROCS(0)); n > 0 {
-		runtime.GOMAXPROCS(n)
-		cfg.Logger.Info("scheduler slots", "gomaxprocs", n, "why", why)
+	if *procs > 0 {
+		runtime.GOMAXPROCS(*procs)
 	}
+	cfg.Logger.Info("scheduler slots", "gomaxprocs", runtime.GOMAXPROCS(0), "cpus", runtime.NumCPU())
 
 	d, err := Start(cfg)
 	if err != nil {
@@ -361,29 +362,4 @@ func serveCmd(args []string, stderr io.Writer) error {
 	}
 	cfg.Logger.Info("stopped cleanly")
 	return runErr
-}
-
-// blockedProcs is how many scheduler slots serve adds to the CPUs by
-// default. A file engine's pread, pwrite and fdatasync are blocking system
-// calls, and a goroutine in one keeps its P (scheduler slot) until the
-// runtime's monitor takes it back, 20 µs at the earliest and much later on
-// a busy VM. With only as many Ps as CPUs, a few O_DIRECT writes and
-// fdatasyncs in flight leave no P for the goroutines that are ready to
-// run: measured on 2 CPUs with 8 fio jobs of 4k random writes each
-// followed by a FLUSH (io_profile none), 3.7k IOPS with 2 Ps, 5.7k with 3,
-// 5.8k-7.5k with 4. The extra Ps cost nothing while idle.
-const blockedProcs = 2
-
-// serveProcs returns the GOMAXPROCS serve sets, 0 to leave the runtime's
-// own choice (cpus, what it picked from the CPUs and cgroup limits), and
-// why.
-func serveProcs(flag int, envSet bool, cpus int) (int, string) {
-	switch {
-	case flag > 0:
-		return flag, "--gomaxprocs"
-	case envSet:
-		return 0, ""
-	default:
-		return cpus + blockedProcs, "CPUs " + strconv.Itoa(cpus) + " + " + strconv.Itoa(blockedProcs) + " for goroutines blocked in file I/O"
-	}
 }

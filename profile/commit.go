@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/blockd/blockd/pipeline"
 )
@@ -24,12 +25,24 @@ import (
 // flush started share it, wherever their FLUSHes land, and a FLUSH with
 // no write since the last flush costs no engine flush at all.
 //
-// There is no timed commit delay: the running flush is the gathering
-// window. (A sub-millisecond time.Sleep is no bounded wait in Go: an idle
-// runtime waits for timers in epoll with millisecond resolution, so the
-// old 250µs delay cost about a millisecond per batch.) Measured on ext4
-// over virtio, one flush at a time (maxSyncs 1) batched best; more in
-// parallel only raised the engine flushes per FLUSH.
+// The running flush is the main gathering window, but on its own it
+// splits a steady set of committers into halves that take turns: the
+// callers a flush releases come back (write, then FLUSH) a round trip
+// later, by when the FLUSHes that arrived during that flush have started
+// the next one without them. So, like jbd2's batch wait and PostgreSQL's
+// commit_delay, the leader of a new flush may first wait for the others:
+// when the last engine flush was slow enough for batching to pay
+// (gatherMin) and more callers were inside during it than are waiting
+// now, it waits until that many are inside, or for at most the last
+// flush's duration (capped at gatherMax). The arrivals end the wait, not a
+// timer, because a sub-millisecond sleep is no bounded wait in Go (an
+// idle runtime waits for timers in epoll with millisecond resolution):
+// the timer only bounds the wait when a committer has gone away, and the
+// next flush then learns the smaller count. One caller never waits, nor
+// do callers of a device whose flushes are fast.
+//
+// Measured on ext4 over virtio, one flush at a time (maxSyncs 1) batched
+// best; more in parallel only raised the engine flushes per FLUSH.
 type groupCommit struct {
 	next pipeline.Handler
 
@@ -41,9 +54,22 @@ type groupCommit struct {
 	mu      sync.Mutex
 	cond    sync.Cond
 	running int
-	inside  int    // callers in flush (tests wait for arrivals on it)
-	leading uint64 // the highest count a running engine flush covers
-	covered uint64 // the highest count a successful engine flush covers
+	inside  int // callers in flush (tests wait for arrivals on it)
+
+	// Batch gathering, see the type's comment.
+	gatherMin  time.Duration // gather only after an engine flush this slow
+	gatherMax  time.Duration // the longest wait
+	gatherCond sync.Cond     // wakes the gathering leader
+	gatherWake *time.Timer   // bounds its wait
+	gathering  bool          // a leader is gathering: others wait
+	lastSync   time.Duration // the last engine flush's duration
+	waitNext   int           // callers that need an engine flush not yet started
+	batch      int           // waitNext when the running flush started
+	crowd      int           // the last flush's batch and the callers that came for the next: whom to wait for
+	gathers    atomic.Uint64 // waits that ended with the crowd inside
+	gatherOuts atomic.Uint64 // waits the timer ended
+	leading    uint64        // the highest count a running engine flush covers
+	covered    uint64        // the highest count a successful engine flush covers
 	// err is the first engine flush failure. It is sticky: every later
 	// FLUSH fails too. A failed fdatasync means writes that completed
 	// before it (page-cache writes above all, whose own calls succeeded)
@@ -71,6 +97,22 @@ func (g *groupCommit) init(next pipeline.Handler, maxSyncs int) {
 		g.free = append(g.free, i)
 	}
 	g.cond.L = &g.mu
+	g.gatherCond.L = &g.mu
+	g.gatherMin = 100 * time.Microsecond
+	g.gatherMax = time.Millisecond
+	g.gatherWake = time.AfterFunc(time.Hour, func() {
+		g.mu.Lock()
+		g.gatherCond.Signal()
+		g.mu.Unlock()
+	})
+	g.gatherWake.Stop()
+}
+
+// close stops the gathering timer (nil before init).
+func (g *groupCommit) close() {
+	if g.gatherWake != nil {
+		g.gatherWake.Stop()
+	}
 }
 
 // wrote records a completed write: call it after the engine returned and
@@ -84,10 +126,19 @@ func (g *groupCommit) flush(ctx context.Context) error {
 	w := g.writes.Load()
 	g.mu.Lock()
 	g.inside++
+	if g.covered < w && g.leading < w {
+		g.waitNext++
+		if g.gathering && g.waitNext >= g.crowd {
+			g.gatherCond.Signal()
+		}
+	}
 	for g.covered < w && g.err == nil {
-		if g.leading >= w || g.running >= g.maxSyncs {
-			g.cond.Wait() // a running flush covers w, or the slots are full
+		if g.leading >= w || g.running >= g.maxSyncs || g.gathering {
+			g.cond.Wait() // a running flush covers w, the slots are full, or a leader gathers
 			continue
+		}
+		if g.running == 0 && g.crowd > 1 && g.waitNext < g.crowd && g.lastSync >= g.gatherMin {
+			g.gatherLocked()
 		}
 		g.leadLocked(ctx)
 	}
@@ -95,6 +146,27 @@ func (g *groupCommit) flush(ctx context.Context) error {
 	g.inside--
 	g.mu.Unlock()
 	return err
+}
+
+// gatherLocked waits, with mu held, until the crowd of the last engine
+// flush is inside again or the wait bound passes.
+func (g *groupCommit) gatherLocked() {
+	g.gathering = true
+	wait := min(g.lastSync, g.gatherMax)
+	deadline := time.Now().Add(wait)
+	g.gatherWake.Reset(wait)
+	for g.waitNext < g.crowd && g.err == nil {
+		if !time.Now().Before(deadline) {
+			g.gatherOuts.Add(1)
+			break
+		}
+		g.gatherCond.Wait()
+	}
+	if g.waitNext >= g.crowd {
+		g.gathers.Add(1)
+	}
+	g.gatherWake.Stop()
+	g.gathering = false
 }
 
 // leadLocked runs one engine flush covering every write counted now. It
@@ -108,13 +180,22 @@ func (g *groupCommit) leadLocked(ctx context.Context) {
 	g.free = g.free[:len(g.free)-1]
 	g.counts[slot] = count
 	g.leading = max(g.leading, count)
+	// Every caller waiting for a new flush loaded its count before this
+	// one: this flush covers them all.
+	g.batch, g.waitNext = g.waitNext, 0
 	g.running++
 	g.mu.Unlock()
 	g.syncs.Add(1)
+	start := time.Now()
 	err := g.next.Handle(ctx, &g.reqs[slot])
+	took := time.Since(start)
 	g.mu.Lock()
 	g.free = append(g.free, slot)
 	g.running--
+	g.lastSync = took
+	if g.running == 0 {
+		g.crowd = g.batch + g.waitNext
+	}
 	if err != nil {
 		if g.err == nil {
 			g.err = err

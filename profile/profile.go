@@ -160,6 +160,11 @@ type Stats struct {
 	// FLUSH requests and FUA writes that needed one.
 	Flushes       uint64 `json:"flushes"`
 	EngineFlushes uint64 `json:"engine_flushes"`
+	// FlushGathers counts engine flushes whose leader waited for the
+	// previous flush's committers and saw them all arrive;
+	// FlushGatherTimeouts those whose wait ran out first.
+	FlushGathers        uint64 `json:"flush_gathers"`
+	FlushGatherTimeouts uint64 `json:"flush_gather_timeouts"`
 	// Prefetched is what prefetch read from the engine; PrefetchHit the
 	// bytes of reads served from the cache; PrefetchUnread the bytes
 	// prefetched and not read: gone from the cache unread (evicted,
@@ -277,6 +282,8 @@ func (s *Stage) Stats() Stats {
 		Effective:           s.Effective().String(),
 		Flushes:             s.gc.requests.Load(),
 		EngineFlushes:       s.gc.syncs.Load(),
+		FlushGathers:        s.gc.gathers.Load(),
+		FlushGatherTimeouts: s.gc.gatherOuts.Load(),
 		PrefetchedBytes:     s.cache.prefetched.Load(),
 		PrefetchHitBytes:    s.cache.hits.Load(),
 		PrefetchUnreadBytes: s.cache.unreadNow(),
@@ -336,6 +343,7 @@ func (s *Stage) Close() error {
 		s.cancel()
 	}
 	s.cache.close()
+	s.gc.close()
 	s.wg.Wait()
 	err := s.wb.drain(context.Background())
 	s.cache.clear()

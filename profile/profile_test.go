@@ -494,3 +494,91 @@ func TestGroupCommitFlushError(t *testing.T) {
 		t.Errorf("%d engine flushes, want 1 (the failed one)", n)
 	}
 }
+
+// After an engine flush that ran long while more committers arrived, the
+// next flush's leader waits until as many committers as that flush served
+// (its batch and the arrivals during it) are waiting again, so they share
+// one engine flush instead of taking turns; when fewer come, the wait ends
+// after about the last flush's duration.
+func TestGroupCommitGathers(t *testing.T) {
+	b := newBlocking()
+	st := New(DB, Options{Size: func() int64 { return 1 << 20 }})
+	h := st.Wrap(b)
+	defer st.Close()
+	st.gc.mu.Lock()
+	st.gc.gatherMax = time.Hour // only arrivals and the last flush's duration bound the wait
+	st.gc.mu.Unlock()
+	done := make(chan error, 8)
+	commit := func() {
+		go func() {
+			if err := handle(h, pipeline.OpWrite); err != nil {
+				done <- err
+				return
+			}
+			done <- handle(h, pipeline.OpFlush)
+		}()
+	}
+	wait := func(n int) {
+		t.Helper()
+		for range n {
+			if err := <-done; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	commit()
+	<-b.started // engine flush #1: one committer
+	for range 3 {
+		commit() // each wrote after #1 started: they need #2
+	}
+	waitInside(st, 4)
+	time.Sleep(300 * time.Millisecond) // #1 is slow: gathering will pay
+	b.release <- struct{}{}
+	wait(1)
+	// #1 served 4 committers; 3 are waiting. The 4th has not come back.
+	select {
+	case <-b.started:
+		t.Fatal("engine flush #2 started with 3 of 4 committers waiting, 50ms after #1 ended")
+	case <-time.After(50 * time.Millisecond):
+	}
+	commit()
+	select {
+	case <-b.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("engine flush #2 did not start when the 4th committer came")
+	}
+	time.Sleep(20 * time.Millisecond)
+	b.release <- struct{}{}
+	wait(4)
+	if n := b.count.Load(); n != 2 {
+		t.Fatalf("%d engine flushes for 5 committed FLUSHes in two rounds, want 2", n)
+	}
+
+	// #2 served 4 and took >= 20ms; a lone committer now waits for the
+	// others for about that long, then flushes alone.
+	t0 := time.Now()
+	commit()
+	<-b.started
+	if waited := time.Since(t0); waited < 20*time.Millisecond {
+		t.Errorf("lone committer led after %v, want a gathering wait of about the last flush (>= 20ms)", waited)
+	}
+	b.release <- struct{}{}
+	wait(1)
+	s := st.Stats()
+	if s.FlushGathers != 1 || s.FlushGatherTimeouts != 1 {
+		t.Errorf("gathers %d, timeouts %d; want 1 and 1", s.FlushGathers, s.FlushGatherTimeouts)
+	}
+
+	// #3 served one: the next committer leads at once.
+	commit()
+	select {
+	case <-b.started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("engine flush #4 did not start for a single committer")
+	}
+	b.release <- struct{}{}
+	wait(1)
+	if s := st.Stats(); s.FlushGathers+s.FlushGatherTimeouts != 2 {
+		t.Errorf("a single committer gathered: %+v", s)
+	}
+}

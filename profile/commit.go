@@ -32,9 +32,10 @@ import (
 // the next one without them. So, like jbd2's batch wait and PostgreSQL's
 // commit_delay, the leader of a new flush may first wait for the others:
 // when the last engine flush was slow enough for batching to pay
-// (gatherMin) and more callers were inside during it than are waiting
-// now, it waits until that many are inside, or for at most the last
-// flush's duration (capped at gatherMax). The arrivals end the wait, not a
+// (gatherMin) and it served more callers (its batch and those that came
+// for the next one while it ran) than are waiting now, it waits until
+// that many are waiting, or for at most the last flush's duration
+// (capped at gatherMax). The arrivals end the wait, not a
 // timer, because a sub-millisecond sleep is no bounded wait in Go (an
 // idle runtime waits for timers in epoll with millisecond resolution):
 // the timer only bounds the wait when a committer has gone away, and the
@@ -148,8 +149,8 @@ func (g *groupCommit) flush(ctx context.Context) error {
 	return err
 }
 
-// gatherLocked waits, with mu held, until the crowd of the last engine
-// flush is inside again or the wait bound passes.
+// gatherLocked waits, with mu held, until as many callers as the last
+// engine flush served wait for a new one, or the wait bound passes.
 func (g *groupCommit) gatherLocked() {
 	g.gathering = true
 	wait := min(g.lastSync, g.gatherMax)

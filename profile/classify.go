@@ -36,6 +36,10 @@ const (
 	// largeIO: requests this large on average are streaming even when
 	// only some of them continue a stream (several interleaved readers).
 	largeIO = 256 << 10
+	// seqClear: a tick this sequential (or this random: at most
+	// 1-seqClear) decides on its own, without waiting for the older ticks
+	// of the window to age out.
+	seqClear = 0.9
 	// confirm is how many ticks in a row a new profile must win.
 	confirm = 2
 )
@@ -66,6 +70,27 @@ func (c *classifier) observe(r *pipeline.Request, seq bool) {
 	}
 }
 
+// decide returns the profile b calls for when it holds enough I/O and its
+// sequential fraction is at least high or at most low; ok is false
+// otherwise.
+func decide(b bucket, high, low float64) (p Profile, ok bool) {
+	if b.ops < minOps {
+		return 0, false
+	}
+	seqFrac := float64(b.seq) / float64(b.ops)
+	avg := b.bytes / b.ops
+	switch {
+	case seqFrac >= high, avg >= largeIO && seqFrac > seqLow:
+		return Sequential, true
+	case seqFrac <= low:
+		if b.writes > 0 && float64(b.flushes)/float64(b.writes) >= syncHigh {
+			return DB, true
+		}
+		return Random, true
+	}
+	return 0, false
+}
+
 // tick closes the current bucket and returns the profile the window calls
 // for, once it has won confirm ticks in a row; ok is false while there is
 // no decision to apply.
@@ -83,25 +108,17 @@ func (c *classifier) tick() (p Profile, ok bool) {
 		sum.writes += b.writes
 		sum.flushes += b.flushes
 	}
-	if sum.ops < minOps {
-		c.streak = 0
-		return 0, false
-	}
-	seqFrac := float64(sum.seq) / float64(sum.ops)
-	avg := sum.bytes / sum.ops
-	var want Profile
-	switch {
-	case seqFrac >= seqHigh, avg >= largeIO && seqFrac > seqLow:
-		want = Sequential
-	case seqFrac <= seqLow:
-		want = Random
-		if sum.writes > 0 && float64(sum.flushes)/float64(sum.writes) >= syncHigh {
-			want = DB
+	want, clear := decide(c.ring[(c.pos+window-1)%window], seqClear, 1-seqClear)
+	if !clear {
+		// The window decides, with the hysteresis band between seqLow
+		// and seqHigh. It alone would follow a change only once the
+		// old workload's ticks were outweighed: a random phase of small
+		// requests outnumbers the large sequential ones that follow it
+		// for most of the window (~1.2 s at the default tick).
+		if want, clear = decide(sum, seqHigh, seqLow); !clear {
+			c.streak = 0
+			return 0, false
 		}
-	default:
-		// In the hysteresis band: keep what is in force.
-		c.streak = 0
-		return 0, false
 	}
 	if want != c.candidate {
 		c.candidate, c.streak = want, 0

@@ -15,7 +15,9 @@
 //	            delayed; flushes are group-committed
 //	auto        classifies the last second of I/O (sequential fraction,
 //	            request size, flush rate) and applies the matching one of
-//	            sequential, random or db, with hysteresis
+//	            sequential, random or db, with hysteresis; two ticks in a
+//	            row that are clearly one kind (>= 90% or <= 10%
+//	            sequential) decide without the rest of the window
 //
 // Whatever the effective profile, the stage keeps the write-back buffer and
 // cache coherent: a profile change never strands buffered writes or stale

@@ -108,14 +108,14 @@ func (c *classifier) tick() (p Profile, ok bool) {
 		sum.writes += b.writes
 		sum.flushes += b.flushes
 	}
-	want, clear := decide(c.ring[(c.pos+window-1)%window], seqClear, 1-seqClear)
-	if !clear {
+	want, decided := decide(c.ring[(c.pos+window-1)%window], seqClear, 1-seqClear)
+	if !decided {
 		// The window decides, with the hysteresis band between seqLow
 		// and seqHigh. It alone would follow a change only once the
 		// old workload's ticks were outweighed: a random phase of small
 		// requests outnumbers the large sequential ones that follow it
 		// for most of the window (~1.2 s at the default tick).
-		if want, clear = decide(sum, seqHigh, seqLow); !clear {
+		if want, decided = decide(sum, seqHigh, seqLow); !decided {
 			c.streak = 0
 			return 0, false
 		}

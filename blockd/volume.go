@@ -191,6 +191,29 @@ func (v *Volume) LendWrite(r *pipeline.Request) []byte {
 	return l.LendWrite(r.Offset, int(r.Length))
 }
 
+// Map implements pipeline.Mapper, which the NBD server uses to answer
+// NBD_CMD_BLOCK_STATUS: the engine's holes and data, except that a range
+// overlapping writes still held in the profile stage's write-back buffer
+// is reported as data throughout. The buffer is asked first: a completed
+// write that is no longer there when it answers is already in the engine.
+// Engines that cannot tell report everything as data.
+func (v *Volume) Map(dst []pipeline.Extent, off, n int64) ([]pipeline.Extent, error) {
+	v.gate.RLock()
+	defer v.gate.RUnlock()
+	if v.closed {
+		return dst, pipeline.ErrShutdown
+	}
+	if off < 0 || n < 0 || off+n > v.engine.Size() {
+		return dst, pipeline.ErrOutOfRange
+	}
+	m, ok := v.engine.(pipeline.Mapper)
+	if !ok || (v.prof != nil && v.prof.Buffered(off, off+n)) {
+		dst, _ = pipeline.AppendExtent(dst, n, false)
+		return dst, nil
+	}
+	return m.Map(dst, off, n)
+}
+
 // Size returns the volume's current size in bytes.
 func (v *Volume) Size() int64 { return v.engine.Size() }
 

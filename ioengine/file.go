@@ -442,6 +442,51 @@ func (e *File) Resize(size int64) error {
 	return nil
 }
 
+// Map implements pipeline.Mapper with lseek(SEEK_DATA) and
+// lseek(SEEK_HOLE), which see data still in the page cache as well as on
+// disk. A filesystem without them reports the whole file as data, which
+// is always a correct answer.
+func (e *File) Map(dst []pipeline.Extent, off, n int64) ([]pipeline.Extent, error) {
+	if err := e.check(off, n); err != nil {
+		return dst, err
+	}
+	end := off + n
+	for off < end {
+		data, err := unix.Seek(e.fd, off, unix.SEEK_DATA)
+		switch {
+		case err == unix.ENXIO: // no data at or after off
+			data = end
+		case err == unix.EINVAL || err == unix.EOPNOTSUPP:
+			dst, _ = pipeline.AppendExtent(dst, end-off, false)
+			return dst, nil
+		case err != nil:
+			return dst, fmt.Errorf("file engine: lseek SEEK_DATA: %w", err)
+		}
+		var ok bool
+		if data > off {
+			if dst, ok = pipeline.AppendExtent(dst, min(data, end)-off, true); !ok {
+				break
+			}
+			off = min(data, end)
+			continue
+		}
+		hole, err := unix.Seek(e.fd, off, unix.SEEK_HOLE)
+		if err != nil {
+			// Data at off but no hole after it: the file shrank under
+			// us, or the filesystem is odd. Data is the safe answer.
+			hole = end
+		}
+		if hole <= off { // cannot happen after SEEK_DATA said off; do not loop
+			hole = end
+		}
+		if dst, ok = pipeline.AppendExtent(dst, min(hole, end)-off, false); !ok {
+			break
+		}
+		off = min(hole, end)
+	}
+	return dst, nil
+}
+
 // Allocated returns the bytes of the backing file that hold blocks on disk.
 func (e *File) Allocated() (int64, error) {
 	var st unix.Stat_t

@@ -186,6 +186,29 @@ func (m *Memory) zero(off, length int64, keep bool) error {
 	return nil
 }
 
+// Map implements pipeline.Mapper: a chunk never written, or freed whole
+// by a trim, is a hole.
+func (m *Memory) Map(dst []pipeline.Extent, off, n int64) ([]pipeline.Extent, error) {
+	if err := m.check(off, n); err != nil {
+		return dst, err
+	}
+	cs := *m.chunks.Load()
+	for n > 0 {
+		c := cs[off/memChunk]
+		l := min(n, memChunk-off%memChunk)
+		c.mu.RLock()
+		hole := c.data == nil
+		c.mu.RUnlock()
+		var ok bool
+		if dst, ok = pipeline.AppendExtent(dst, l, hole); !ok {
+			break
+		}
+		off += l
+		n -= l
+	}
+	return dst, nil
+}
+
 // Size implements Engine.
 func (m *Memory) Size() int64 { return m.size.Load() }
 

@@ -382,6 +382,8 @@ func (c *rawClient) readReply() reply {
 			case replyTypeError, replyTypeErrorOffset:
 				r.errno = binary.BigEndian.Uint32(p)
 				r.msg = string(p[6 : 6+binary.BigEndian.Uint16(p[4:])])
+			case replyTypeBlockStatus:
+				r.data = append(r.data, p...)
 			case replyTypeNone:
 			default:
 				c.t.Fatalf("chunk type %d", r.chunkType)

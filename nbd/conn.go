@@ -28,6 +28,9 @@ const (
 	// one burst of huge reads does not delay every other reply.
 	maxBatchIov   = 512
 	maxBatchBytes = 4 << 20
+	// maxExtents bounds the extents of one BLOCK_STATUS reply; a client
+	// asks again from where the reply ended.
+	maxExtents = 128
 )
 
 // slot is one request in flight. A connection has MaxInFlight of them; they
@@ -43,6 +46,10 @@ type slot struct {
 	buf    *pbuf
 	charge int64    // payload bytes counted in conn.bufBytes
 	refs   [][]byte // room for a read answered by reference (req.Ref)
+	// BLOCK_STATUS: room for the extents (allocated on first use) and the
+	// answer, a prefix of it; ext is nil when the export cannot map.
+	extRoom []pipeline.Extent
+	ext     []pipeline.Extent
 }
 
 type conn struct {
@@ -57,6 +64,7 @@ type conn struct {
 	exp         Export
 	inl         Inliner                // exp, if it implements Inliner
 	lender      WriteLender            // exp, if an Inliner that lends memory
+	mapper      pipeline.Mapper        // exp, if it tells holes from data (BLOCK_STATUS)
 	flushOnWait bool                   // c.sys flushes inline replies before a read waits
 	published   atomic.Pointer[Export] // exp, for Server.Disconnect
 	minBS       uint32
@@ -174,6 +182,7 @@ func (c *conn) serve(ctx context.Context, e Export) error {
 	if c.inl != nil {
 		c.lender, _ = e.(WriteLender)
 	}
+	c.mapper, _ = e.(pipeline.Mapper)
 	c.published.Store(&e)
 	c.minBS = max(e.MinBlockSize(), 1)
 	return c.transmit(ctx)
@@ -324,9 +333,16 @@ func (c *conn) readLoop() error {
 				}
 			}
 		}
-		if errno != 0 || (length == 0 && cmd != cmdFlush) || cmd == cmdBlockStatus {
+		if errno != 0 || (length == 0 && cmd != cmdFlush) || (cmd == cmdBlockStatus && c.mapper == nil) {
 			s.errno = errno
 			c.replies <- s
+			continue
+		}
+		if cmd == cmdBlockStatus {
+			// Maps may wait for the filesystem (lseek takes the inode
+			// lock): a worker runs them.
+			c.busy.Add(1)
+			c.dispatch(s)
 			continue
 		}
 		if cmd == cmdRead {
@@ -479,9 +495,9 @@ func (c *conn) check(s *slot, off uint64, length uint32) uint32 {
 			return errInval
 		}
 	case cmdBlockStatus:
-		// Answered by the reader: engines do not report holes, so the
-		// whole range is "allocated, contents unknown" (status 0), which
-		// the spec allows for any block.
+		// A worker asks the export's Mapper; an export without one gets
+		// the whole range as "allocated, contents unknown" (status 0)
+		// from the reader, which the spec allows for any block.
 		switch {
 		case !c.metaAlloc, fl&^(cmdFlagFUA|cmdFlagReqOne) != 0, length == 0:
 			return errInval
@@ -610,12 +626,53 @@ func (c *conn) complete(s *slot) {
 
 // exec runs the request on the export; the reply is sent only afterwards.
 func (c *conn) exec(s *slot) {
+	if s.cmd == cmdBlockStatus {
+		c.mapExtents(s)
+		return
+	}
 	err := c.exp.Handle(c.ctx, &s.req)
 	if err != nil {
 		s.err = err
 		s.errno = uint32(wireErrno(err))
 		return
 	}
+	s.errno = 0
+}
+
+// mapExtents answers a BLOCK_STATUS from the export's Mapper: at most
+// maxExtents extents (one with NBD_CMD_FLAG_REQ_ONE), covering a prefix of
+// the range.
+func (c *conn) mapExtents(s *slot) {
+	if s.extRoom == nil {
+		s.extRoom = make([]pipeline.Extent, 0, maxExtents)
+	}
+	dst := s.extRoom[:0]
+	if s.cmdFl&cmdFlagReqOne != 0 {
+		dst = dst[:0:1]
+	}
+	ext, err := c.mapper.Map(dst, s.req.Offset, int64(s.req.Length))
+	if err == nil {
+		// The wire wants at least one non-empty extent and none past
+		// the request; a Mapper that breaks its contract is a bug, not
+		// a reason to send a malformed reply.
+		left := int64(s.req.Length)
+		for i, x := range ext {
+			if x.Length <= 0 || x.Length > left {
+				err = fmt.Errorf("nbd: block status: export mapped extent %d as %+v with %d bytes of the request left", i, x, left)
+				break
+			}
+			left -= x.Length
+		}
+		if len(ext) == 0 && err == nil {
+			err = fmt.Errorf("nbd: block status: export mapped no extent")
+		}
+	}
+	if err != nil {
+		s.err = err
+		s.errno = uint32(wireErrno(err))
+		return
+	}
+	s.ext = ext
 	s.errno = 0
 }
 
@@ -641,6 +698,7 @@ func (c *conn) release(s *slot) {
 	s.req.Buf = nil
 	clear(s.req.Ref) // do not pin engine memory (a trimmed chunk) while idle
 	s.req.Ref = nil
+	s.ext = nil
 	s.err = nil
 	c.free <- s
 }
@@ -679,17 +737,28 @@ func (c *conn) encode(s *slot) {
 		return
 	}
 	if s.cmd == cmdBlockStatus && s.errno == 0 {
-		var h [structHeaderSize + 12]byte
-		binary.BigEndian.PutUint32(h[0:], structuredMagic)
-		binary.BigEndian.PutUint16(h[4:], replyFlagDone)
-		binary.BigEndian.PutUint16(h[6:], replyTypeBlockStatus)
-		binary.BigEndian.PutUint64(h[8:], s.cookie)
-		binary.BigEndian.PutUint32(h[16:], 12)
-		binary.BigEndian.PutUint32(h[20:], metaIDBaseAllocation)
-		binary.BigEndian.PutUint32(h[24:], s.req.Length)
-		binary.BigEndian.PutUint32(h[28:], 0)
-		c.wbuf = append(c.wbuf, h[:]...)
-		c.pending += len(h)
+		n := max(len(s.ext), 1) // no Mapper: one extent, all allocated
+		start := len(c.wbuf)
+		b := binary.BigEndian.AppendUint32(c.wbuf, structuredMagic)
+		b = binary.BigEndian.AppendUint16(b, replyFlagDone)
+		b = binary.BigEndian.AppendUint16(b, replyTypeBlockStatus)
+		b = binary.BigEndian.AppendUint64(b, s.cookie)
+		b = binary.BigEndian.AppendUint32(b, uint32(4+8*n))
+		b = binary.BigEndian.AppendUint32(b, metaIDBaseAllocation)
+		if s.ext == nil {
+			b = binary.BigEndian.AppendUint32(b, s.req.Length)
+			b = binary.BigEndian.AppendUint32(b, 0)
+		}
+		for _, x := range s.ext {
+			var flags uint32
+			if x.Hole {
+				flags = stateHole | stateZero
+			}
+			b = binary.BigEndian.AppendUint32(b, uint32(x.Length))
+			b = binary.BigEndian.AppendUint32(b, flags)
+		}
+		c.wbuf = b
+		c.pending += len(b) - start
 		c.release(s)
 		return
 	}

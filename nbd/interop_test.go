@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -70,14 +71,15 @@ type fileExports struct {
 func fileServer(t *testing.T) fileExports {
 	t.Helper()
 	dir := t.TempDir()
-	mk := func(name string, size int64, ro bool) *testExport {
+	mk := func(name string, size int64, ro bool) Export {
 		f, err := ioengine.OpenFile(filepath.Join(dir, name), size)
 		if err != nil {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { f.Close() })
-		e := &testExport{Handler: ioengine.Handler(f), ro: ro, desc: name + " volume"}
+		e := &mappedExport{testExport: &testExport{Handler: ioengine.Handler(f), ro: ro, desc: name + " volume"}}
 		e.size.Store(size)
+		e.setMap(f.Map) // BLOCK_STATUS reports the file's holes
 		return e
 	}
 	exps := exportSet{
@@ -150,9 +152,10 @@ func TestInteropNbdinfoJSON(t *testing.T) {
 		t.Log(out)
 	}
 
-	// base:allocation through libnbd: the whole export is one data extent.
+	// base:allocation through libnbd: the fresh sparse file is one hole
+	// (TestInteropBlockStatus maps data too).
 	out = run(t, time.Minute, bin, "--map", fs.uri("disk"))
-	if f := strings.Fields(out); len(f) < 3 || f[0] != "0" || f[1] != "67108864" || f[2] != "0" {
+	if f := strings.Fields(out); len(f) != 4 || f[0] != "0" || f[1] != "67108864" || f[2] != "3" {
 		t.Fatalf("nbdinfo --map:\n%s", out)
 	}
 
@@ -181,6 +184,68 @@ func TestInteropQemuImgConvert(t *testing.T) {
 	out, err := runErr(2*time.Minute, qimg, "compare", "-f", "raw", "-F", "raw", src, fs.uri("disk"))
 	if err == nil || !strings.Contains(out, "Content mismatch") {
 		t.Fatalf("compare after corruption: %v\n%s", err, out)
+	}
+}
+
+// TestInteropBlockStatus: qemu-img map and nbdinfo --map see the holes of
+// a sparse file export through BLOCK_STATUS (base:allocation), and a
+// qemu-img convert out of it writes only the data back.
+func TestInteropBlockStatus(t *testing.T) {
+	qimg := need(t, "qemu-img")
+	nbdinfo := need(t, "nbdinfo")
+	fs := fileServer(t)
+	const mib = 1 << 20
+	run(t, time.Minute, need(t, "qemu-io"), "-f", "raw",
+		"-c", "write -P 0x11 4M 1M", "-c", "write -P 0x22 40M 64k", "-c", "flush", fs.uri("disk"))
+
+	var m []struct {
+		Start, Length int64
+		Data, Zero    bool
+	}
+	out := run(t, time.Minute, qimg, "map", "--output=json", "-f", "raw", fs.uri("disk"))
+	if err := json.Unmarshal([]byte(out), &m); err != nil {
+		t.Fatalf("qemu-img map: %v\n%s", err, out)
+	}
+	type span struct {
+		start, end int64
+		data       bool
+	}
+	want := []span{{0, 4 * mib, false}, {4 * mib, 5 * mib, true}, {5 * mib, 40 * mib, false},
+		{40 * mib, 40*mib + 64<<10, true}, {40*mib + 64<<10, 64 * mib, false}}
+	var got []span
+	for _, x := range m {
+		if x.Data == x.Zero && !x.Data {
+			t.Fatalf("qemu-img map: extent neither data nor zero: %+v", x)
+		}
+		if k := len(got); k > 0 && got[k-1].data == x.Data && got[k-1].end == x.Start {
+			got[k-1].end += x.Length
+			continue
+		}
+		got = append(got, span{x.Start, x.Start + x.Length, x.Data})
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("qemu-img map: %v, want %v\n%s", got, want, out)
+	}
+
+	out = run(t, time.Minute, nbdinfo, "--map", fs.uri("disk"))
+	words := strings.Join(strings.Fields(out), " ")
+	if !strings.HasPrefix(words, fmt.Sprintf("0 %d 3 hole,zero %d %d 0 data ", 4*mib, 4*mib, mib)) {
+		t.Fatalf("nbdinfo --map does not show a 4 MiB hole, then the 1 MiB written at 4 MiB as data:\n%s", out)
+	}
+
+	// A copy out of the export keeps the data and the holes.
+	dst := filepath.Join(t.TempDir(), "copy.raw")
+	run(t, 2*time.Minute, qimg, "convert", "-f", "raw", "-O", "raw", fs.uri("disk"), dst)
+	out = run(t, 2*time.Minute, qimg, "compare", "-f", "raw", "-F", "raw", dst, fs.uri("disk"))
+	if !strings.Contains(out, "Images are identical") {
+		t.Fatalf("qemu-img compare of the copy:\n%s", out)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(dst, &st); err != nil {
+		t.Fatal(err)
+	}
+	if used := st.Blocks * 512; used > 4*mib {
+		t.Errorf("the copy of 1.06 MiB of data in a 64 MiB export uses %d bytes: holes were copied as data", used)
 	}
 }
 

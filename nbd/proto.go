@@ -98,6 +98,12 @@ const (
 	metaIDBaseAllocation = 1
 )
 
+// base:allocation extent flags.
+const (
+	stateHole = 1 << 0 // no storage allocated
+	stateZero = 1 << 1 // reads as zeroes
+)
+
 // Structured reply flags and chunk types.
 const (
 	replyFlagDone = 1 << 0

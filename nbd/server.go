@@ -44,9 +44,13 @@
 //     carry no payload). A failed structured READ gets one
 //     NBD_REPLY_TYPE_ERROR chunk carrying the handler's message.
 //   - Handler errors go on the wire as pipeline.Errno(err).
-//   - The base:allocation meta context is offered; as engines do not report
-//     holes, BLOCK_STATUS answers one extent with status 0 ("allocated"),
-//     which the spec allows for any block.
+//   - The base:allocation meta context is offered. An export that
+//     implements pipeline.Mapper has BLOCK_STATUS answered from its map
+//     (holes as NBD_STATE_HOLE|NBD_STATE_ZERO, at most 128 extents per
+//     reply, one under NBD_CMD_FLAG_REQ_ONE), by a worker; for any other
+//     export the reader answers one extent with status 0 ("allocated"),
+//     which the spec allows for any block. Errors of BLOCK_STATUS are
+//     simple replies like those of the other non-READ commands.
 //   - Back-pressure: a connection stops reading when MaxInFlight requests
 //     are in flight or their payloads hold MaxBufferBytes.
 //

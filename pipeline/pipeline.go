@@ -85,6 +85,44 @@ type Request struct {
 	Ref [][]byte
 }
 
+// Extent is a run of a volume's bytes as a block-status query sees it
+// (NBD_CMD_BLOCK_STATUS with the base:allocation context).
+type Extent struct {
+	Length int64
+	// Hole: the run has no storage allocated and reads as zeroes. A run
+	// that is allocated may hold zeroes too; Hole is never set for data.
+	Hole bool
+}
+
+// Mapper is implemented by engines and volumes that can tell which of
+// their ranges are allocated. Map appends to dst, in order, extents that
+// cover [off, off+n) from off onwards: at least one when n > 0, none
+// longer than the rest of the range, and at most cap(dst)-len(dst), so it
+// may stop short of off+n (the caller asks again for the rest). The answer
+// may be out of date by the time it returns for ranges written or
+// trimmed concurrently, but a write that completed before Map was called
+// is never reported as a hole.
+type Mapper interface {
+	Map(dst []Extent, off, n int64) ([]Extent, error)
+}
+
+// AppendExtent appends to dst a run of length bytes, merging it into the
+// last extent when that is of the same kind. It reports false, leaving dst
+// alone, when a new extent would not fit in cap(dst).
+func AppendExtent(dst []Extent, length int64, hole bool) ([]Extent, bool) {
+	if length <= 0 {
+		return dst, true
+	}
+	if k := len(dst); k > 0 && dst[k-1].Hole == hole {
+		dst[k-1].Length += length
+		return dst, true
+	}
+	if len(dst) == cap(dst) {
+		return dst, false
+	}
+	return append(dst, Extent{Length: length, Hole: hole}), true
+}
+
 // End returns the first byte past the request.
 func (r *Request) End() int64 { return r.Offset + int64(r.Length) }
 

@@ -352,6 +352,11 @@ func (s *Stage) Close() error {
 	return err
 }
 
+// Buffered reports whether writes that completed but are not in the
+// engine yet (the write-back buffer) overlap [off, end): a block-status
+// query must then not trust the engine's holes there.
+func (s *Stage) Buffered(off, end int64) bool { return s.wb.holds(off, end) }
+
 // Handle implements pipeline.Handler.
 func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
 	p := Profile(s.effective.Load())

@@ -179,6 +179,16 @@ func (w *writeBack) clearOf(off, end int64) bool {
 	return i == len(w.ext) || w.ext[i].off >= end
 }
 
+// holds reports whether buffered data overlaps [off, end). Unlike clearOf
+// it waits for the lock, so a drain is either over (its data is in the
+// engine) or not started (its data is still here) when it answers.
+func (w *writeBack) holds(off, end int64) bool {
+	w.mu.RLock()
+	defer w.mu.RUnlock()
+	i := w.find(off)
+	return i < len(w.ext) && w.ext[i].off < end
+}
+
 // hasRoom reports whether put could buffer [off, end) without draining:
 // even written as new slabs it would stay within the limit. Like clearOf
 // it does not wait for the lock.

@@ -188,6 +188,106 @@ func Run(t *testing.T, newEngine New) {
 			t.Fatalf("unknown op: %v, want ErrNotSupported", err)
 		}
 	})
+	t.Run("Map", func(t *testing.T) {
+		e := newEngine(t, size)
+		m, ok := e.(pipeline.Mapper)
+		if !ok {
+			// Not every engine can tell holes from data; the frontends
+			// then report everything as data.
+			return
+		}
+		const mib = 1 << 20
+		ext := mapAll(t, m, 0, size)
+		if len(ext) != 1 || !ext[0].Hole {
+			t.Fatalf("fresh engine maps as %+v, want one hole of %d bytes", ext, size)
+		}
+		data := bytes.Repeat([]byte{9}, mib)
+		if _, err := e.WriteAt(data, 2*mib); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := e.WriteAt(data[:100], 6*mib+100); err != nil {
+			t.Fatal(err)
+		}
+		if cw, ok := e.(ioengine.CachedWriter); ok {
+			// A write that is only in the page cache is data too.
+			if _, err := cw.WriteAtCached(data[:4096], 5*mib); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ext = mapAll(t, m, 0, size)
+		for _, r := range [][2]int64{{2 * mib, 3 * mib}, {6*mib + 100, 6*mib + 200}} {
+			if holeIn(ext, 0, r[0], r[1]) {
+				t.Errorf("written range [%d, %d) is reported as a hole: %+v", r[0], r[1], ext)
+			}
+		}
+		if _, ok := e.(ioengine.CachedWriter); ok && holeIn(ext, 0, 5*mib, 5*mib+4096) {
+			t.Errorf("range written through the page cache is reported as a hole: %+v", ext)
+		}
+		for _, r := range [][2]int64{{0, mib}, {3 * mib, 4 * mib}, {7 * mib, 8 * mib}} {
+			if !holeIn(ext, 0, r[0], r[1]) || dataIn(ext, 0, r[0], r[1]) {
+				t.Errorf("range [%d, %d), never written, is not reported as a hole: %+v", r[0], r[1], ext)
+			}
+		}
+		// A query from the middle of a run starts there.
+		if got := mapAll(t, m, 2*mib+4096, 4096); len(got) != 1 || got[0].Hole || got[0].Length != 4096 {
+			t.Errorf("Map of 4 KiB inside written data = %+v", got)
+		}
+		// Room for one extent: one extent, a prefix of the range.
+		one, err := m.Map(make([]pipeline.Extent, 0, 1), 0, size)
+		if err != nil || len(one) != 1 || !one[0].Hole || one[0].Length != 2*mib {
+			t.Errorf("Map with room for one extent = %+v, %v; want the 2 MiB hole", one, err)
+		}
+		if err := e.Trim(2*mib, mib); err != nil {
+			t.Fatal(err)
+		}
+		ext = mapAll(t, m, 0, size)
+		if dataIn(ext, 0, 2*mib, 3*mib) {
+			t.Errorf("trimmed range [2 MiB, 3 MiB) still maps as data: %+v", ext)
+		}
+		if _, err := m.Map(nil, size-4096, 8192); !errors.Is(err, pipeline.ErrOutOfRange) {
+			t.Errorf("Map past the end: %v, want ErrOutOfRange", err)
+		}
+	})
+}
+
+// mapAll maps [off, off+n) with room for every extent and checks that the
+// extents are non-empty and cover the range exactly.
+func mapAll(t *testing.T, m pipeline.Mapper, off, n int64) []pipeline.Extent {
+	t.Helper()
+	ext, err := m.Map(make([]pipeline.Extent, 0, 1024), off, n)
+	if err != nil {
+		t.Fatalf("Map(%d, %d): %v", off, n, err)
+	}
+	var sum int64
+	for i, x := range ext {
+		if x.Length <= 0 {
+			t.Fatalf("Map(%d, %d): extent %d is empty: %+v", off, n, i, ext)
+		}
+		if i > 0 && ext[i-1].Hole == x.Hole {
+			t.Fatalf("Map(%d, %d): extents %d and %d are of one kind, not merged: %+v", off, n, i-1, i, ext)
+		}
+		sum += x.Length
+	}
+	if sum != n {
+		t.Fatalf("Map(%d, %d): extents cover %d bytes: %+v", off, n, sum, ext)
+	}
+	return ext
+}
+
+// holeIn and dataIn report whether extents that start at base have a hole
+// (data) overlapping [lo, hi).
+func holeIn(ext []pipeline.Extent, base, lo, hi int64) bool { return kindIn(ext, base, lo, hi, true) }
+func dataIn(ext []pipeline.Extent, base, lo, hi int64) bool { return kindIn(ext, base, lo, hi, false) }
+
+func kindIn(ext []pipeline.Extent, base, lo, hi int64, hole bool) bool {
+	off := base
+	for _, x := range ext {
+		if x.Hole == hole && off < hi && off+x.Length > lo {
+			return true
+		}
+		off += x.Length
+	}
+	return false
 }
 
 func mustRead(t *testing.T, e ioengine.Engine, p []byte, off int64) {

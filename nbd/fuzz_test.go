@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/blockd/blockd/ioengine"
 )
 
 // Seeds for the fuzz targets; the same builders produced the corpus in
@@ -69,6 +71,9 @@ func requestSeeds() [][]byte {
 			reqBytes(cmdWrite, 0, 3, 0, 1<<20, nil)),
 		cat(reqBytes(42, 0xffff, 1, 0, 0, nil), reqBytes(cmdRead, cmdFlagDF, 2, 0, 1, nil)),
 		[]byte("not an nbd request at all, just text"),
+		cat(reqBytes(cmdWrite, 0, 1, 4096, 4, []byte("data")), reqBytes(cmdBlockStatus, 0, 2, 0, 1<<20, nil),
+			reqBytes(cmdBlockStatus, cmdFlagReqOne, 3, 4096, 8192, nil), reqBytes(cmdTrim, 0, 4, 0, 1<<20, nil),
+			reqBytes(cmdBlockStatus, 0, 5, 1<<20-1, 1, nil)),
 	}
 }
 
@@ -77,8 +82,14 @@ const fuzzExportSize = 1 << 20
 // fuzzServe runs ServeConn on one end of a pipe, feeds input from the other
 // and fails if the server panics or does not finish.
 func fuzzServe(t *testing.T, prefix, input []byte) {
-	e, _ := memExport(t, fuzzExportSize)
-	e.desc = "fuzz"
+	m, err := ioengine.NewMemory(fuzzExportSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A mapping export, so BLOCK_STATUS goes through the Mapper.
+	e := &mappedExport{testExport: &testExport{Handler: ioengine.Handler(m), desc: "fuzz"}}
+	e.size.Store(fuzzExportSize)
+	e.setMap(m.Map)
 	s := NewServer(exportSet{"vol": e}, Options{MaxPayload: 64 << 10, MaxInFlight: 4, HandshakeTimeout: 5 * time.Second})
 	defer s.Close()
 	srv, cli := net.Pipe()
@@ -120,6 +131,8 @@ func FuzzRequests(f *testing.F) {
 		prefix = append(prefix, be32(clientFixedNewstyle|clientNoZeroes)...)
 		if structured {
 			prefix = append(prefix, optBytes(optStructuredReply, nil)...)
+			// base:allocation, so BLOCK_STATUS reaches the Mapper.
+			prefix = append(prefix, optBytes(optSetMetaContext, metaData("vol", metaBaseAllocation))...)
 			prefix = append(prefix, optBytes(optGo, infoGoData("vol"))...)
 		} else {
 			prefix = append(prefix, optBytes(optExportName, []byte("vol"))...)

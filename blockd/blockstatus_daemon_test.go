@@ -70,9 +70,9 @@ show("flushed")
 		}
 		t.Errorf("%s: no extent covers byte %d\n%s", tag, at, out)
 	}
-	// Buffered: the volume as a whole overlaps the buffer, so the answer
-	// is all data, which is correct if not precise.
 	covers("buffered", 8<<20, "0")
+	covers("buffered", 0, "3")
+	covers("buffered", 12<<20, "3")
 	covers("flushed", 8<<20, "0")
 	covers("flushed", 0, "3")
 	covers("flushed", 12<<20, "3")

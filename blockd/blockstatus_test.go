@@ -2,9 +2,11 @@ package blockd
 
 import (
 	"bytes"
+	"fmt"
 	"testing"
 
 	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/profile"
 )
 
 // TestVolumeMap: a volume maps its engine's holes and data, and a write
@@ -55,27 +57,28 @@ func TestVolumeMap(t *testing.T) {
 			if ext := mapOf(8*mib, 4096); isHole(ext) {
 				t.Fatalf("a completed write maps as a hole: %+v", ext)
 			}
-			if ext := mapOf(0, 16*mib); isHole(ext) {
-				t.Fatalf("the volume with a completed write maps as one hole: %+v", ext)
+			// hole, data around the write, hole: whether the write is
+			// in the buffer or in the engine.
+			holeDataHole := func(when string) {
+				t.Helper()
+				ext := mapOf(0, 16*mib)
+				var off int64
+				for _, x := range ext {
+					if !x.Hole && (off > 8*mib || off+x.Length < 8*mib+4096) {
+						t.Errorf("%s: data extent [%d, %d) is not around the write at 8 MiB: %+v", when, off, off+x.Length, ext)
+					}
+					off += x.Length
+				}
+				if off != 16*mib || len(ext) != 3 || !ext[0].Hole || ext[1].Hole || !ext[2].Hole {
+					t.Fatalf("%s: %+v, want hole, data, hole over 16 MiB", when, ext)
+				}
 			}
-			if ext := mapOf(0, mib); !isHole(ext) {
-				t.Fatalf("[0, 1 MiB), never written, maps as %+v", ext)
-			}
+			holeDataHole("write completed")
 			do(pipeline.Request{Op: pipeline.OpFlush})
 			if st := v.prof.Stats(); st.BufferedBytes != 0 {
 				t.Fatalf("flush left %d bytes buffered", st.BufferedBytes)
 			}
-			ext := mapOf(0, 16*mib)
-			var off int64
-			for _, x := range ext {
-				if !x.Hole && (off > 8*mib || off+x.Length < 8*mib+4096) {
-					t.Errorf("data extent [%d, %d) is not around the write at 8 MiB: %+v", off, off+x.Length, ext)
-				}
-				off += x.Length
-			}
-			if off != 16*mib || len(ext) != 3 || !ext[0].Hole || ext[1].Hole || !ext[2].Hole {
-				t.Fatalf("after flush: %+v, want hole, data, hole over 16 MiB", ext)
-			}
+			holeDataHole("after flush")
 			do(pipeline.Request{Op: pipeline.OpTrim, Offset: 8 * mib, Length: mib})
 			if ext := mapOf(0, 16*mib); !isHole(ext) {
 				t.Fatalf("after trimming the data: %+v", ext)
@@ -84,5 +87,37 @@ func TestVolumeMap(t *testing.T) {
 				t.Fatalf("Map past the end: %v", err)
 			}
 		})
+	}
+}
+
+func TestOverlayData(t *testing.T) {
+	h := func(n int64) pipeline.Extent { return pipeline.Extent{Length: n, Hole: true} }
+	d := func(n int64) pipeline.Extent { return pipeline.Extent{Length: n} }
+	for _, tc := range []struct {
+		name string
+		ext  []pipeline.Extent
+		data []profile.Range
+		room int
+		want []pipeline.Extent
+	}{
+		{"inside a hole", []pipeline.Extent{h(100)}, []profile.Range{{Off: 1030, End: 1040}}, 8,
+			[]pipeline.Extent{h(30), d(10), h(60)}},
+		{"at both ends", []pipeline.Extent{h(100)}, []profile.Range{{Off: 1000, End: 1010}, {Off: 1090, End: 1100}}, 8,
+			[]pipeline.Extent{d(10), h(80), d(10)}},
+		{"over data and holes", []pipeline.Extent{h(10), d(10), h(10)}, []profile.Range{{Off: 1005, End: 1025}}, 8,
+			[]pipeline.Extent{h(5), d(20), h(5)}},
+		{"joins data extents", []pipeline.Extent{d(10), h(10), d(10)}, []profile.Range{{Off: 1010, End: 1020}}, 8,
+			[]pipeline.Extent{d(30)}},
+		{"across holes", []pipeline.Extent{h(10), d(10), h(10), d(10)}, []profile.Range{{Off: 1025, End: 1030}}, 8,
+			[]pipeline.Extent{h(10), d(10), h(5), d(15)}},
+		{"room for two", []pipeline.Extent{h(100)}, []profile.Range{{Off: 1030, End: 1040}, {Off: 1050, End: 1060}}, 2,
+			[]pipeline.Extent{h(30), d(10)}},
+		{"room for one", []pipeline.Extent{h(100)}, []profile.Range{{Off: 1030, End: 1040}}, 1,
+			[]pipeline.Extent{h(30)}},
+	} {
+		got := overlayData(make([]pipeline.Extent, 0, tc.room), tc.ext, 1000, tc.data)
+		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
+			t.Errorf("%s: %+v, want %+v", tc.name, got, tc.want)
+		}
 	}
 }

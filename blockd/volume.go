@@ -192,11 +192,11 @@ func (v *Volume) LendWrite(r *pipeline.Request) []byte {
 }
 
 // Map implements pipeline.Mapper, which the NBD server uses to answer
-// NBD_CMD_BLOCK_STATUS: the engine's holes and data, except that a range
-// overlapping writes still held in the profile stage's write-back buffer
-// is reported as data throughout. The buffer is asked first: a completed
-// write that is no longer there when it answers is already in the engine.
-// Engines that cannot tell report everything as data.
+// NBD_CMD_BLOCK_STATUS: the engine's holes and data, with the writes still
+// held in the profile stage's write-back buffer laid over them as data.
+// The buffer is asked first: a completed write that is no longer there
+// when it answers is already in the engine. Engines that cannot tell
+// report everything as data.
 func (v *Volume) Map(dst []pipeline.Extent, off, n int64) ([]pipeline.Extent, error) {
 	v.gate.RLock()
 	defer v.gate.RUnlock()
@@ -207,11 +207,52 @@ func (v *Volume) Map(dst []pipeline.Extent, off, n int64) ([]pipeline.Extent, er
 		return dst, pipeline.ErrOutOfRange
 	}
 	m, ok := v.engine.(pipeline.Mapper)
-	if !ok || (v.prof != nil && v.prof.Buffered(off, off+n)) {
+	if !ok {
 		dst, _ = pipeline.AppendExtent(dst, n, false)
 		return dst, nil
 	}
-	return m.Map(dst, off, n)
+	var room [16]profile.Range
+	var buffered []profile.Range
+	if v.prof != nil {
+		buffered = v.prof.Buffered(room[:0], off, off+n)
+	}
+	if len(buffered) == 0 {
+		return m.Map(dst, off, n)
+	}
+	base := len(dst)
+	engine, err := m.Map(dst, off, n)
+	if err != nil {
+		return dst, err
+	}
+	return overlayData(dst[:base], slices.Clone(engine[base:]), off, buffered), nil
+}
+
+// overlayData appends to dst the extents ext (which start at off) with the
+// ranges in data (sorted, disjoint, within the extents) turned to data,
+// stopping early, at an extent boundary, when dst is full.
+func overlayData(dst, ext []pipeline.Extent, off int64, data []profile.Range) []pipeline.Extent {
+	for _, x := range ext {
+		end := off + x.Length
+		for off < end {
+			for len(data) > 0 && data[0].End <= off {
+				data = data[1:]
+			}
+			next, hole := end, x.Hole
+			if hole && len(data) > 0 && data[0].Off < end {
+				if data[0].Off <= off {
+					next, hole = min(data[0].End, end), false
+				} else {
+					next = data[0].Off
+				}
+			}
+			var ok bool
+			if dst, ok = pipeline.AppendExtent(dst, next-off, hole); !ok {
+				return dst
+			}
+			off = next
+		}
+	}
+	return dst
 }
 
 // Size returns the volume's current size in bytes.

@@ -352,10 +352,15 @@ func (s *Stage) Close() error {
 	return err
 }
 
-// Buffered reports whether writes that completed but are not in the
-// engine yet (the write-back buffer) overlap [off, end): a block-status
-// query must then not trust the engine's holes there.
-func (s *Stage) Buffered(off, end int64) bool { return s.wb.holds(off, end) }
+// Range is the byte range [Off, End).
+type Range struct{ Off, End int64 }
+
+// Buffered appends to dst the parts of [off, end) that writes hold which
+// completed but are not in the engine yet (the write-back buffer), in
+// order: a block-status query must not trust the engine's holes there.
+// A write whose data left the buffer before Buffered looked is in the
+// engine.
+func (s *Stage) Buffered(dst []Range, off, end int64) []Range { return s.wb.ranges(dst, off, end) }
 
 // Handle implements pipeline.Handler.
 func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {

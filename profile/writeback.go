@@ -179,14 +179,22 @@ func (w *writeBack) clearOf(off, end int64) bool {
 	return i == len(w.ext) || w.ext[i].off >= end
 }
 
-// holds reports whether buffered data overlaps [off, end). Unlike clearOf
-// it waits for the lock, so a drain is either over (its data is in the
-// engine) or not started (its data is still here) when it answers.
-func (w *writeBack) holds(off, end int64) bool {
+// ranges appends to dst the buffered ranges that overlap [off, end),
+// clipped to it, adjacent ones joined. Unlike clearOf it waits for the
+// lock, so a drain is either over (its data is in the engine) or not
+// started (its data is still here) when it answers.
+func (w *writeBack) ranges(dst []Range, off, end int64) []Range {
 	w.mu.RLock()
 	defer w.mu.RUnlock()
-	i := w.find(off)
-	return i < len(w.ext) && w.ext[i].off < end
+	for i := w.find(off); i < len(w.ext) && w.ext[i].off < end; i++ {
+		lo, hi := max(w.ext[i].off, off), min(w.ext[i].end(), end)
+		if k := len(dst); k > 0 && dst[k-1].End == lo {
+			dst[k-1].End = hi
+			continue
+		}
+		dst = append(dst, Range{lo, hi})
+	}
+	return dst
 }
 
 // hasRoom reports whether put could buffer [off, end) without draining:

@@ -38,4 +38,6 @@ TEST_TARGETS += ebpf-vm-test
 ebpf-vm-test: test-kernel
 	@set -o pipefail; kernels="$${EBPF_VM_KERNELS:-$$(ls -d $(HOME)/.cache/blockd-vm/kernels/linux-image-* 2>/dev/null)}"; \
 	test -n "$$kernels" || { echo "ebpf-vm-test: no kernels in ~/.cache/blockd-vm/kernels (make test-kernel fetches them)" >&2; exit 1; }; \
-	for k in $$kernels; do echo "== $$k"; probe/testdata/vm/run.sh "$$k" | grep -E -- '^(--- |    |kernel |PROBE-VM-EXIT)' || exit 1; done
+	for k in $$kernels; do echo "== $$k"; log=$$(mktemp); \
+		if probe/testdata/vm/run.sh "$$k" >"$$log" 2>&1; then grep -E -- '^(--- |    |kernel |PROBE-VM-EXIT)' "$$log"; rm -f "$$log"; \
+		else echo "ebpf-vm-test: failed on $$k; the run's last lines:" >&2; tail -n 60 "$$log" >&2; rm -f "$$log"; exit 1; fi; done

@@ -319,8 +319,15 @@ func TestPodAttribution(t *testing.T) {
 			if n := openFDs(t); n != fds {
 				t.Errorf("fd leak: %d open before New, %d after Close", fds, n)
 			}
+			// Goroutines of the test's own that are winding down (a
+			// finalizer running counts as one) get a moment to finish.
+			deadline := time.Now().Add(2 * time.Second)
+			for runtime.NumGoroutine() > gor && time.Now().Before(deadline) {
+				time.Sleep(10 * time.Millisecond)
+			}
 			if n := runtime.NumGoroutine(); n > gor {
-				t.Errorf("goroutine leak: %d before New, %d after Close", gor, n)
+				buf := make([]byte, 1<<20)
+				t.Errorf("goroutine leak: %d before New, %d after Close:\n%s", gor, n, buf[:runtime.Stack(buf, true)])
 			}
 		})
 	}

@@ -44,6 +44,13 @@ func (r Result) OK() bool {
 	return r.ExitCode == 0 && len(r.Passed) > 0 && len(r.Failed) == 0 && !r.Panic && !r.TimedOut
 }
 
+// BootPanic reports a kernel panic before the guest's init ran (it prints
+// the VMTEST KERNEL line first): no test started, so the run says nothing
+// about the code under test. Under TCG an SMP guest now and then trips
+// over its own boot-time code patching (an int3 left in a patched
+// instruction); booting again is then the right answer.
+func (r Result) BootPanic() bool { return r.Panic && r.Release == "" }
+
 // Go test binaries (-test.v) report tests as "--- PASS: Name (1.23s)";
 // subtests are indented.
 var testLine = regexp.MustCompile(`^\s*--- (PASS|FAIL|SKIP): (\S+)`)

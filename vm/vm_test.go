@@ -107,6 +107,14 @@ func TestResultParse(t *testing.T) {
 	if !r.Panic {
 		t.Error("panic not detected")
 	}
+	if r.BootPanic() {
+		t.Error("a panic after init printed its marker counts as a boot panic")
+	}
+	var early Result
+	early.parse("[    2.239311] Kernel panic - not syncing: Fatal exception in interrupt")
+	if !early.BootPanic() || early.OK() {
+		t.Errorf("a panic before the VMTEST KERNEL marker: BootPanic %v, OK %v", early.BootPanic(), early.OK())
+	}
 	ok := Result{ExitCode: 0, Passed: []string{"A"}}
 	if !ok.OK() {
 		t.Error("clean run not OK")

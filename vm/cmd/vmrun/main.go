@@ -142,7 +142,16 @@ func one(ctx context.Context, alias, cache, work string, modules, tools []string
 	logf("booting %s (%s, release %s), console log %s", alias, k.Package, k.Release, logPath)
 	boot.Kernel, boot.Initrd = k, initrd
 	boot.Console = io.MultiWriter(os.Stdout, lf)
-	return vm.Boot(ctx, boot)
+	// A panic before init ran is TCG's doing, not the tests' (see
+	// vm.Result.BootPanic): boot again, at most twice. A panic once the
+	// tests run stays a failure.
+	for attempt := 1; ; attempt++ {
+		res, err := vm.Boot(ctx, boot)
+		if !res.BootPanic() || attempt == 3 || ctx.Err() != nil {
+			return res, err
+		}
+		logf("%s panicked while booting, before any test ran (attempt %d of 3); booting again", alias, attempt)
+	}
 }
 
 // busybox finds a static busybox (Debian's busybox-static installs it as

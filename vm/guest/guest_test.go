@@ -12,7 +12,9 @@ import (
 )
 
 func TestProcStopAndKill(t *testing.T) {
-	p := Start(t, "sh", "-c", "echo started; trap 'echo term; exit 3' TERM; while :; do sleep 0.05; done")
+	// The trap is set before "started" is printed, so a TERM sent after
+	// that always finds it.
+	p := Start(t, "sh", "-c", "trap 'echo term; exit 3' TERM; echo started; while :; do sleep 0.05; done")
 	WaitFor(t, "output", 10*time.Second, func() bool { return strings.Contains(p.Output(), "started") })
 	err := p.Stop(10 * time.Second)
 	var ee *exec.ExitError

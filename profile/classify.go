@@ -21,7 +21,7 @@ type classifier struct {
 type bucket struct{ ops, seq, bytes, writes, flushes uint64 }
 
 const (
-	window = 4 // ticks looked at
+	window = 8 // ticks looked at (800 ms at the default tick)
 	// minOps is the least I/O in the window worth a decision: an idle
 	// volume keeps its profile.
 	minOps = 32
@@ -114,7 +114,7 @@ func (c *classifier) tick() (p Profile, ok bool) {
 		// and seqHigh. It alone would follow a change only once the
 		// old workload's ticks were outweighed: a random phase of small
 		// requests outnumbers the large sequential ones that follow it
-		// for most of the window (~1.2 s at the default tick).
+		// for most of the window.
 		if want, decided = decide(sum, seqHigh, seqLow); !decided {
 			c.streak = 0
 			return 0, false

@@ -100,8 +100,9 @@ type Options struct {
 	// WriteBackAge is the longest a buffered write waits before it is
 	// written to the engine without a flush (default 100ms).
 	WriteBackAge time.Duration
-	// Tick is the classifier's period; it looks at the last 4 ticks
-	// (default 200ms).
+	// Tick is the classifier's period; it looks at the last 8 ticks
+	// (default 100ms). A clear change of workload is followed in two to
+	// three ticks.
 	Tick time.Duration
 	// PrefetchWorkers is how many prefetch reads run at once (default 4).
 	PrefetchWorkers int
@@ -138,7 +139,7 @@ func (o *Options) defaults() {
 		o.WriteBackAge = 100 * time.Millisecond
 	}
 	if o.Tick <= 0 {
-		o.Tick = 200 * time.Millisecond
+		o.Tick = 100 * time.Millisecond
 	}
 	if o.PrefetchWorkers <= 0 {
 		o.PrefetchWorkers = 4
@@ -316,7 +317,9 @@ func (s *Stage) run() {
 			if s.Effective() != Sequential && s.cache.nonEmpty() {
 				s.cache.clear()
 			}
-			if now.Sub(lastTick) >= s.opts.Tick {
+			// Half a period of slack: a ticker firing a hair early
+			// must not stretch the tick by a whole period.
+			if now.Sub(lastTick) >= s.opts.Tick-period/2 {
 				lastTick = now
 				if s.Configured() == Auto {
 					s.classify()

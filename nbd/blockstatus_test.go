@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"slices"
 	"sync/atomic"
 	"testing"
 
@@ -72,26 +73,26 @@ func TestBlockStatusExtents(t *testing.T) {
 	c := blockStatusConn(t, e)
 
 	const hz = stateHole | stateZero
-	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, 0, 4*mib, nil)); !equalExt(got, [][2]uint32{{4 * mib, hz}}) {
+	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, 0, 4*mib, nil)); !slices.Equal(got, [][2]uint32{{4 * mib, hz}}) {
 		t.Fatalf("fresh export maps as %v", got)
 	}
 	// Written through the connection: the chunk at 1 MiB becomes data.
 	c.mustOK(cmdWrite, 0, mib+4096, 4096, bytes.Repeat([]byte{1}, 4096))
 	want := [][2]uint32{{mib, hz}, {mib, 0}, {2 * mib, hz}}
-	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, 0, 4*mib, nil)); !equalExt(got, want) {
+	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, 0, 4*mib, nil)); !slices.Equal(got, want) {
 		t.Fatalf("after a write: %v, want %v", got, want)
 	}
 	want = [][2]uint32{{mib / 2, hz}, {mib / 2, 0}}
-	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, mib/2, mib, nil)); !equalExt(got, want) {
+	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, mib/2, mib, nil)); !slices.Equal(got, want) {
 		t.Fatalf("from 512 KiB: %v, want %v", got, want)
 	}
 	want = [][2]uint32{{mib, hz}}
-	if got := extentsOf(t, c.mustOK(cmdBlockStatus, cmdFlagReqOne, 0, 4*mib, nil)); !equalExt(got, want) {
+	if got := extentsOf(t, c.mustOK(cmdBlockStatus, cmdFlagReqOne, 0, 4*mib, nil)); !slices.Equal(got, want) {
 		t.Fatalf("REQ_ONE: %v, want %v", got, want)
 	}
 	// Trimmed whole, the chunk is a hole again.
 	c.mustOK(cmdTrim, 0, mib, mib, nil)
-	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, 0, 4*mib, nil)); !equalExt(got, [][2]uint32{{4 * mib, hz}}) {
+	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, 0, 4*mib, nil)); !slices.Equal(got, [][2]uint32{{4 * mib, hz}}) {
 		t.Fatalf("after trim: %v", got)
 	}
 
@@ -133,19 +134,7 @@ func TestBlockStatusExtents(t *testing.T) {
 	}
 	e.setMap(m.Map)
 	c.mustOK(cmdRead, 0, 0, 4096, nil)
-	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, 0, 4096, nil)); !equalExt(got, [][2]uint32{{4096, hz}}) {
+	if got := extentsOf(t, c.mustOK(cmdBlockStatus, 0, 0, 4096, nil)); !slices.Equal(got, [][2]uint32{{4096, hz}}) {
 		t.Fatalf("after the errors: %v", got)
 	}
-}
-
-func equalExt(a, b [][2]uint32) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }

@@ -38,6 +38,16 @@ type CachedWriter interface {
 	WriteAtCached(p []byte, off int64) (int, error)
 }
 
+// CacheDropper is implemented by CachedWriters whose cache can be emptied
+// on request: once a volume stops writing through the cache (it left the
+// db profile), the pages its writes left behind are a second copy of the
+// data that only costs host memory and slows the engine's own writes
+// (a direct write first invalidates the cached pages of its range).
+// Dropping never loses a write: dirty pages stay until written back.
+type CacheDropper interface {
+	DropCache() error
+}
+
 // FUAWriter is implemented by engines that can make one write durable
 // cheaper than WriteAt followed by Flush.
 type FUAWriter interface {

@@ -217,6 +217,18 @@ func (e *File) WriteAtCached(p []byte, off int64) (int, error) {
 	return pwriteAll(e.cfd, p, off, 0)
 }
 
+// DropCache implements CacheDropper: it asks the kernel to drop the file's
+// clean page-cache pages (POSIX_FADV_DONTNEED, which also starts writing
+// back dirty ones and leaves them cached until they are clean). A file
+// that could not be opened O_DIRECT keeps its cache: the page cache is
+// then its only cache.
+func (e *File) DropCache() error {
+	if e.cf == nil || !e.direct.Load() {
+		return nil
+	}
+	return unix.Fadvise(e.cfd, 0, 0, unix.FADV_DONTNEED)
+}
+
 // WriteAtFUA implements FUAWriter: the write is durable when it returns,
 // without a separate fdatasync of the whole file (pwritev2 RWF_DSYNC).
 func (e *File) WriteAtFUA(p []byte, off int64) (int, error) {

@@ -110,7 +110,9 @@ type Options struct {
 	// ioengine.CachedWriter): under db, writes go through it and the
 	// group commit's flush writes them back in bulk, instead of each
 	// write waiting for the device. The stage is the last before the
-	// engine, so nothing between them is skipped.
+	// engine, so nothing between them is skipped. If it is also a
+	// CacheDropper, the stage empties that cache once the volume has left
+	// db.
 	Cached CachedWriter
 	// MaxSyncs bounds the engine flushes a group commit runs at once
 	// (default 1: on ext4 over virtio one at a time batched best, each
@@ -155,6 +157,12 @@ type CachedWriter interface {
 	WriteAtCached(p []byte, off int64) (int, error)
 }
 
+// CacheDropper is a CachedWriter whose cache can be emptied
+// (ioengine.CacheDropper): the stage drops it once the volume has left db.
+type CacheDropper interface {
+	DropCache() error
+}
+
 // Stats are the stage's counters since it opened.
 type Stats struct {
 	Configured string `json:"configured"`
@@ -181,6 +189,9 @@ type Stats struct {
 	DrainWrites    uint64 `json:"drain_writes"`
 	BufferedBytes  int64  `json:"buffered_bytes"`
 	Switches       uint64 `json:"profile_switches"`
+	// PageCacheDrops counts the engine page caches emptied after the
+	// volume left db.
+	PageCacheDrops uint64 `json:"page_cache_drops"`
 }
 
 // Stage is one volume's profile stage. It is a pipeline.Handler once Wrap
@@ -192,6 +203,12 @@ type Stage struct {
 	configured atomic.Uint32
 	effective  atomic.Uint32
 	switches   atomic.Uint64
+	// pageCached says db writes went into the engine's page cache since
+	// the ticker last dropped it; dropper drops it (nil if the engine
+	// cannot).
+	pageCached atomic.Bool
+	dropper    CacheDropper
+	cacheDrops atomic.Uint64
 	changeMu   sync.Mutex // serializes OnChange calls and effective changes
 
 	gc      groupCommit
@@ -216,6 +233,7 @@ func New(p Profile, opts Options) *Stage {
 	s.wb.init(s, opts.WriteBackBytes)
 	s.cache.init(s, opts.CacheBytes)
 	s.cls.init()
+	s.dropper, _ = opts.Cached.(CacheDropper)
 	return s
 }
 
@@ -294,6 +312,7 @@ func (s *Stage) Stats() Stats {
 		DrainWrites:         s.wb.drainWrites.Load(),
 		BufferedBytes:       s.wb.bytes.Load(),
 		Switches:            s.switches.Load(),
+		PageCacheDrops:      s.cacheDrops.Load(),
 	}
 	return st
 }
@@ -317,6 +336,9 @@ func (s *Stage) run() {
 			if s.Effective() != Sequential && s.cache.nonEmpty() {
 				s.cache.clear()
 			}
+			if p := s.Effective(); p != DB && p != DBRemote && s.pageCached.Load() {
+				s.dropPageCache()
+			}
 			// Half a period of slack: a ticker firing a hair early
 			// must not stretch the tick by a whole period.
 			if now.Sub(lastTick) >= s.opts.Tick-period/2 {
@@ -326,6 +348,18 @@ func (s *Stage) run() {
 				}
 			}
 		}
+	}
+}
+
+// dropPageCache empties the engine's page cache once the volume has left
+// db: the pages db's writes left there would only hold host memory and
+// make every later direct write to their range invalidate them first. A
+// db write racing with the drop is safe (dirty pages are not dropped)
+// and sets pageCached again.
+func (s *Stage) dropPageCache() {
+	s.pageCached.Store(false)
+	if s.dropper.DropCache() == nil {
+		s.cacheDrops.Add(1)
 	}
 }
 
@@ -518,6 +552,9 @@ func (s *Stage) writeDB(ctx context.Context, r *pipeline.Request, fua bool) erro
 	if s.opts.Cached != nil {
 		if r.Offset < 0 || r.End() > s.opts.Size() {
 			return pipeline.ErrOutOfRange
+		}
+		if s.dropper != nil && !s.pageCached.Load() {
+			s.pageCached.Store(true)
 		}
 		_, err = s.opts.Cached.WriteAtCached(r.Buf[:r.Length], r.Offset)
 	} else {

@@ -582,3 +582,62 @@ func TestGroupCommitGathers(t *testing.T) {
 		t.Errorf("a single committer gathered: %+v", s)
 	}
 }
+
+// dropEngine is a memory engine with a page-cache write path whose cache
+// can be dropped: it counts the drops.
+type dropEngine struct {
+	*ioengine.Memory
+	drops atomic.Int32
+}
+
+func (d *dropEngine) WriteAtCached(p []byte, off int64) (int, error) { return d.Memory.WriteAt(p, off) }
+func (d *dropEngine) DropCache() error                               { d.drops.Add(1); return nil }
+
+// Once a volume leaves db, the engine cache its db writes filled is
+// dropped, once; a volume still in db, or one that never wrote through the
+// cache, keeps it.
+func TestPageCacheDroppedAfterDB(t *testing.T) {
+	m, _ := ioengine.NewMemory(1 << 20)
+	e := &dropEngine{Memory: m}
+	opts := testOptions(e)
+	s := newStaged(t, e, DB, opts)
+	settle := func() { time.Sleep(20 * opts.Tick) } // many ticks
+	settle()
+	if n := e.drops.Load(); n != 0 {
+		t.Fatalf("%d drops before any write", n)
+	}
+	buf := make([]byte, 4096)
+	if _, err := s.WriteAt(buf, 0); err != nil {
+		t.Fatal(err)
+	}
+	settle()
+	if n := e.drops.Load(); n != 0 {
+		t.Fatalf("%d drops while the volume is still db", n)
+	}
+	s.stage.SetProfile(Random)
+	settle()
+	if n := e.drops.Load(); n != 1 {
+		t.Fatalf("%d drops after leaving db, want 1", n)
+	}
+	if st := s.stage.Stats(); st.PageCacheDrops != 1 {
+		t.Errorf("stats count %d drops, want 1", st.PageCacheDrops)
+	}
+	// Writes outside db do not go through the cache: nothing to drop.
+	if _, err := s.WriteAt(buf, 4096); err != nil {
+		t.Fatal(err)
+	}
+	settle()
+	if n := e.drops.Load(); n != 1 {
+		t.Fatalf("%d drops after a write outside db, want 1", n)
+	}
+	// Back to db and out again: one more.
+	s.stage.SetProfile(DB)
+	if _, err := s.WriteAt(buf, 8192); err != nil {
+		t.Fatal(err)
+	}
+	s.stage.SetProfile(None)
+	settle()
+	if n := e.drops.Load(); n != 2 {
+		t.Fatalf("%d drops after a second stay in db, want 2", n)
+	}
+}

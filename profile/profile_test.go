@@ -601,43 +601,33 @@ func TestPageCacheDroppedAfterDB(t *testing.T) {
 	e := &dropEngine{Memory: m}
 	opts := testOptions(e)
 	s := newStaged(t, e, DB, opts)
-	settle := func() { time.Sleep(20 * opts.Tick) } // many ticks
-	settle()
-	if n := e.drops.Load(); n != 0 {
-		t.Fatalf("%d drops before any write", n)
-	}
 	buf := make([]byte, 4096)
-	if _, err := s.WriteAt(buf, 0); err != nil {
-		t.Fatal(err)
+	write := func(off int64) {
+		if _, err := s.WriteAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
 	}
-	settle()
-	if n := e.drops.Load(); n != 0 {
-		t.Fatalf("%d drops while the volume is still db", n)
+	expect := func(want int32, when string) {
+		t.Helper()
+		time.Sleep(20 * opts.Tick) // many ticks
+		if n := e.drops.Load(); n != want {
+			t.Fatalf("%d drops %s, want %d", n, when, want)
+		}
 	}
+	expect(0, "before any write")
+	write(0)
+	expect(0, "while the volume is still db")
 	s.stage.SetProfile(Random)
-	settle()
-	if n := e.drops.Load(); n != 1 {
-		t.Fatalf("%d drops after leaving db, want 1", n)
-	}
+	expect(1, "after leaving db")
 	if st := s.stage.Stats(); st.PageCacheDrops != 1 {
 		t.Errorf("stats count %d drops, want 1", st.PageCacheDrops)
 	}
 	// Writes outside db do not go through the cache: nothing to drop.
-	if _, err := s.WriteAt(buf, 4096); err != nil {
-		t.Fatal(err)
-	}
-	settle()
-	if n := e.drops.Load(); n != 1 {
-		t.Fatalf("%d drops after a write outside db, want 1", n)
-	}
+	write(4096)
+	expect(1, "after a write outside db")
 	// Back to db and out again: one more.
 	s.stage.SetProfile(DB)
-	if _, err := s.WriteAt(buf, 8192); err != nil {
-		t.Fatal(err)
-	}
+	write(8192)
 	s.stage.SetProfile(None)
-	settle()
-	if n := e.drops.Load(); n != 2 {
-		t.Fatalf("%d drops after a second stay in db, want 2", n)
-	}
+	expect(2, "after a second stay in db")
 }

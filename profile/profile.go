@@ -4,7 +4,10 @@
 //
 //	none        requests go straight on; each FLUSH is one engine flush
 //	db          group commit: concurrent FLUSH and FUA writes share one
-//	            engine flush that started after they arrived; no prefetch
+//	            engine flush that started after the writes they cover
+//	            completed; writes go into the engine's page cache
+//	            (CachedWriter), which that flush writes back as a batch
+//	            and which is dropped once the volume leaves db; no prefetch
 //	db_remote   db (replication will add its own behaviour)
 //	sequential  read streams are detected and prefetched into a bounded
 //	            cache with a window that grows with the stream; small
@@ -13,7 +16,7 @@
 //	random      no prefetch, no merging; flushes are group-committed
 //	journal     FUA writes go straight to stable storage (RWF_DSYNC), never
 //	            delayed; flushes are group-committed
-//	auto        classifies the last second of I/O (sequential fraction,
+//	auto        classifies the last 800 ms of I/O (sequential fraction,
 //	            request size, flush rate) and applies the matching one of
 //	            sequential, random or db, with hysteresis; two ticks in a
 //	            row that are clearly one kind (>= 90% or <= 10%

@@ -150,6 +150,7 @@ func run() error {
 		// profile ran first would be penalized; each profile's result is
 		// the mean of its two runs.
 		res := map[string]result{}
+		runs := map[string][]string{} // each run's value, to show the spread
 		for round, p := range []string{c.b, c.a, c.b, c.a} {
 			before, _ := b.stats(vol)
 			r, err := b.fio(vol, p, c.args...)
@@ -159,6 +160,11 @@ func run() error {
 			after, _ := b.stats(vol)
 			prev := res[p]
 			res[p] = result{iops: prev.iops + r.iops/2, mibs: prev.mibs + r.mibs/2}
+			if c.useMiBs {
+				runs[p] = append(runs[p], fmt.Sprintf("%.0f", r.mibs))
+			} else {
+				runs[p] = append(runs[p], fmt.Sprintf("%.0f", r.iops))
+			}
 			if p == c.statsUnder && round >= 2 {
 				notes = append(notes, fmt.Sprintf("%s under %s: prefetched %d MiB, served from cache %d MiB, prefetched but never read %d MiB",
 					c.title, p, (after.PrefetchedBytes-before.PrefetchedBytes)>>20,
@@ -181,7 +187,8 @@ func run() error {
 		if ratio < c.want {
 			mark, allOK = "MISSED", false
 		}
-		fmt.Printf("%-38s %-11s %7.0f %-5s %-11s %7.0f %-5s %6.2fx %5.1fx %s\n", c.title, c.a, va, unit, c.b, vb, unit, ratio, c.want, mark)
+		fmt.Printf("%-38s %-11s %7.0f %-5s %-11s %7.0f %-5s %6.2fx %5.1fx %-6s (runs: %s %s, %s %s)\n", c.title, c.a, va, unit, c.b, vb, unit, ratio, c.want, mark,
+			c.a, strings.Join(runs[c.a], "/"), c.b, strings.Join(runs[c.b], "/"))
 	}
 	// The NBD round trip bounds every QD1 result: the same 128k reads from
 	// a memory-engine volume show the ceiling no profile can pass here.

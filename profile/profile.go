@@ -357,8 +357,9 @@ func (s *Stage) run() {
 // dropPageCache empties the engine's page cache once the volume has left
 // db: the pages db's writes left there would only hold host memory and
 // make every later direct write to their range invalidate them first. A
-// db write racing with the drop is safe (dirty pages are not dropped)
-// and sets pageCached again.
+// db write racing with the drop is safe: dirty pages are not dropped (one
+// still dirty then may stay cached), and a write after the drop sets
+// pageCached again.
 func (s *Stage) dropPageCache() {
 	s.pageCached.Store(false)
 	if s.dropper.DropCache() == nil {

@@ -204,3 +204,21 @@ func Errno(err error) syscall.Errno {
 	}
 	return syscall.EIO
 }
+
+// ReadOnly is the stage that refuses write-type requests (write, trim,
+// write-zeroes) with ErrReadOnly while readOnly reports true, whatever the
+// frontend checked: a volume switched to read-only takes effect at once on
+// connections that negotiated read-write.
+func ReadOnly(readOnly func() bool) Stage {
+	return func(next Handler) Handler {
+		return HandlerFunc(func(ctx context.Context, r *Request) error {
+			switch r.Op {
+			case OpWrite, OpTrim, OpWriteZeroes:
+				if readOnly() {
+					return ErrReadOnly
+				}
+			}
+			return next.Handle(ctx, r)
+		})
+	}
+}

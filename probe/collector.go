@@ -1,6 +1,8 @@
 package probe
 
 import (
+	"github.com/blockd/blockd/probe/podio"
+
 	"math"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,7 +19,7 @@ const (
 var podLabels = []string{"pod_uid", "namespace", "pod", "container", "device"}
 
 type collector struct {
-	source func() (Snapshot, error)
+	source func() (podio.Snapshot, error)
 
 	readBytes, writeBytes, reads, writes, latency, lost *prometheus.Desc
 }
@@ -30,7 +32,7 @@ type collector struct {
 // exported; several cgroups with the same labels (nested inside one
 // container) are summed. A cgroup's series disappear with it, because
 // source (Probe.Snapshot) drops removed cgroups.
-func NewCollector(source func() (Snapshot, error)) prometheus.Collector {
+func NewCollector(source func() (podio.Snapshot, error)) prometheus.Collector {
 	d := func(name, help string, labels ...string) *prometheus.Desc {
 		return prometheus.NewDesc(name, help, labels, nil)
 	}
@@ -52,7 +54,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 type podSeries struct {
-	e      Entry // summed counters; identity from the first entry
+	e      podio.Entry // summed counters; identity from the first entry
 	labels []string
 }
 
@@ -71,7 +73,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		k := [5]string{e.PodUID, e.Namespace, e.Pod, e.Container, e.Device}
 		s := series[k]
 		if s == nil {
-			s = &podSeries{labels: k[:], e: Entry{Latency: make([]uint64, Slots)}}
+			s = &podSeries{labels: k[:], e: podio.Entry{Latency: make([]uint64, Slots)}}
 			series[k] = s
 			order = append(order, k)
 		}

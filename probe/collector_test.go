@@ -1,6 +1,10 @@
 package probe
 
 import (
+	"github.com/blockd/blockd/probe/podio/podiotest"
+
+	"github.com/blockd/blockd/probe/podio"
+
 	"errors"
 	"testing"
 
@@ -9,17 +13,17 @@ import (
 )
 
 func TestCollector(t *testing.T) {
-	_, cur := topSnapshots()
+	_, cur := podiotest.Snapshots()
 	// A nested cgroup inside web-0's container must add to its series.
 	nested := cur.Entries[0]
 	nested.CgroupID, nested.Cgroup = 101, nested.Cgroup+"/sub"
 	nested.Reads, nested.ReadBytes, nested.Writes, nested.WriteBytes = 10, 40960, 1, 512
-	nested.Latency, nested.LatencySumNs = hist(map[int]uint64{8: 11}), 3000
+	nested.Latency, nested.LatencySumNs = podiotest.Hist(map[int]uint64{8: 11}), 3000
 	cur.Entries = append(cur.Entries, nested)
 	cur.StatsFull = 7
 
 	reg := prometheus.NewPedanticRegistry()
-	if err := reg.Register(NewCollector(func() (Snapshot, error) { return cur, nil })); err != nil {
+	if err := reg.Register(NewCollector(func() (podio.Snapshot, error) { return cur, nil })); err != nil {
 		t.Fatal(err)
 	}
 	mfs, err := reg.Gather()
@@ -88,7 +92,7 @@ func TestCollector(t *testing.T) {
 
 func TestCollectorSourceError(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(NewCollector(func() (Snapshot, error) { return Snapshot{}, errors.New("maps gone") }))
+	reg.MustRegister(NewCollector(func() (podio.Snapshot, error) { return podio.Snapshot{}, errors.New("maps gone") }))
 	if _, err := reg.Gather(); err == nil {
 		t.Error("gather succeeded although the snapshot failed")
 	}

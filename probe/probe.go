@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blockd/blockd/probe/podio"
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
@@ -32,9 +33,10 @@ const (
 	numOps    = 5
 )
 
-// Slots is the number of log2 latency histogram slots: slot i counts
-// latencies in [2^i, 2^(i+1)) nanoseconds, the last slot everything longer.
-const Slots = 40
+// Slots is the number of log2 latency histogram slots (podio.Slots): slot
+// i counts latencies in [2^i, 2^(i+1)) nanoseconds, the last slot
+// everything longer. It must match LAT_SLOTS in bpf/blockio.c.
+const Slots = podio.Slots
 
 // Counter indexes in the BPF `counters` map (enum counter in blockio.c).
 const (
@@ -341,13 +343,13 @@ func (p *Probe) Close() error {
 // Snapshot reads the cumulative counters. Counters of cgroups that no
 // longer exist are deleted from the maps (and so vanish from the next
 // snapshot); the rest are resolved to pods and containers.
-func (p *Probe) Snapshot() (Snapshot, error) {
+func (p *Probe) Snapshot() (podio.Snapshot, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return Snapshot{}, fmt.Errorf("probe: snapshot: %w", os.ErrClosed)
+		return podio.Snapshot{}, fmt.Errorf("probe: snapshot: %w", os.ErrClosed)
 	}
-	snap := Snapshot{Time: time.Now()}
+	snap := podio.Snapshot{Time: time.Now()}
 	type ekey struct {
 		cg  uint64
 		dev uint32
@@ -368,7 +370,7 @@ func (p *Probe) Snapshot() (Snapshot, error) {
 		if !ok {
 			i = len(snap.Entries)
 			idx[ek] = i
-			snap.Entries = append(snap.Entries, Entry{
+			snap.Entries = append(snap.Entries, podio.Entry{
 				CgroupID:  key.CgroupId,
 				Cgroup:    cg.path,
 				PodUID:    cg.podUID,
@@ -382,7 +384,7 @@ func (p *Probe) Snapshot() (Snapshot, error) {
 		}
 		e := &snap.Entries[i]
 		for _, v := range vals {
-			e.add(key.Op, v.Ops, v.Bytes)
+			addOp(e, key.Op, v.Ops, v.Bytes)
 			e.LatencySumNs += v.LatSumNs
 			for s, n := range v.LatSlots {
 				e.Latency[s] += n
@@ -390,24 +392,24 @@ func (p *Probe) Snapshot() (Snapshot, error) {
 		}
 	}
 	if err := it.Err(); err != nil {
-		return Snapshot{}, fmt.Errorf("probe: read stats: %w", err)
+		return podio.Snapshot{}, fmt.Errorf("probe: read stats: %w", err)
 	}
 	for _, k := range dead {
 		if err := p.stats.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return Snapshot{}, fmt.Errorf("probe: drop stats: %w", err)
+			return podio.Snapshot{}, fmt.Errorf("probe: drop stats: %w", err)
 		}
 	}
 	var err error
 	if snap.StatsFull, err = p.counter(cntStatsFull); err != nil {
-		return Snapshot{}, err
+		return podio.Snapshot{}, err
 	}
 	if snap.Unmatched, err = p.counter(cntNoStart); err != nil {
-		return Snapshot{}, err
+		return podio.Snapshot{}, err
 	}
 	if snap.NoSlot, err = p.counter(cntNoSlot); err != nil {
-		return Snapshot{}, err
+		return podio.Snapshot{}, err
 	}
-	snap.sort()
+	snap.Sort()
 	return snap, nil
 }
 
@@ -490,4 +492,23 @@ func boolU32(b bool) uint32 {
 		return 1
 	}
 	return 0
+}
+
+// addOp adds ops requests of the BPF op class op, of bytes bytes, to e.
+func addOp(e *podio.Entry, op uint32, ops, bytes uint64) {
+	switch op {
+	case OpRead:
+		e.Reads += ops
+		e.ReadBytes += bytes
+	case OpWrite:
+		e.Writes += ops
+		e.WriteBytes += bytes
+	case OpFlush:
+		e.Flushes += ops
+	case OpDiscard:
+		e.Discards += ops
+		e.DiscardBytes += bytes
+	default:
+		e.Others += ops
+	}
 }

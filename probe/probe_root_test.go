@@ -1,6 +1,8 @@
 package probe
 
 import (
+	"github.com/blockd/blockd/probe/podio"
+
 	"context"
 	"errors"
 	"fmt"
@@ -253,7 +255,7 @@ func TestPodAttribution(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			byCg := map[uint64]*Entry{}
+			byCg := map[uint64]*podio.Entry{}
 			for i := range snap.Entries {
 				e := &snap.Entries[i]
 				if e.Dev != loopA.dev {
@@ -356,7 +358,7 @@ func TestDroppedCgroup(t *testing.T) {
 	}
 	id := cgroupID(t, ctr)
 	ddIn(t, ctr, "if="+loop.path, "of=/dev/null", "bs=4k", "count=10", "iflag=direct")
-	find := func() *Entry {
+	find := func() *podio.Entry {
 		s, err := p.Snapshot()
 		if err != nil {
 			t.Fatal(err)

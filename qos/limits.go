@@ -1,11 +1,14 @@
 package qos
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
 	"strconv"
 	"strings"
+
+	"github.com/blockd/blockd/units"
 )
 
 // Limits is the QoS configuration of one volume. A zero field means "not
@@ -180,6 +183,7 @@ const (
 type field struct {
 	flag, json string
 	kind       fieldKind
+	usage      string
 	get        func(*Limits) int64           // integer fields
 	set        func(*Limits, int64, float64) // integer value, or seconds for burst
 }
@@ -187,16 +191,16 @@ type field struct {
 // fields lists every setting under its CLI flag name and JSON name, in the
 // order of the issue's `volume set` flags.
 var fields = []field{
-	{"iops-limit", "iops_limit", kindCount, func(l *Limits) int64 { return l.IOPS }, func(l *Limits, v int64, _ float64) { l.IOPS = v }},
-	{"read-iops-limit", "read_iops_limit", kindCount, func(l *Limits) int64 { return l.ReadIOPS }, func(l *Limits, v int64, _ float64) { l.ReadIOPS = v }},
-	{"write-iops-limit", "write_iops_limit", kindCount, func(l *Limits) int64 { return l.WriteIOPS }, func(l *Limits, v int64, _ float64) { l.WriteIOPS = v }},
-	{"bps-limit", "bps_limit", kindSize, func(l *Limits) int64 { return l.BPS }, func(l *Limits, v int64, _ float64) { l.BPS = v }},
-	{"read-bps-limit", "read_bps_limit", kindSize, func(l *Limits) int64 { return l.ReadBPS }, func(l *Limits, v int64, _ float64) { l.ReadBPS = v }},
-	{"write-bps-limit", "write_bps_limit", kindSize, func(l *Limits) int64 { return l.WriteBPS }, func(l *Limits, v int64, _ float64) { l.WriteBPS = v }},
-	{"burst", "burst", kindFloat, func(l *Limits) int64 { return 0 }, func(l *Limits, _ int64, v float64) { l.Burst = v }},
-	{"iops-reservation", "iops_reservation", kindCount, func(l *Limits) int64 { return l.IOPSReservation }, func(l *Limits, v int64, _ float64) { l.IOPSReservation = v }},
-	{"bps-reservation", "bps_reservation", kindSize, func(l *Limits) int64 { return l.BPSReservation }, func(l *Limits, v int64, _ float64) { l.BPSReservation = v }},
-	{"weight", "weight", kindWeight, func(l *Limits) int64 { return int64(l.Weight) }, func(l *Limits, v int64, _ float64) { l.Weight = int(v) }},
+	{"iops-limit", "iops_limit", kindCount, "cap on read+write requests per second (5000, 5k)", func(l *Limits) int64 { return l.IOPS }, func(l *Limits, v int64, _ float64) { l.IOPS = v }},
+	{"read-iops-limit", "read_iops_limit", kindCount, "cap on read requests per second", func(l *Limits) int64 { return l.ReadIOPS }, func(l *Limits, v int64, _ float64) { l.ReadIOPS = v }},
+	{"write-iops-limit", "write_iops_limit", kindCount, "cap on write requests per second", func(l *Limits) int64 { return l.WriteIOPS }, func(l *Limits, v int64, _ float64) { l.WriteIOPS = v }},
+	{"bps-limit", "bps_limit", kindSize, "cap on read+write bytes per second (200MiB, 1GiB)", func(l *Limits) int64 { return l.BPS }, func(l *Limits, v int64, _ float64) { l.BPS = v }},
+	{"read-bps-limit", "read_bps_limit", kindSize, "cap on bytes read per second", func(l *Limits) int64 { return l.ReadBPS }, func(l *Limits, v int64, _ float64) { l.ReadBPS = v }},
+	{"write-bps-limit", "write_bps_limit", kindSize, "cap on bytes written per second", func(l *Limits) int64 { return l.WriteBPS }, func(l *Limits, v int64, _ float64) { l.WriteBPS = v }},
+	{"burst", "burst", kindFloat, "seconds of credit a cap saves up while the volume is idle (default 0.1)", func(l *Limits) int64 { return 0 }, func(l *Limits, _ int64, v float64) { l.Burst = v }},
+	{"iops-reservation", "iops_reservation", kindCount, "requests per second the volume gets when the node is at capacity", func(l *Limits) int64 { return l.IOPSReservation }, func(l *Limits, v int64, _ float64) { l.IOPSReservation = v }},
+	{"bps-reservation", "bps_reservation", kindSize, "bytes per second the volume gets when the node is at capacity", func(l *Limits) int64 { return l.BPSReservation }, func(l *Limits, v int64, _ float64) { l.BPSReservation = v }},
+	{"weight", "weight", kindWeight, "share of the node capacity left after reservations, 1-10000 (default 100)", func(l *Limits) int64 { return int64(l.Weight) }, func(l *Limits, v int64, _ float64) { l.Weight = int(v) }},
 }
 
 // FlagNames lists the CLI flag names SetFlag accepts, without dashes in
@@ -209,16 +213,42 @@ func FlagNames() []string {
 	return names
 }
 
-// ErrBadLimit is wrapped by every error SetFlag returns.
+// Setting describes one QoS setting for a command line or a form.
+type Setting struct {
+	Flag  string // CLI flag name: iops-limit
+	JSON  string // API and metadata name: iops_limit
+	Usage string // what it does and the values it takes
+}
+
+// Settings lists every setting, in FlagNames order. A value of 0 or none
+// clears a setting.
+func Settings() []Setting {
+	out := make([]Setting, len(fields))
+	for i, f := range fields {
+		out[i] = Setting{Flag: f.flag, JSON: f.json, Usage: f.usage}
+	}
+	return out
+}
+
+// ErrBadLimit matches (errors.Is) every error SetFlag and UnmarshalJSON
+// return. Their text names the setting and the value, not this sentinel.
 var ErrBadLimit = errors.New("bad qos limit")
 
+// badLimit is an error that is ErrBadLimit.
+type badLimit struct{ msg string }
+
+func (e *badLimit) Error() string        { return e.msg }
+func (e *badLimit) Is(target error) bool { return target == ErrBadLimit }
+
+func badf(format string, a ...any) error { return &badLimit{fmt.Sprintf(format, a...)} }
+
 // SetFlag sets one field of l from a CLI value. name is a flag name
-// ("iops-limit", "--iops-limit") or a JSON name ("iops_limit"). Values are
-// non-negative integers; bps fields also take sizes ("50MiB") through
-// parseSize (ParseSize when nil); burst takes seconds ("1.5"); "none" and
-// "0" clear the field. l is unchanged on error. SetFlag does not run
+// ("iops-limit", "--iops-limit") or a JSON name ("iops_limit"). IOPS
+// fields and the weight take counts ("5000", "5k"); bps fields take
+// rates ("50MiB", "50MiB/s"); burst takes seconds ("1.5", "2s"); "none"
+// and "0" clear the field. l is unchanged on error. SetFlag does not run
 // Validate: callers apply all their flags, then validate the result.
-func (l *Limits) SetFlag(name, value string, parseSize func(string) (int64, error)) error {
+func (l *Limits) SetFlag(name, value string) error {
 	name = strings.TrimLeft(name, "-")
 	var f *field
 	for i := range fields {
@@ -228,111 +258,109 @@ func (l *Limits) SetFlag(name, value string, parseSize func(string) (int64, erro
 		}
 	}
 	if f == nil {
-		return fmt.Errorf("%w: unknown setting %q (want one of %s)", ErrBadLimit, name, strings.Join(FlagNames(), ", "))
+		return badf("unknown QoS setting %q (want one of %s)", name, strings.Join(FlagNames(), ", "))
 	}
-	n, secs, err := parseValue(f, strings.TrimSpace(value), parseSize)
+	n, secs, err := parseValue(f, name, strings.TrimSpace(value))
 	if err != nil {
-		return fmt.Errorf("%w: %s", ErrBadLimit, err)
+		return &badLimit{err.Error()}
 	}
 	f.set(l, n, secs)
 	return nil
 }
 
 // parseValue returns an integer value, or seconds for burst.
-func parseValue(f *field, s string, parseSize func(string) (int64, error)) (int64, float64, error) {
+func parseValue(f *field, name, s string) (int64, float64, error) {
 	if strings.EqualFold(s, "none") {
 		return 0, 0, nil
 	}
 	if s == "" {
-		return 0, 0, fmt.Errorf("%s: empty value (use none or 0 to clear)", f.flag)
+		return 0, 0, fmt.Errorf("%s: empty value (use none or 0 to clear)", name)
 	}
 	switch f.kind {
 	case kindFloat:
 		v, err := strconv.ParseFloat(strings.TrimSuffix(s, "s"), 64)
 		if err != nil || math.IsNaN(v) || math.IsInf(v, 0) {
-			return 0, 0, fmt.Errorf("%s %q is not a number of seconds", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is not a number of seconds", name, s)
 		}
 		if v < 0 {
-			return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is negative", name, s)
 		}
 		if v > MaxBurst {
-			return 0, 0, fmt.Errorf("%s %q exceeds the maximum of %d seconds", f.flag, s, MaxBurst)
+			return 0, 0, fmt.Errorf("%s %q exceeds the maximum of %d seconds", name, s, MaxBurst)
 		}
 		return 0, v, nil
 	case kindSize:
-		if parseSize == nil {
-			parseSize = ParseSize
-		}
 		if strings.HasPrefix(s, "-") {
-			return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is negative", name, s)
 		}
-		v, err := parseSize(s)
+		v, err := units.ParseRate(s)
 		if err != nil {
-			return 0, 0, fmt.Errorf("%s %q is not a size: %v", f.flag, s, err)
+			return 0, 0, fmt.Errorf("%s %q is not a size: %v", name, s, err)
 		}
 		if v < 0 {
-			return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is negative", name, s)
 		}
 		return v, 0, nil
 	default:
-		v, err := strconv.ParseInt(s, 10, 64)
+		if strings.HasPrefix(s, "-") {
+			return 0, 0, fmt.Errorf("%s %q is negative", name, s)
+		}
+		v, err := units.ParseCount(s)
 		if err != nil {
-			if strings.HasPrefix(s, "-") {
-				return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
-			}
-			return 0, 0, fmt.Errorf("%s %q is not a whole number", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is not a whole number (5000, 5k)", name, s)
 		}
 		if v < 0 {
-			return 0, 0, fmt.Errorf("%s %q is negative", f.flag, s)
+			return 0, 0, fmt.Errorf("%s %q is negative", name, s)
 		}
 		if f.kind == kindWeight && v > MaxWeight {
-			return 0, 0, fmt.Errorf("%s %q exceeds the maximum of %d", f.flag, s, MaxWeight)
+			return 0, 0, fmt.Errorf("%s %q exceeds the maximum of %d", name, s, MaxWeight)
 		}
 		return v, 0, nil
 	}
 }
 
-// ParseSize parses a byte count: a whole number with an optional unit,
-// binary (K, KiB, M, MiB, G, GiB, T, TiB: powers of 1024) or decimal (kB,
-// MB, GB, TB: powers of 1000), and an optional trailing "/s". Daemons with a
-// size parser of their own pass that to SetFlag instead.
-func ParseSize(s string) (int64, error) {
-	s = strings.TrimSuffix(strings.TrimSpace(s), "/s")
-	i := 0
-	for i < len(s) && s[i] >= '0' && s[i] <= '9' {
-		i++
+// UnmarshalJSON sets the fields named in a JSON object, leaving the others
+// as they are, so that decoding onto a volume's current limits applies a
+// change. Keys are the JSON names (iops_limit, ..., weight); values are
+// numbers or the strings SetFlag takes ("5k", "200MiB", "none"). The
+// metadata files and `volume get -o json` use the same names, so what the
+// daemon prints it also accepts.
+func (l *Limits) UnmarshalJSON(b []byte) error {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(b, &m); err != nil {
+		return badf("qos: want an object such as {\"iops_limit\": \"5k\"}")
 	}
-	if i == 0 {
-		return 0, fmt.Errorf("size %q does not start with a number", s)
+	next := *l
+	for _, f := range fields { // in a stable order, so errors are too
+		raw, ok := m[f.json]
+		if !ok {
+			continue
+		}
+		delete(m, f.json)
+		var v string
+		if err := json.Unmarshal(raw, &v); err != nil {
+			var num json.Number
+			if err := json.Unmarshal(raw, &num); err != nil {
+				return badf("%s: want a number or a string", f.json)
+			}
+			v = num.String()
+		}
+		if err := next.SetFlag(f.json, v); err != nil {
+			return err
+		}
 	}
-	n, err := strconv.ParseInt(s[:i], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("size %q: %w", s, err)
+	for k := range m {
+		return badf("unknown qos setting %q (want one of %s)", k, strings.Join(JSONNames(), ", "))
 	}
-	mult := int64(1)
-	switch strings.TrimSpace(s[i:]) {
-	case "", "B", "b":
-	case "K", "k", "KiB", "Ki":
-		mult = 1 << 10
-	case "M", "m", "MiB", "Mi":
-		mult = 1 << 20
-	case "G", "g", "GiB", "Gi":
-		mult = 1 << 30
-	case "T", "t", "TiB", "Ti":
-		mult = 1 << 40
-	case "kB", "KB":
-		mult = 1e3
-	case "MB":
-		mult = 1e6
-	case "GB":
-		mult = 1e9
-	case "TB":
-		mult = 1e12
-	default:
-		return 0, fmt.Errorf("size %q: unknown unit %q", s, s[i:])
+	*l = next
+	return nil
+}
+
+// JSONNames lists the JSON names of the settings, in FlagNames order.
+func JSONNames() []string {
+	names := make([]string, len(fields))
+	for i, f := range fields {
+		names[i] = f.json
 	}
-	if n > math.MaxInt64/mult {
-		return 0, fmt.Errorf("size %q overflows", s)
-	}
-	return n * mult, nil
+	return names
 }

@@ -60,7 +60,8 @@ func TestSetFlag(t *testing.T) {
 		{"weight", "NONE", Limits{IOPS: 7, BPS: 9, Burst: 2}, ""},
 		{"iops-limit", "9223372036854775807", Limits{IOPS: math.MaxInt64, BPS: 9, Weight: 3, Burst: 2}, ""}, // exact, no float detour
 		{"iops-limit", "-5", base, `iops-limit "-5" is negative`},
-		{"iops-limit", "1k", base, `iops-limit "1k" is not a whole number`},
+		{"iops-limit", "1k", Limits{IOPS: 1000, BPS: 9, Weight: 3, Burst: 2}, ""},
+		{"iops-limit", "1.5", base, `iops-limit "1.5" is not a whole number`},
 		{"iops-limit", "", base, "empty value"},
 		{"bps-limit", "-1MiB", base, `bps-limit "-1MiB" is negative`},
 		{"bps-limit", "fast", base, `bps-limit "fast" is not a size`},
@@ -69,10 +70,10 @@ func TestSetFlag(t *testing.T) {
 		{"burst", "-1", base, `burst "-1" is negative`},
 		{"burst", "NaN", base, `not a number of seconds`},
 		{"weight", "99999", base, "exceeds the maximum of 10000"},
-		{"iops", "5", base, `unknown setting "iops"`},
+		{"iops", "5", base, `unknown QoS setting "iops"`},
 	} {
 		l := base
-		err := l.SetFlag(tc.name, tc.value, nil)
+		err := l.SetFlag(tc.name, tc.value)
 		if tc.err != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.err) || !errors.Is(err, ErrBadLimit) {
 				t.Errorf("SetFlag(%q, %q) = %v, want an ErrBadLimit with %q", tc.name, tc.value, err, tc.err)
@@ -84,11 +85,33 @@ func TestSetFlag(t *testing.T) {
 			t.Errorf("SetFlag(%q, %q) left %+v, want %+v", tc.name, tc.value, l, tc.want)
 		}
 	}
-	// A caller's own size parser is used for sizes.
-	var l Limits
-	called := false
-	if err := l.SetFlag("bps-limit", "x", func(string) (int64, error) { called = true; return 42, nil }); err != nil || !called || l.BPS != 42 {
-		t.Fatalf("custom size parser: err %v, called %v, limits %+v", err, called, l)
+}
+
+// TestUnmarshalJSON: the API and the metadata files decode limits by their
+// JSON names, from numbers or from the strings the flags take, onto the
+// current value (absent fields stay).
+func TestUnmarshalJSON(t *testing.T) {
+	l := Limits{IOPS: 7, Weight: 3}
+	if err := json.Unmarshal([]byte(`{"bps_limit": "200MiB/s", "iops_limit": "5k", "burst": 1.5, "weight": "none"}`), &l); err != nil {
+		t.Fatal(err)
+	}
+	if want := (Limits{IOPS: 5000, BPS: 200 << 20, Burst: 1.5}); l != want {
+		t.Fatalf("got %+v, want %+v", l, want)
+	}
+	for _, bad := range []string{`{"iops-limit": 5}`, `{"iops_limit": -1}`, `{"iops_limit": true}`, `[1]`, `{"iops_limit": "5x"}`} {
+		before := l
+		if err := json.Unmarshal([]byte(bad), &l); err == nil || !errors.Is(err, ErrBadLimit) {
+			t.Errorf("%s: %v, want an ErrBadLimit", bad, err)
+		}
+		if l != before {
+			t.Errorf("%s changed the limits to %+v", bad, l)
+		}
+	}
+	all := Limits{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}
+	b, _ := json.Marshal(all)
+	var back Limits
+	if err := json.Unmarshal(b, &back); err != nil || back != all {
+		t.Fatalf("round trip: %+v, %v", back, err)
 	}
 }
 
@@ -106,7 +129,7 @@ func TestFlagNamesCoverJSON(t *testing.T) {
 	}
 	var back Limits
 	for k, v := range m {
-		if err := back.SetFlag(k, strings.TrimSuffix(strings.TrimSuffix(jsonNum(v), ".0"), "e+00"), nil); err != nil {
+		if err := back.SetFlag(k, strings.TrimSuffix(strings.TrimSuffix(jsonNum(v), ".0"), "e+00")); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -124,36 +147,8 @@ func jsonNum(v any) string {
 	return string(b)
 }
 
-func TestParseSize(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want int64
-		err  bool
-	}{
-		{"0", 0, false},
-		{"4096", 4096, false},
-		{"4k", 4096, false},
-		{"50MiB", 50 << 20, false},
-		{"50MiB/s", 50 << 20, false},
-		{"2 GiB", 2 << 30, false},
-		{"1T", 1 << 40, false},
-		{"3MB", 3e6, false},
-		{"1kB", 1000, false},
-		{"", 0, true},
-		{"MiB", 0, true},
-		{"1.5MiB", 0, true},
-		{"9999999999999T", 0, true},
-	} {
-		got, err := ParseSize(tc.in)
-		if (err != nil) != tc.err || got != tc.want {
-			t.Errorf("ParseSize(%q) = %d, %v; want %d, error %v", tc.in, got, err, tc.want, tc.err)
-		}
-	}
-}
-
 // FuzzSetFlag: any name and value either fail with ErrBadLimit leaving
-// the limits untouched, or set a non-negative field; ParseSize never
-// returns a negative size without an error.
+// the limits untouched, or set a non-negative field.
 func FuzzSetFlag(f *testing.F) {
 	for _, s := range [][2]string{{"iops-limit", "100"}, {"bps-limit", "50MiB"}, {"burst", "1.5"}, {"weight", "none"}, {"x", "-1"}, {"bps_limit", "9999999999999T"}} {
 		f.Add(s[0], s[1])
@@ -161,7 +156,7 @@ func FuzzSetFlag(f *testing.F) {
 	f.Fuzz(func(t *testing.T, name, value string) {
 		base := Limits{IOPS: 1, BPS: 2, Weight: 3}
 		l := base
-		err := l.SetFlag(name, value, nil)
+		err := l.SetFlag(name, value)
 		if err != nil {
 			if !errors.Is(err, ErrBadLimit) || l != base {
 				t.Fatalf("SetFlag(%q, %q): %v, limits %+v", name, value, err, l)
@@ -171,9 +166,6 @@ func FuzzSetFlag(f *testing.F) {
 		// Only range checks across fields may fail now, never a sign.
 		if err := l.Validate(); err != nil && strings.Contains(err.Error(), "negative") {
 			t.Fatalf("SetFlag(%q, %q) stored a negative value: %v", name, value, err)
-		}
-		if n, err := ParseSize(value); err == nil && n < 0 {
-			t.Fatalf("ParseSize(%q) = %d", value, n)
 		}
 	})
 }

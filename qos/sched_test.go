@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/blockd/blockd/units"
 )
 
 // The scheduler scenarios live in testdata/*.txt in the style of
@@ -149,7 +151,7 @@ func (h *harness) run(cmd string) string {
 		var c Capacity
 		for _, kv := range args[1:] {
 			k, v, _ := strings.Cut(kv, "=")
-			n, err := ParseSize(v)
+			n, err := units.ParseRate(v)
 			if err != nil {
 				return "error: " + err.Error()
 			}
@@ -177,7 +179,7 @@ func (h *harness) run(cmd string) string {
 				prio = map[string]int{"off": 0, "on": 1}[v]
 				continue
 			}
-			if err := l.SetFlag(k, v, nil); err != nil {
+			if err := l.SetFlag(k, v); err != nil {
 				return "error: " + err.Error()
 			}
 		}
@@ -197,7 +199,7 @@ func (h *harness) run(cmd string) string {
 	case "submit":
 		// submit VOL read|write SIZE [xN]
 		f := h.flows[args[1]]
-		size, err := ParseSize(args[3])
+		size, err := units.ParseSize(args[3])
 		if err != nil {
 			return "error: " + err.Error()
 		}
@@ -342,7 +344,7 @@ func (h *harness) sim(args []string) string {
 			continue
 		}
 		p := strings.Split(v, ":")
-		size, _ := ParseSize(p[1])
+		size, _ := units.ParseSize(p[1])
 		qd, _ := strconv.Atoi(p[2])
 		vol, _, _ := strings.Cut(k, "/") // "vol/tag" runs a second client on vol
 		c := &simClient{name: k, f: h.flows[vol], write: p[0] == "write", size: size, qd: qd, stop: dur}

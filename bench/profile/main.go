@@ -28,7 +28,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/blockd/blockd/blockd"
+	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/profile"
 )
 
@@ -69,7 +69,7 @@ func freeAddr() (string, error) {
 
 type bench struct {
 	addr string
-	c    *blockd.Client
+	c    *api.Client
 }
 
 func run() error {
@@ -100,7 +100,7 @@ func run() error {
 			<-done
 		}
 	}()
-	b := &bench{addr: addr, c: blockd.NewClient(sock)}
+	b := &bench{addr: addr, c: api.NewClient(sock)}
 	for i := 0; ; i++ {
 		if _, err := b.c.ListVolumes(); err == nil {
 			break
@@ -115,7 +115,7 @@ func run() error {
 		dir, *runtime, *volSize>>20, strings.Join(strings.Fields(string(la))[:3], " "))
 
 	const vol = "bench"
-	if _, err := b.c.CreateVolume(blockd.CreateRequest{Name: vol, Size: blockd.Size(*volSize), Profile: "none"}); err != nil {
+	if _, err := b.c.CreateVolume(api.Spec{Name: vol, Size: api.Size(*volSize), Profile: "none"}); err != nil {
 		return err
 	}
 	// Fill the volume so reads hit allocated blocks, not holes.
@@ -192,7 +192,7 @@ func run() error {
 	}
 	// The NBD round trip bounds every QD1 result: the same 128k reads from
 	// a memory-engine volume show the ceiling no profile can pass here.
-	if _, err := b.c.CreateVolume(blockd.CreateRequest{Name: "ceiling", Size: 256 << 20, Engine: "memory", Profile: "none"}); err == nil {
+	if _, err := b.c.CreateVolume(api.Spec{Name: "ceiling", Size: 256 << 20, Engine: "memory", Profile: "none"}); err == nil {
 		if _, err := b.fio("ceiling", "none", "--rw=write", "--bs=1M", "--iodepth=4"); err == nil {
 			if r, err := b.fio("ceiling", "none", seqRead...); err == nil {
 				notes = append(notes, fmt.Sprintf("ceiling: 128k seq read QD1 from a memory-engine volume (NBD round trip, no disk): %.0f MiB/s", r.mibs))
@@ -225,7 +225,7 @@ func run() error {
 // and a phase's ratio is the median of its pairs' ratios.
 func (b *bench) auto(vol string, seqRead, randRead []string) bool {
 	const fixedVol = "fixed"
-	if _, err := b.c.CreateVolume(blockd.CreateRequest{Name: fixedVol, Size: blockd.Size(*volSize), Profile: "none"}); err != nil {
+	if _, err := b.c.CreateVolume(api.Spec{Name: fixedVol, Size: api.Size(*volSize), Profile: "none"}); err != nil {
 		fmt.Println("auto:", err)
 		return false
 	}
@@ -309,7 +309,7 @@ func (b *bench) auto(vol string, seqRead, randRead []string) bool {
 			return false
 		}
 	}
-	if _, err := b.c.UpdateVolume(vol, blockd.UpdateRequest{Profile: ptr("auto")}); err != nil {
+	if _, err := b.c.UpdateVolume(vol, api.UpdateRequest{Profile: ptr("auto")}); err != nil {
 		fmt.Println("auto:", err)
 		return false
 	}
@@ -384,7 +384,7 @@ func (b *bench) stats(vol string) (profile.Stats, error) {
 
 // fio sets the volume's profile and runs one fio job for -runtime.
 func (b *bench) fio(vol, profile string, args ...string) (result, error) {
-	if _, err := b.c.UpdateVolume(vol, blockd.UpdateRequest{Profile: &profile}); err != nil {
+	if _, err := b.c.UpdateVolume(vol, api.UpdateRequest{Profile: &profile}); err != nil {
 		return result{}, err
 	}
 	if !strings.Contains(strings.Join(args, " "), "--bs=1M") {

@@ -18,7 +18,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/blockd/blockd/probe"
+	"github.com/blockd/blockd/probe/podio"
 	"github.com/blockd/blockd/vm/guest"
 )
 
@@ -146,11 +146,11 @@ func TestBlockdProbesNBD(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer resp.Body.Close()
-	var snap probe.Snapshot
+	var snap podio.Snapshot
 	if err := json.NewDecoder(resp.Body).Decode(&snap); err != nil {
 		t.Fatal(err)
 	}
-	byPod := map[string]probe.Entry{}
+	byPod := map[string]podio.Entry{}
 	for _, e := range snap.Entries {
 		t.Logf("entry: pod=%q container=%q cgroup=%s device=%s writes=%d write_bytes=%d", e.PodUID, e.Container, e.Cgroup, e.Device, e.Writes, e.WriteBytes)
 		if e.PodUID != "" && e.Device == filepath.Base(dev) {

@@ -1,0 +1,225 @@
+// Package api is blockd's control API as its clients see it: the JSON
+// types of HTTP+JSON on the daemon's unix socket, the error codes, and a
+// Client. It links no eBPF, netlink or Prometheus code, so a CSI driver or
+// a script can use it without the daemon's dependencies.
+//
+//	GET    /v1/volumes                  [Volume]
+//	POST   /v1/volumes                  Spec -> 201 Volume
+//	GET    /v1/volumes/{name}           Volume
+//	DELETE /v1/volumes/{name}           204
+//	POST   /v1/volumes/{name}/resize    ResizeRequest -> Volume
+//	PATCH  /v1/volumes/{name}           UpdateRequest -> Volume
+//	POST   /v1/volumes/{name}/attach    AttachRequest -> Volume
+//	POST   /v1/volumes/{name}/detach    Volume
+//	GET    /v1/io/pods                  podio.Snapshot
+//	GET    /v1/health                   {"status": "ok"}
+//
+// A volume is created from the same JSON that `blockd volume get -o json`
+// prints (the fields the daemon sets, like created_at, are ignored on
+// input), and every error is an Error: {"error": "text", "code": "..."}
+// with a matching HTTP status. Clients switch on the code, never on the
+// text.
+package api
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"time"
+
+	"github.com/blockd/blockd/profile"
+	"github.com/blockd/blockd/qos"
+	"github.com/blockd/blockd/units"
+)
+
+// DefaultStateDir is where `blockd serve` keeps metadata and backing files
+// unless told otherwise; its API socket is DefaultStateDir/blockd.sock.
+const DefaultStateDir = "/var/lib/blockd"
+
+// DefaultBlockSize is the block size volumes advertise to clients and the
+// kernel.
+const DefaultBlockSize = 4096
+
+// Frontends a volume can be attached with as a kernel block device.
+const (
+	FrontendNBD  = "nbd"  // /dev/nbdN
+	FrontendUblk = "ublk" // /dev/ublkbN (kernel 6.0+)
+)
+
+// Spec is a volume's configuration: the body of a create, the core of
+// every Volume the API returns, and what the daemon stores in
+// STATE/volumes/NAME.json.
+type Spec struct {
+	Name      string     `json:"name"`
+	Size      Size       `json:"size"`
+	BlockSize uint32     `json:"block_size,omitempty"`
+	Engine    string     `json:"engine,omitempty"`  // file (default) or memory
+	Profile   string     `json:"profile,omitempty"` // io_profile, default auto
+	ReadOnly  bool       `json:"read_only,omitempty"`
+	QoS       qos.Limits `json:"qos"`
+	// Set by the daemon; ignored in a create.
+	CreatedAt time.Time `json:"created_at"`
+	// Attachment is set while the volume is a kernel block device; a
+	// create ignores it.
+	Attachment *Attachment `json:"attachment,omitempty"`
+}
+
+// Attachment records that a volume is exposed as a kernel block device. It
+// is part of the volume's metadata, so a restarted daemon finds the device
+// again and hands it new sockets.
+type Attachment struct {
+	Frontend    string `json:"frontend"` // FrontendNBD or FrontendUblk
+	Device      string `json:"device"`   // /dev/nbdN, /dev/ublkbN
+	Index       int    `json:"index"`
+	Connections int    `json:"connections,omitempty"` // nbd sockets
+	Queues      int    `json:"queues,omitempty"`      // ublk
+	Depth       int    `json:"depth,omitempty"`       // ublk
+}
+
+// Volume states.
+const (
+	// StateOK: the volume serves I/O.
+	StateOK = "ok"
+	// StateFailed: the volume cannot serve I/O (Reason says why); it can
+	// be deleted, nothing else.
+	StateFailed = "failed"
+)
+
+// Volume is a volume as the API shows it.
+type Volume struct {
+	Spec
+	SizeHuman string `json:"size_human"`
+	// State is StateOK or StateFailed; Reason says why a volume failed,
+	// or what the daemon did to it at its last start (a kernel device it
+	// had to detach, say).
+	State  string `json:"state"`
+	Reason string `json:"reason,omitempty"`
+	// Path is the backing file (file engine only); Allocated is how much
+	// of it is on disk.
+	Path      string `json:"path,omitempty"`
+	Allocated int64  `json:"allocated_bytes,omitempty"`
+	// EffectiveProfile is the io_profile in force: Profile itself, or for
+	// auto the behaviour it learned from the volume's recent I/O.
+	EffectiveProfile string         `json:"effective_profile,omitempty"`
+	ProfileStats     *profile.Stats `json:"profile_stats,omitempty"`
+}
+
+// ResizeRequest is the body of POST /v1/volumes/{name}/resize.
+type ResizeRequest struct {
+	Size Size `json:"size"`
+}
+
+// UpdateRequest is the body of PATCH /v1/volumes/{name}; absent fields
+// stay as they are.
+type UpdateRequest struct {
+	Profile  *string `json:"profile,omitempty"`
+	ReadOnly *bool   `json:"read_only,omitempty"`
+	// QoS is decoded onto the volume's current limits: the settings it
+	// names change (0 or "none" clears one), the others stay. Keys and
+	// values as in Spec.QoS ({"iops_limit": "5k", "bps_limit": "200MiB"}).
+	QoS json.RawMessage `json:"qos,omitempty"`
+}
+
+// QoSChange builds UpdateRequest.QoS from setting names and values.
+func QoSChange(set map[string]string) json.RawMessage {
+	if len(set) == 0 {
+		return nil
+	}
+	b, _ := json.Marshal(set) // a map of strings always marshals
+	return b
+}
+
+// AttachRequest is the body of POST /v1/volumes/{name}/attach.
+type AttachRequest struct {
+	Frontend    string `json:"frontend,omitempty"`    // FrontendNBD (default) or FrontendUblk
+	Connections int    `json:"connections,omitempty"` // nbd: 0 = one per CPU, at most 8
+	Queues      int    `json:"queues,omitempty"`      // ublk: 0 = one per CPU, at most 4
+	Depth       int    `json:"depth,omitempty"`       // ublk: 0 = 64
+}
+
+// Size is a byte count: it marshals as a number and unmarshals from a
+// number or a string with units ("10GiB").
+type Size int64
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (s *Size) UnmarshalJSON(b []byte) error {
+	var n int64
+	if err := json.Unmarshal(b, &n); err == nil {
+		if n < 0 {
+			return fmt.Errorf("size %d is negative", n)
+		}
+		*s = Size(n)
+		return nil
+	}
+	var str string
+	if err := json.Unmarshal(b, &str); err != nil {
+		return errors.New("size: want a byte count or a string such as \"1GiB\"")
+	}
+	n, err := units.ParseSize(str)
+	if err != nil {
+		return err
+	}
+	*s = Size(n)
+	return nil
+}
+
+// Code classifies an API error; each has its HTTP status.
+type Code string
+
+// Error codes.
+const (
+	CodeInvalid     Code = "invalid_argument" // 400: the request cannot succeed as written
+	CodeNotFound    Code = "not_found"        // 404
+	CodeExists      Code = "already_exists"   // 409
+	CodeConflict    Code = "conflict"         // 409: not in the volume's current state
+	CodeUnavailable Code = "unavailable"      // 503: the daemon cannot do it now (shutting down, no kernel driver)
+	CodeInternal    Code = "internal"         // 500
+)
+
+// Status is the HTTP status of c.
+func (c Code) Status() int {
+	switch c {
+	case CodeInvalid:
+		return http.StatusBadRequest
+	case CodeNotFound:
+		return http.StatusNotFound
+	case CodeExists, CodeConflict:
+		return http.StatusConflict
+	case CodeUnavailable:
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
+}
+
+// Error is the body of every failed API call, and the error the daemon's
+// packages return when the cause has a code. Its text is for people: it
+// says what failed and why, without a code prefix.
+type Error struct {
+	Message string `json:"error"`
+	Code    Code   `json:"code"`
+	err     error
+}
+
+func (e *Error) Error() string { return e.Message }
+func (e *Error) Unwrap() error { return e.err }
+
+// Errorf returns an *Error with code and a message formatted as by
+// fmt.Errorf (%w wraps).
+func Errorf(code Code, format string, a ...any) error {
+	err := fmt.Errorf(format, a...)
+	return &Error{Message: err.Error(), Code: code, err: errors.Unwrap(err)}
+}
+
+// CodeOf returns the code of the first *Error in err's chain, CodeInternal
+// if there is none.
+func CodeOf(err error) Code {
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Code
+	}
+	return CodeInternal
+}
+
+// IsCode reports whether err carries code.
+func IsCode(err error, code Code) bool { return err != nil && CodeOf(err) == code }

@@ -1,0 +1,206 @@
+// Package attach exposes volumes as kernel block devices, one frontend
+// beside the other: nbd (/dev/nbdN, sockets from socketpair served by the
+// nbd package) and ublk (/dev/ublkbN, served by the ublk package). An
+// attachment is part of the volume's metadata, so a daemon that was
+// killed or restarted finds its devices again (Recover) and hands them new
+// sockets or queues while their I/O waits; SIGTERM leaves devices
+// attached for the next daemon, and only Detach removes them.
+package attach
+
+import (
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/kernel/module"
+	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/profile"
+	"github.com/blockd/blockd/volume"
+)
+
+// Volumes is the volume registry as attach uses it (volume.Registry).
+type Volumes interface {
+	Get(name string) (*volume.Volume, error)
+	SetAttachment(name string, att *api.Attachment) (api.Spec, error)
+	Detached(name string, att *api.Attachment) (api.Spec, error)
+	AttachedWith(frontend string) []api.Spec
+}
+
+// Options tune kernel attachments.
+type Options struct {
+	// Timeout is the kernel nbd per-request timeout. When it expires the
+	// kernel marks that socket dead and requeues the request; the daemon
+	// then hands the device a fresh socket. Default 30s.
+	Timeout time.Duration
+	// DeadConnTimeout is how long the kernel holds nbd I/O while every
+	// socket is dead (the daemon is restarting) before failing it.
+	// Default 2m.
+	DeadConnTimeout time.Duration
+	// LoadModule loads a kernel module; default kernel/module.Load.
+	LoadModule func(name string) error
+	// Log receives attach, detach and recovery events; default
+	// slog.Default().
+	Log *slog.Logger
+}
+
+func (o *Options) defaults() {
+	if o.Timeout == 0 {
+		o.Timeout = 30 * time.Second
+	}
+	if o.DeadConnTimeout == 0 {
+		o.DeadConnTimeout = 2 * time.Minute
+	}
+	if o.LoadModule == nil {
+		o.LoadModule = module.Load
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+}
+
+// frontend is one kind of kernel device. Its methods run with
+// Devices.mu held.
+type frontend interface {
+	attach(v *volume.Volume, req api.AttachRequest) (*api.Attachment, error)
+	detach(v *volume.Volume, att *api.Attachment) error
+	// recover re-attaches the devices of the volumes recorded as
+	// attached with this frontend and removes devices of ours that no
+	// volume records.
+	recover(want []api.Spec)
+	// beginClose stops attaches and background repairs.
+	beginClose()
+	// close stops serving without removing the devices.
+	close()
+}
+
+// Devices owns the kernel devices of attached volumes, for both frontends.
+type Devices struct {
+	vols Volumes
+	log  *slog.Logger
+	nbd  *nbdFrontend
+	ublk *ublkFrontend
+
+	mu      sync.Mutex // serializes attach, detach and recovery
+	closing bool
+}
+
+// New returns the kernel attachments of vols; nbd devices are served by
+// srv.
+func New(srv *nbd.Server, vols Volumes, opts Options) *Devices {
+	opts.defaults()
+	d := &Devices{vols: vols, log: opts.Log}
+	d.nbd = newNBD(d, srv, opts)
+	d.ublk = newUblk(d, opts)
+	return d
+}
+
+func (d *Devices) frontend(name string) (frontend, bool) {
+	switch name {
+	case api.FrontendNBD, "":
+		return d.nbd, true
+	case api.FrontendUblk:
+		return d.ublk, true
+	}
+	return nil, false
+}
+
+// Attach exposes a volume as a kernel block device.
+func (d *Devices) Attach(name string, req api.AttachRequest) (api.Spec, error) {
+	f, ok := d.frontend(req.Frontend)
+	if !ok {
+		return api.Spec{}, api.Errorf(api.CodeInvalid, "frontend %q: want %s or %s", req.Frontend, api.FrontendNBD, api.FrontendUblk)
+	}
+	if req.Frontend == "" {
+		req.Frontend = api.FrontendNBD
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closing {
+		return api.Spec{}, api.Errorf(api.CodeUnavailable, "attach %s: the daemon is shutting down", name)
+	}
+	v, err := d.vols.Get(name)
+	if err != nil {
+		return api.Spec{}, err
+	}
+	if a := v.Spec().Attachment; a != nil {
+		return api.Spec{}, api.Errorf(api.CodeConflict, "volume %s is already attached as %s", name, a.Device)
+	}
+	att, err := f.attach(v, req)
+	if err != nil {
+		return api.Spec{}, err
+	}
+	s, err := d.vols.SetAttachment(name, att)
+	if err != nil {
+		if derr := f.detach(v, att); derr != nil {
+			d.log.Error("removing a device whose attachment could not be recorded", "volume", name, "device", att.Device, "err", derr)
+		}
+		return api.Spec{}, err
+	}
+	d.log.Info("volume attached", "volume", name, "device", att.Device, "frontend", att.Frontend,
+		"connections", att.Connections, "queues", att.Queues, "depth", att.Depth)
+	return s, nil
+}
+
+// Detach removes a volume's kernel device and clears its attachment.
+func (d *Devices) Detach(name string) (api.Spec, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v, err := d.vols.Get(name)
+	if err != nil {
+		return api.Spec{}, err
+	}
+	att := v.Spec().Attachment
+	if att == nil {
+		return api.Spec{}, api.Errorf(api.CodeConflict, "volume %s is not attached", name)
+	}
+	f, ok := d.frontend(att.Frontend)
+	if !ok {
+		return api.Spec{}, api.Errorf(api.CodeInternal, "volume %s is recorded as attached with unknown frontend %q", name, att.Frontend)
+	}
+	if err := f.detach(v, att); err != nil {
+		return api.Spec{}, err
+	}
+	return d.vols.Detached(name, att)
+}
+
+// Recover re-attaches every device the metadata records (see the
+// frontends' recover).
+func (d *Devices) Recover() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.nbd.recover(d.vols.AttachedWith(api.FrontendNBD))
+	d.ublk.recover(d.vols.AttachedWith(api.FrontendUblk))
+}
+
+// ProfileChanged makes an attached nbd device's read-ahead follow its
+// volume's effective io_profile.
+func (d *Devices) ProfileChanged(name string, eff profile.Profile) {
+	d.nbd.profileChanged(name, eff)
+}
+
+// BeginClose stops attaches and socket replacement; call it before the nbd
+// server shuts down, so that sockets it closes are not replaced.
+func (d *Devices) BeginClose() {
+	d.mu.Lock()
+	d.closing = true
+	d.mu.Unlock()
+	d.nbd.beginClose()
+	d.ublk.beginClose()
+}
+
+// Close stops serving kernel devices without removing them: the kernel
+// holds their I/O until a restarted daemon recovers them.
+func (d *Devices) Close() {
+	d.BeginClose()
+	d.ublk.close()
+	d.nbd.close()
+}
+
+// forget clears the attachment of a volume whose device is gone or could
+// not be recovered.
+func (d *Devices) forget(name string) {
+	if _, err := d.vols.SetAttachment(name, nil); err != nil {
+		d.log.Error("clearing the attachment of a device that is gone", "volume", name, "err", err)
+	}
+}

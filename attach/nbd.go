@@ -1,0 +1,509 @@
+package attach
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/kernel/nbdnl"
+	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/profile"
+	"github.com/blockd/blockd/volume"
+)
+
+// maxKernelConns caps the default connection count (one blk-mq hardware
+// queue each): past a handful, more queues only add scheduling overhead.
+const maxKernelConns = 8
+
+// multiConnKernel is the oldest kernel (major, minor) on which an attach
+// defaults to more than one connection. Debian's 6.1 now and then leaves
+// the first request on a device's second socket uncompleted although the
+// server answered it, until the request timeout (--nbd-timeout, 30s)
+// marks that socket dead and requeues the request: in the vm/ tests, with
+// a minimal responder and with blockd alike, in about one attach in eight
+// and in half the boots; never on 6.12. Data stays correct (the daemon
+// replaces the socket), but a 30s stall of mkfs or mount is a poor
+// default, so older kernels get one socket unless --connections asks.
+var multiConnKernel = [2]int{6, 12}
+
+// defaultKernelConns is the connection count of an attach that names
+// none: one per CPU up to maxKernelConns on kernels from multiConnKernel
+// on, one before (or when the release cannot be parsed).
+func defaultKernelConns(release string, cpus int) int {
+	var major, minor int
+	if _, err := fmt.Sscanf(release, "%d.%d", &major, &minor); err != nil ||
+		major < multiConnKernel[0] || (major == multiConnKernel[0] && minor < multiConnKernel[1]) {
+		return 1
+	}
+	return max(1, min(cpus, maxKernelConns))
+}
+
+// kernelRelease is uname -r.
+func kernelRelease() string {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return ""
+	}
+	return unix.ByteSliceToString(u.Release[:])
+}
+
+// backendPrefix marks our devices in /sys/block/nbdN/backend.
+const backendPrefix = "blockd:"
+
+// nbdFrontend owns the kernel side of NBD attachments: the netlink client
+// and, per attached volume, the goroutines serving its sockets.
+type nbdFrontend struct {
+	d    *Devices
+	opts Options
+	srv  *nbd.Server
+	log  *slog.Logger
+
+	bg sync.WaitGroup // socket replacements and read-ahead updates in progress
+
+	// Guarded by d.mu:
+	nl       *nbdnl.Client
+	attached map[string]*kattach
+
+	liveMu sync.Mutex // guards live; never held across I/O
+	live   map[string]int
+	closed bool
+}
+
+// kattach is one attached volume's live state.
+type kattach struct {
+	vol       *volume.Volume
+	index     int
+	ctx       context.Context
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup // one per socket being served
+	detaching bool           // guarded by Devices.mu
+}
+
+func newNBD(d *Devices, srv *nbd.Server, opts Options) *nbdFrontend {
+	return &nbdFrontend{d: d, opts: opts, srv: srv, log: opts.Log, attached: map[string]*kattach{}, live: map[string]int{}}
+}
+
+// netlinkLocked loads nbd and dials its netlink family on first use.
+func (k *nbdFrontend) netlinkLocked() (*nbdnl.Client, error) {
+	if k.nl != nil {
+		return k.nl, nil
+	}
+	if err := k.opts.LoadModule("nbd"); err != nil {
+		return nil, api.Errorf(api.CodeUnavailable, "kernel nbd driver unavailable: %w", err)
+	}
+	nl, err := nbdnl.Dial()
+	if err != nil {
+		return nil, api.Errorf(api.CodeUnavailable, "kernel nbd driver unavailable: %w", err)
+	}
+	k.nl = nl
+	return nl, nil
+}
+
+// socketPairs makes n connected unix socket pairs: the daemon serves one end
+// of each, the kernel gets the other.
+func socketPairs(n int) (ours []net.Conn, theirs []*os.File, err error) {
+	defer func() {
+		if err != nil {
+			for _, c := range ours {
+				c.Close()
+			}
+			closeFiles(theirs)
+			ours, theirs = nil, nil
+		}
+	}()
+	for i := 0; i < n; i++ {
+		fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return ours, theirs, fmt.Errorf("socketpair: %w", err)
+		}
+		f := os.NewFile(uintptr(fds[0]), "nbd-server")
+		c, err := net.FileConn(f) // dups the fd
+		f.Close()
+		theirs = append(theirs, os.NewFile(uintptr(fds[1]), "nbd-kernel"))
+		if err != nil {
+			return ours, theirs, fmt.Errorf("socketpair: %w", err)
+		}
+		ours = append(ours, c)
+	}
+	return ours, theirs, nil
+}
+
+func closeFiles(fs []*os.File) {
+	for _, f := range fs {
+		f.Close()
+	}
+}
+
+func serverFlags(v *volume.Volume) uint64 {
+	f := nbdnl.FlagsDefault
+	if v.ReadOnly() {
+		f |= nbdnl.FlagReadOnly
+	}
+	return f
+}
+
+// connect serves conns new sockets for ka and connects them to the kernel
+// at index (nbdnl.AnyIndex: the kernel picks); it returns the index.
+func (k *nbdFrontend) connect(nl *nbdnl.Client, ka *kattach, index, conns int) (int, error) {
+	ours, theirs, err := socketPairs(conns)
+	if err != nil {
+		return 0, err
+	}
+	// Serve before connecting: the kernel reads the partition table as
+	// soon as the device is configured.
+	for _, c := range ours {
+		k.serve(ka, c)
+	}
+	v := ka.vol
+	idx, err := nl.Connect(nbdnl.Config{
+		Index:           index,
+		Socks:           theirs,
+		SizeBytes:       uint64(v.Size()),
+		BlockSize:       uint64(v.PreferredBlockSize()),
+		ServerFlags:     serverFlags(v),
+		Timeout:         k.opts.Timeout,
+		DeadConnTimeout: k.opts.DeadConnTimeout,
+		BackendID:       backendPrefix + v.Name(),
+	})
+	closeFiles(theirs)
+	if err != nil {
+		ka.cancel()
+		for _, c := range ours {
+			c.Close()
+		}
+		ka.wg.Wait()
+		return 0, err
+	}
+	return idx, nil
+}
+
+// attach exposes a volume as /dev/nbdN over req.Connections sockets.
+func (k *nbdFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Attachment, error) {
+	name := v.Name()
+	conns := req.Connections
+	if conns == 0 {
+		conns = defaultKernelConns(kernelRelease(), runtime.NumCPU())
+	}
+	if conns < 1 || conns > 64 {
+		return nil, api.Errorf(api.CodeInvalid, "attach %s: --connections %d: want 1 to 64", name, conns)
+	}
+	nl, err := k.netlinkLocked()
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	ka := k.newAttach(v)
+	idx, err := k.connect(nl, ka, nbdnl.AnyIndex, conns)
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	ka.index = idx
+	k.attached[name] = ka
+	k.setLive(name, idx)
+	if err := setReadAhead(idx, v.EffectiveProfile()); err != nil {
+		k.log.Warn("attach: read-ahead not set for io_profile", "volume", name, "err", err)
+	}
+	return &api.Attachment{Frontend: api.FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns}, nil
+}
+
+func (k *nbdFrontend) newAttach(v *volume.Volume) *kattach {
+	ctx, cancel := context.WithCancel(context.Background())
+	return &kattach{vol: v, ctx: ctx, cancel: cancel}
+}
+
+// serve runs the NBD transmission phase on one kernel socket. When the
+// socket ends while the volume is still attached (the kernel timed a
+// request out and marked the socket dead), it hands the device a new one.
+func (k *nbdFrontend) serve(ka *kattach, c net.Conn) {
+	ka.wg.Add(1)
+	go func() {
+		defer ka.wg.Done()
+		err := k.srv.ServeKernel(ka.ctx, c, ka.vol)
+		if ka.ctx.Err() != nil || errors.Is(err, nbd.ErrServerClosed) {
+			return
+		}
+		if err != nil {
+			k.log.Warn("kernel nbd socket failed; replacing it", "volume", ka.vol.Name(), "err", err)
+		} else {
+			// The kernel shuts a socket down when a request on it timed
+			// out (--nbd-timeout); it requeues the request elsewhere.
+			k.log.Warn("kernel closed an nbd socket (request timeout); replacing it", "volume", ka.vol.Name())
+		}
+		k.bg.Add(1)
+		go func() {
+			defer k.bg.Done()
+			k.replaceSocket(ka)
+		}()
+	}()
+}
+
+// replaceSocket gives a device one new socket in place of a dead one.
+func (k *nbdFrontend) replaceSocket(ka *kattach) {
+	k.d.mu.Lock()
+	defer k.d.mu.Unlock()
+	if k.d.closing || ka.detaching || ka.ctx.Err() != nil || k.attached[ka.vol.Name()] != ka {
+		return
+	}
+	// Give the kernel a moment to mark the socket dead: it only swaps
+	// dead sockets.
+	time.Sleep(100 * time.Millisecond)
+	if err := k.reconfigureLocked(ka, 1); err != nil {
+		k.log.Error("replacing kernel nbd socket", "volume", ka.vol.Name(), "err", err)
+	}
+}
+
+func (k *nbdFrontend) reconfigureLocked(ka *kattach, n int) error {
+	ours, theirs, err := socketPairs(n)
+	if err != nil {
+		return err
+	}
+	for _, c := range ours {
+		k.serve(ka, c)
+	}
+	// The kernel swaps only sockets it has marked dead; right after a
+	// crash it may not have noticed yet.
+	for try := 0; ; try++ {
+		err = k.nl.ReconfigureBackend(ka.index, backendPrefix+ka.vol.Name(), theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
+		if !errors.Is(err, nbdnl.ErrNoDeadSocket) || try == 50 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	closeFiles(theirs)
+	if err != nil {
+		for _, c := range ours {
+			c.Close()
+		}
+	}
+	return err
+}
+
+// detach disconnects a volume's device.
+func (k *nbdFrontend) detach(v *volume.Volume, att *api.Attachment) error {
+	name := v.Name()
+	nl, err := k.netlinkLocked()
+	if err != nil {
+		return fmt.Errorf("detach %s: %w", name, err)
+	}
+	ka := k.attached[name]
+	if ka != nil {
+		ka.detaching = true
+	}
+	k.clearLive(name)
+	if err := nl.Disconnect(att.Index); err != nil && !errors.Is(err, nbdnl.ErrNoDevice) {
+		return fmt.Errorf("detach %s: %w", name, err)
+	}
+	if ka != nil {
+		// The kernel closes its ends; the servers see EOF and finish
+		// what is in flight.
+		done := make(chan struct{})
+		go func() { ka.wg.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			k.log.Warn("kernel sockets still open 30s after disconnect; closing", "volume", name)
+			ka.cancel()
+			<-done
+		}
+		ka.cancel()
+		delete(k.attached, name)
+	}
+	return nil
+}
+
+// recover re-attaches every volume recorded as attached: a device the
+// kernel still holds (the daemon was killed or restarted) gets new
+// sockets through NBD_CMD_RECONFIGURE, so I/O that waited completes; a
+// device the kernel no longer has (the node rebooted) is connected again
+// at the same index. Devices of ours that no volume records are
+// disconnected.
+func (k *nbdFrontend) recover(want []api.Spec) {
+	orphans := ourNBDDevices()
+	if len(want) == 0 && len(orphans) == 0 {
+		return
+	}
+	nl, err := k.netlinkLocked()
+	if err != nil {
+		k.log.Error("cannot recover kernel attachments", "err", err)
+		return
+	}
+	for _, s := range want {
+		delete(orphans, s.Attachment.Index)
+		if err := k.recoverOneLocked(nl, s); err != nil {
+			k.log.Error("recovering attachment failed; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
+			// A device of ours that cannot get sockets would hold its
+			// I/O for dead_conn_timeout and then fail it; fail it now
+			// and free the index, as the metadata says detached.
+			if deviceBackend(s.Attachment.Index) == backendPrefix+s.Name {
+				nl.Disconnect(s.Attachment.Index)
+			}
+			k.d.forget(s.Name)
+		}
+	}
+	for idx, backend := range orphans {
+		k.log.Warn("disconnecting nbd device of ours that no volume records", "device", nbdnl.DevicePath(idx), "backend", backend)
+		nl.Disconnect(idx)
+	}
+}
+
+func (k *nbdFrontend) recoverOneLocked(nl *nbdnl.Client, s api.Spec) error {
+	v, err := k.d.vols.Get(s.Name)
+	if err != nil {
+		return err
+	}
+	att := s.Attachment
+	ka := k.newAttach(v)
+	ka.index = att.Index
+	st, err := nl.Status(att.Index)
+	if err == nil && st.Connected {
+		if b := deviceBackend(att.Index); b != "" && b != backendPrefix+s.Name {
+			return fmt.Errorf("%s now belongs to %q", att.Device, b)
+		}
+		if err := k.reconfigureLocked(ka, att.Connections); err != nil {
+			ka.cancel()
+			return err
+		}
+		k.attached[s.Name] = ka
+		// The kernel kept the device's read-ahead; setting it now would
+		// wait for the requests still queued on the dead sockets.
+		k.setLive(s.Name, att.Index)
+		k.log.Info("reattached live device", "volume", s.Name, "device", att.Device, "connections", att.Connections)
+		return nil
+	}
+	if _, err := k.connect(nl, ka, att.Index, att.Connections); err != nil {
+		return err
+	}
+	if err := setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
+		k.log.Warn("reconnect: read-ahead not set for io_profile", "volume", s.Name, "err", err)
+	}
+	k.setLive(s.Name, att.Index)
+	k.attached[s.Name] = ka
+	k.log.Info("reconnected device", "volume", s.Name, "device", att.Device)
+	return nil
+}
+
+// deviceBackend reads the backend id the kernel shows for /dev/nbdN.
+func deviceBackend(idx int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", idx))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// ourNBDDevices lists connected nbd devices whose backend id marks them as
+// blockd's.
+func ourNBDDevices() map[int]string {
+	out := map[int]string{}
+	ms, _ := filepath.Glob("/sys/block/nbd*/backend")
+	for _, p := range ms {
+		idx, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(filepath.Dir(p)), "nbd"))
+		if err != nil {
+			continue
+		}
+		if b := deviceBackend(idx); strings.HasPrefix(b, backendPrefix) {
+			out[idx] = b
+		}
+	}
+	return out
+}
+
+// setLive records that this daemon serves name's device /dev/nbdIDX, so
+// that read-ahead may follow its io_profile.
+func (k *nbdFrontend) setLive(name string, idx int) {
+	k.liveMu.Lock()
+	k.live[name] = idx
+	k.liveMu.Unlock()
+}
+
+func (k *nbdFrontend) clearLive(name string) {
+	k.liveMu.Lock()
+	delete(k.live, name)
+	k.liveMu.Unlock()
+}
+
+// profileChanged sets the read-ahead of name's device, if this daemon
+// serves one. Writing the sysfs attribute freezes the queue (6.12), which
+// waits for requests in flight: on a device whose sockets died with the
+// previous daemon that wait ends only after the device is reconnected, so
+// the write must never sit on the path that reconnects it. It runs on its
+// own goroutine, owned by the frontend (close waits).
+func (k *nbdFrontend) profileChanged(name string, eff profile.Profile) {
+	k.liveMu.Lock()
+	defer k.liveMu.Unlock()
+	idx, ok := k.live[name]
+	if !ok || k.closed {
+		return
+	}
+	k.bg.Add(1)
+	go func() {
+		defer k.bg.Done()
+		if err := setReadAhead(idx, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			k.log.Warn("io_profile changed but read-ahead was not", "volume", name, "err", err)
+		}
+	}()
+}
+
+// setReadAhead sets the kernel read-ahead of /dev/nbdIDX to suit the
+// volume's effective profile (sequential 4 MiB, random 16 KiB, others
+// 128 KiB).
+func setReadAhead(idx int, p profile.Profile) error {
+	path := fmt.Sprintf("/sys/block/nbd%d/queue/read_ahead_kb", idx)
+	if err := os.WriteFile(path, fmt.Appendf(nil, "%d\n", profile.ReadAheadKB(p)), 0o644); err != nil {
+		return fmt.Errorf("set read-ahead: %w", err)
+	}
+	return nil
+}
+
+func (k *nbdFrontend) beginClose() {
+	k.liveMu.Lock()
+	k.closed = true
+	clear(k.live)
+	k.liveMu.Unlock()
+}
+
+// close stops serving kernel sockets without disconnecting the devices:
+// the kernel holds their I/O until a restarted daemon reconfigures them.
+// The nbd server's Shutdown has already drained the connections.
+func (k *nbdFrontend) close() {
+	k.waitBackground()
+	k.d.mu.Lock()
+	as := make([]*kattach, 0, len(k.attached))
+	for _, ka := range k.attached {
+		as = append(as, ka)
+	}
+	nl := k.nl
+	k.d.mu.Unlock()
+	for _, ka := range as {
+		ka.cancel()
+		ka.wg.Wait()
+	}
+	if nl != nil {
+		nl.Close()
+	}
+}
+
+// waitBackground waits for socket replacements and read-ahead updates. A
+// read-ahead write waits for the device's queue to drain: do not let one
+// stuck behind a dead device hold up shutdown for long.
+func (k *nbdFrontend) waitBackground() {
+	done := make(chan struct{})
+	go func() { k.bg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		k.log.Warn("a kernel read-ahead update is still blocked; closing anyway")
+	}
+}

@@ -1,0 +1,115 @@
+package attach
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/kernel/module"
+	"github.com/blockd/blockd/ublk"
+	"github.com/blockd/blockd/volume"
+)
+
+// ublkFrontend owns the ublk devices of attached volumes.
+type ublkFrontend struct {
+	d    *Devices
+	log  *slog.Logger
+	load func(string) error
+
+	devs map[string]*ublk.Device // guarded by Devices.mu
+}
+
+func newUblk(d *Devices, opts Options) *ublkFrontend {
+	return &ublkFrontend{d: d, log: opts.Log, load: opts.LoadModule, devs: map[string]*ublk.Device{}}
+}
+
+func (k *ublkFrontend) config(v *volume.Volume, att *api.Attachment) ublk.Config {
+	return ublk.Config{
+		ID: -1, Queues: att.Queues, Depth: att.Depth, Size: v.Size(),
+		Handler: v, Logger: k.log, LoadModule: k.load, ReadOnly: v.ReadOnly(),
+	}
+}
+
+// attach exposes a volume as /dev/ublkbN with queues × depth.
+func (k *ublkFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Attachment, error) {
+	name := v.Name()
+	if req.Queues < 0 || req.Queues > 32 || req.Depth < 0 || req.Depth > 4096 {
+		return nil, api.Errorf(api.CodeInvalid, "attach %s: --queues %d --depth %d: want 1-32 queues of depth 1-4096", name, req.Queues, req.Depth)
+	}
+	att := &api.Attachment{Frontend: api.FrontendUblk, Queues: req.Queues, Depth: req.Depth}
+	dev, err := ublk.Attach(context.Background(), k.config(v, att))
+	if err != nil {
+		return nil, fmt.Errorf("attach %s: %w", name, err)
+	}
+	info := dev.Info()
+	att.Device, att.Index = dev.Path(), dev.ID()
+	att.Queues, att.Depth = int(info.NrHwQueues), int(info.QueueDepth)
+	k.devs[name] = dev
+	return att, nil
+}
+
+// detach stops and deletes a volume's ublk device.
+func (k *ublkFrontend) detach(v *volume.Volume, att *api.Attachment) error {
+	name := v.Name()
+	if dev := k.devs[name]; dev != nil {
+		if err := dev.Detach(); err != nil {
+			return fmt.Errorf("detach %s: %w", name, err)
+		}
+		delete(k.devs, name)
+	} else if err := ublk.Remove(att.Index, k.load); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("detach %s: %w", name, err)
+	}
+	return nil
+}
+
+// recover re-attaches the ublk devices the metadata records: a device the
+// kernel kept (the daemon was killed or restarted) is recovered in place,
+// so applications see no error. A recorded device that cannot be
+// recovered is forgotten, and every ublk device of ours that is not
+// recovered is deleted: no orphans.
+func (k *ublkFrontend) recover(want []api.Spec) {
+	if len(want) == 0 && !module.Loaded("ublk_drv") {
+		return // nothing recorded, and no driver that could hold orphans
+	}
+	keep := map[int]bool{}
+	for _, s := range want {
+		v, err := k.d.vols.Get(s.Name)
+		if err != nil {
+			continue
+		}
+		dev, err := ublk.Recover(context.Background(), s.Attachment.Index, k.config(v, s.Attachment))
+		if err != nil {
+			k.log.Warn("ublk device not recoverable; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
+			k.d.forget(s.Name)
+			continue
+		}
+		keep[dev.ID()] = true
+		k.devs[s.Name] = dev
+		k.log.Info("recovered ublk device", "volume", s.Name, "device", dev.Path())
+	}
+	removed, err := ublk.Cleanup(func(i ublk.DevInfo) bool { return keep[int(i.DevID)] }, k.load)
+	if err != nil {
+		k.log.Warn("ublk cleanup", "err", err)
+	}
+	for _, id := range removed {
+		k.log.Warn("removed orphaned ublk device", "device", ublk.BlockPath(id))
+	}
+}
+
+func (k *ublkFrontend) beginClose() {}
+
+// close stops serving without deleting the devices: the kernel holds their
+// I/O until a restarted daemon recovers them.
+func (k *ublkFrontend) close() {
+	k.d.mu.Lock()
+	defer k.d.mu.Unlock()
+	for name, dev := range k.devs {
+		if err := dev.Release(); err != nil {
+			k.log.Warn("releasing ublk device", "volume", name, "err", err)
+		}
+		delete(k.devs, name)
+	}
+}

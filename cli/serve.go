@@ -1,0 +1,151 @@
+package cli
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/daemon"
+	"github.com/blockd/blockd/units"
+)
+
+func newServe() *cobra.Command {
+	var (
+		cfg                         daemon.Config
+		qosIOPS, qosBPS             string
+		qosOn                       bool
+		probes, logFormat, logLevel string
+		shutdownTimeout             time.Duration
+		procs                       int
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the daemon",
+		Long: `Run the blockd daemon in the foreground: load the volumes in the state dir, serve
+them over NBD (TCP and a unix socket), re-attach the kernel devices recorded in
+their metadata, and answer the control API on STATE/blockd.sock (mode 0600).
+
+One daemon per state dir. SIGTERM or SIGINT: stop accepting, let requests in
+flight finish and their replies go out, flush every volume, exit 0. Kernel
+devices stay attached for the next daemon.`,
+		Args: args(0, ""),
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if procs < 0 {
+				return usagef("--gomaxprocs %d: want 0 (automatic) or a positive count", procs)
+			}
+			cfg.QoSDisabled = !qosOn
+			var err error
+			if cfg.QoSCapacity.IOPS, err = units.ParseCount(qosIOPS); err != nil {
+				return usagef("--qos-capacity-iops: %v", err)
+			}
+			if cfg.QoSCapacity.BPS, err = units.ParseRate(qosBPS); err != nil {
+				return usagef("--qos-capacity-bps: %v", err)
+			}
+			if cfg.Logger, err = newLogger(cmd.ErrOrStderr(), logFormat, logLevel); err != nil {
+				return err
+			}
+			switch probes {
+			case "on":
+				cfg.Probes = true
+			case "off":
+			default:
+				return usagef("--probes %q: want on or off", probes)
+			}
+			if cfg.ProbeDevices != daemon.ProbeDevicesOurs && cfg.ProbeDevices != daemon.ProbeDevicesAll {
+				return usagef("--probe-devices %q: want ours or all", cfg.ProbeDevices)
+			}
+			switch cfg.NBDSocket {
+			case "":
+				cfg.NBDSocket = filepath.Join(cfg.StateDir, "nbd.sock")
+			case "none":
+				cfg.NBDSocket = ""
+			}
+			if procs > 0 {
+				runtime.GOMAXPROCS(procs)
+			}
+			return serve(cfg, shutdownTimeout)
+		},
+	}
+	fs := cmd.Flags()
+	fs.SortFlags = false
+	fs.StringVar(&cfg.StateDir, "state-dir", api.DefaultStateDir, "directory for volume metadata and backing files")
+	fs.StringVar(&cfg.NBDListen, "nbd-listen", "127.0.0.1:10809", `TCP address NBD clients connect to ("" disables)`)
+	fs.StringVar(&cfg.NBDSocket, "nbd-socket", "", `unix socket for NBD clients (default STATE/nbd.sock; "none" disables)`)
+	fs.StringVar(&cfg.APISocket, "api-socket", "", "control API socket to listen on (default STATE/blockd.sock, mode 0600)")
+	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:9810", `address of the Prometheus /metrics endpoint ("" disables)`)
+	fs.DurationVar(&cfg.Kernel.Timeout, "nbd-timeout", 30*time.Second, "kernel nbd per-request timeout (e.g. 30s); on expiry the socket is replaced and the request retried")
+	fs.DurationVar(&cfg.Kernel.DeadConnTimeout, "nbd-dead-conn-timeout", 2*time.Minute, "how long kernel nbd devices hold I/O while blockd restarts (e.g. 2m)")
+	fs.StringVar(&qosIOPS, "qos-capacity-iops", "0", "node requests per second that QoS reservations and weights divide (e.g. 50k; 0: unlimited, then only caps act)")
+	fs.StringVar(&qosBPS, "qos-capacity-bps", "0", "node bytes per second that QoS reservations and weights divide (e.g. 2GiB; 0: unlimited)")
+	fs.BoolVar(&qosOn, "qos", true, "apply per-volume QoS (--qos=false removes the stage)")
+	fs.StringVar(&probes, "probes", "on", "per-pod block I/O accounting with eBPF: on or off (without BPF permission the daemon logs why and runs without)")
+	fs.StringVar(&cfg.ProbeDevices, "probe-devices", daemon.ProbeDevicesOurs, "devices the probes account: ours (attached volumes) or all")
+	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.DurationVar(&shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long SIGTERM waits for requests in flight")
+	fs.IntVar(&procs, "gomaxprocs", 0, "Go scheduler slots (GOMAXPROCS); 0: Go's choice. More than the CPUs helps many "+
+		"concurrent clients of file volumes (a slot stays with a goroutine blocked in pread/fdatasync) but makes QoS timers late")
+	for flag, vals := range map[string][]string{
+		"probes": {"on", "off"}, "probe-devices": {daemon.ProbeDevicesOurs, daemon.ProbeDevicesAll},
+		"log-format": {"text", "json"}, "log-level": {"debug", "info", "warn", "error"},
+	} {
+		cmd.RegisterFlagCompletionFunc(flag, cobra.FixedCompletions(vals, cobra.ShellCompDirectiveNoFileComp))
+	}
+	return cmd
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, usagef("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, usagef("--log-format %q: want text or json", format)
+}
+
+// serve runs the daemon until SIGTERM, SIGINT or a fatal error.
+func serve(cfg daemon.Config, shutdownTimeout time.Duration) error {
+	log := cfg.Logger
+	ver, commit := Version()
+	log.Info("starting blockd", "version", ver, "commit", commit)
+	log.Info("scheduler slots", "gomaxprocs", runtime.GOMAXPROCS(0), "cpus", runtime.NumCPU())
+	d, err := daemon.Start(cfg)
+	if err != nil {
+		return err
+	}
+	log.Info("blockd ready", "state_dir", cfg.StateDir, "volumes", len(d.Volumes().Names()), "pid", os.Getpid())
+	sigc := make(chan os.Signal, 1)
+	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigc)
+	var runErr error
+	select {
+	case s := <-sigc:
+		log.Info("shutting down", "signal", s.String())
+	case runErr = <-d.Err():
+		log.Error("shutting down after failure", "err", runErr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
+	defer cancel()
+	if err := d.Shutdown(ctx); err != nil {
+		log.Error("shutdown", "err", err)
+		return errors.Join(runErr, err)
+	}
+	log.Info("stopped cleanly")
+	return runErr
+}

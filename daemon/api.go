@@ -1,0 +1,180 @@
+package daemon
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/units"
+)
+
+// The control API's server side; the routes and types are documented in
+// package api.
+
+func (d *Daemon) apiHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+	mux.HandleFunc("GET /v1/volumes", d.list)
+	mux.HandleFunc("POST /v1/volumes", d.create)
+	mux.HandleFunc("GET /v1/volumes/{name}", d.get)
+	mux.HandleFunc("DELETE /v1/volumes/{name}", d.delete)
+	mux.HandleFunc("POST /v1/volumes/{name}/resize", d.resize)
+	mux.HandleFunc("PATCH /v1/volumes/{name}", d.update)
+	mux.HandleFunc("POST /v1/volumes/{name}/attach", d.attach)
+	mux.HandleFunc("POST /v1/volumes/{name}/detach", d.detach)
+	mux.HandleFunc("GET /v1/io/pods", d.pods)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, api.Errorf(api.CodeNotFound, "no such API call: %s %s", r.Method, r.URL.Path))
+	})
+	return mux
+}
+
+// info is the API's view of a volume.
+func (d *Daemon) info(s api.Spec) api.Volume {
+	vi := api.Volume{Spec: s, SizeHuman: units.FormatSize(int64(s.Size)), State: api.StateOK}
+	v, err := d.volumes.Get(s.Name)
+	if err != nil {
+		return vi
+	}
+	if n, ok, err := v.Allocated(); ok {
+		vi.Path = d.volumes.DataPath(s.Name)
+		vi.Allocated = n
+		if err != nil {
+			d.log.Warn("cannot tell the allocated size of a backing file", "volume", s.Name, "err", err)
+		}
+	}
+	st := v.ProfileStats()
+	vi.EffectiveProfile = st.Effective
+	vi.ProfileStats = &st
+	return vi
+}
+
+func (d *Daemon) list(w http.ResponseWriter, r *http.Request) {
+	out := []api.Volume{}
+	for _, s := range d.volumes.List() {
+		out = append(out, d.info(s))
+	}
+	writeJSON(w, http.StatusOK, out)
+}
+
+func (d *Daemon) create(w http.ResponseWriter, r *http.Request) {
+	var s api.Spec
+	if err := readJSON(r, &s); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := d.volumes.Create(s)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, d.info(s))
+}
+
+func (d *Daemon) get(w http.ResponseWriter, r *http.Request) {
+	v, err := d.volumes.Get(r.PathValue("name"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, d.info(v.Spec()))
+}
+
+func (d *Daemon) delete(w http.ResponseWriter, r *http.Request) {
+	if err := d.volumes.Delete(r.PathValue("name")); err != nil {
+		writeError(w, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (d *Daemon) resize(w http.ResponseWriter, r *http.Request) {
+	var req api.ResizeRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := d.volumes.Resize(r.PathValue("name"), int64(req.Size))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, d.info(s))
+}
+
+func (d *Daemon) update(w http.ResponseWriter, r *http.Request) {
+	var req api.UpdateRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := d.volumes.Update(r.PathValue("name"), func(s *api.Spec) error {
+		if req.Profile != nil {
+			s.Profile = *req.Profile
+		}
+		if req.ReadOnly != nil {
+			s.ReadOnly = *req.ReadOnly
+		}
+		if len(req.QoS) > 0 {
+			if err := json.Unmarshal(req.QoS, &s.QoS); err != nil {
+				return api.Errorf(api.CodeInvalid, "%w", err)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, d.info(s))
+}
+
+func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
+	var req api.AttachRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := d.devices.Attach(r.PathValue("name"), req)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	d.updateProbeDevices()
+	writeJSON(w, http.StatusOK, d.info(s))
+}
+
+func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
+	s, err := d.devices.Detach(r.PathValue("name"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	d.updateProbeDevices()
+	writeJSON(w, http.StatusOK, d.info(s))
+}
+
+func readJSON(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return api.Errorf(api.CodeInvalid, "request body: %v", err)
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(v)
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	code := api.CodeOf(err)
+	writeJSON(w, code.Status(), &api.Error{Message: err.Error(), Code: code})
+}

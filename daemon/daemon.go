@@ -1,0 +1,291 @@
+// Package daemon is `blockd serve`: it wires the volume registry, the
+// frontends (the NBD server for network clients, kernel nbd and ublk
+// devices), the per-pod eBPF probes, the control API and the metrics
+// endpoint, starts them in that order and stops them in reverse.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sys/unix"
+
+	"github.com/blockd/blockd/attach"
+	"github.com/blockd/blockd/kernel/module"
+	"github.com/blockd/blockd/metrics"
+	"github.com/blockd/blockd/nbd"
+	"github.com/blockd/blockd/probe"
+	"github.com/blockd/blockd/profile"
+	"github.com/blockd/blockd/qos"
+	"github.com/blockd/blockd/volume"
+)
+
+// Probe modes of `blockd serve --probe-devices`.
+const (
+	ProbeDevicesOurs = "ours" // only the kernel devices of attached volumes
+	ProbeDevicesAll  = "all"  // every block device on the node
+)
+
+// Config is what `blockd serve` runs with.
+type Config struct {
+	StateDir      string
+	NBDListen     string // TCP address for NBD clients; "" disables
+	NBDSocket     string // unix socket for NBD clients; "" disables
+	APISocket     string // control API; default STATE/blockd.sock
+	MetricsListen string // Prometheus /metrics; "" disables
+	Kernel        attach.Options
+	Probes        bool         // per-pod eBPF accounting
+	ProbeDevices  string       // ProbeDevicesOurs (default) or ProbeDevicesAll
+	QoSDisabled   bool         // no QoS stage at all
+	QoSCapacity   qos.Capacity // what reservations and weights divide
+	Logger        *slog.Logger
+}
+
+// Daemon is a running blockd: subsystems start in the order of the fields
+// below and stop in reverse.
+type Daemon struct {
+	cfg  Config
+	log  *slog.Logger
+	lock *os.File // flock on STATE/blockd.lock: one daemon per state dir
+
+	reg     *prometheus.Registry
+	qos     *qos.Node
+	volumes *volume.Registry
+	nbd     *nbd.Server
+	devices *attach.Devices
+	probe   *probe.Probe // nil when off or unavailable
+	api     *http.Server
+	metrics *http.Server
+
+	profileHook atomic.Pointer[attach.Devices] // devices, once they exist
+	probeStop   context.CancelFunc
+	probeDone   chan struct{}
+
+	wg   sync.WaitGroup // the accept loops
+	errc chan error     // first fatal error of an accept loop
+}
+
+// Start brings the daemon up: volumes loaded, listeners open. It returns
+// once every listener accepts.
+func Start(cfg Config) (*Daemon, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.StateDir == "" {
+		return nil, errors.New("serve: --state-dir is required")
+	}
+	if cfg.APISocket == "" {
+		cfg.APISocket = filepath.Join(cfg.StateDir, "blockd.sock")
+	}
+	if cfg.ProbeDevices == "" {
+		cfg.ProbeDevices = ProbeDevicesOurs
+	}
+	cfg.Kernel.Log = cfg.Logger
+	if cfg.Kernel.LoadModule == nil {
+		cfg.Kernel.LoadModule = module.Load
+	}
+	d := &Daemon{cfg: cfg, log: cfg.Logger, errc: make(chan error, 4)}
+	if err := d.start(); err != nil {
+		d.stop(context.Background())
+		return nil, err
+	}
+	return d, nil
+}
+
+func (d *Daemon) start() (err error) {
+	cfg := d.cfg
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state dir: %w", err)
+	}
+	if d.lock, err = lockStateDir(cfg.StateDir); err != nil {
+		return err
+	}
+
+	d.reg = prometheus.NewRegistry()
+	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if !cfg.QoSDisabled {
+		if d.qos, err = qos.NewNode(cfg.QoSCapacity); err != nil {
+			return err
+		}
+		d.reg.MustRegister(metrics.QoS(d.qos))
+	}
+	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos}
+	// Volumes open before the kernel frontends exist (those need the
+	// volumes); a profile change reaches the devices once they do.
+	volOpts.OnProfileChange = func(vol string, eff profile.Profile) {
+		if k := d.profileHook.Load(); k != nil {
+			k.ProfileChanged(vol, eff)
+		}
+	}
+	if d.volumes, err = volume.Open(volOpts); err != nil {
+		return err
+	}
+
+	d.nbd = nbd.NewServer(nbdExports{d.volumes}, nbd.Options{Logger: d.log})
+	d.devices = attach.New(d.nbd, d.volumes, cfg.Kernel)
+	d.profileHook.Store(d.devices)
+	if err := cfg.Kernel.LoadModule("nbd"); err != nil {
+		d.log.Warn("kernel nbd driver unavailable: attach will fail, network NBD works", "err", err)
+	}
+	d.devices.Recover()
+	d.startProbes()
+	if cfg.NBDListen != "" {
+		ln, err := net.Listen("tcp", cfg.NBDListen)
+		if err != nil {
+			return fmt.Errorf("nbd listen: %w", err)
+		}
+		d.goServe("nbd tcp", func() error { return d.nbd.Serve(ln) })
+		d.log.Info("serving NBD", "addr", ln.Addr().String())
+	}
+	if cfg.NBDSocket != "" {
+		ln, err := listenUnix(cfg.NBDSocket, 0o660)
+		if err != nil {
+			return fmt.Errorf("nbd socket: %w", err)
+		}
+		d.goServe("nbd unix", func() error { return d.nbd.Serve(ln) })
+		d.log.Info("serving NBD", "socket", cfg.NBDSocket)
+	}
+
+	apiLn, err := listenUnix(cfg.APISocket, 0o600)
+	if err != nil {
+		return fmt.Errorf("api socket: %w", err)
+	}
+	d.api = &http.Server{Handler: d.apiHandler(), ReadHeaderTimeout: 10 * time.Second}
+	d.goServe("api", func() error { return d.api.Serve(apiLn) })
+	d.log.Info("control API", "socket", cfg.APISocket)
+
+	if cfg.MetricsListen != "" {
+		ln, err := net.Listen("tcp", cfg.MetricsListen)
+		if err != nil {
+			return fmt.Errorf("metrics listen: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
+		d.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		d.goServe("metrics", func() error { return d.metrics.Serve(ln) })
+		d.log.Info("metrics", "url", "http://"+ln.Addr().String()+"/metrics")
+	}
+	return nil
+}
+
+// goServe runs an accept loop owned by the daemon until stop.
+func (d *Daemon) goServe(what string, serve func() error) {
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+			d.errc <- fmt.Errorf("%s: %w", what, err)
+		}
+	}()
+}
+
+// Volumes returns the volume registry.
+func (d *Daemon) Volumes() *volume.Registry { return d.volumes }
+
+// Err delivers the first failure of an accept loop.
+func (d *Daemon) Err() <-chan error { return d.errc }
+
+// Shutdown stops accepting, lets in-flight requests finish, flushes every
+// volume and releases the state dir, in reverse start order.
+func (d *Daemon) Shutdown(ctx context.Context) error { return d.stop(ctx) }
+
+func (d *Daemon) stop(ctx context.Context) error {
+	var errs []error
+	if d.metrics != nil {
+		errs = append(errs, d.metrics.Shutdown(ctx))
+	}
+	if d.api != nil {
+		errs = append(errs, d.api.Shutdown(ctx))
+	}
+	d.stopProbes()
+	if d.devices != nil {
+		// Kernel devices stay: their I/O waits for the next daemon.
+		d.devices.BeginClose()
+	}
+	if d.nbd != nil {
+		if err := d.nbd.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("nbd: %w", err))
+			d.nbd.Close()
+		}
+	}
+	if d.devices != nil {
+		d.devices.Close()
+	}
+	d.wg.Wait()
+	if d.volumes != nil {
+		errs = append(errs, d.volumes.Close())
+	}
+	if d.qos != nil {
+		d.qos.Close()
+	}
+	for _, p := range []string{d.cfg.APISocket, d.cfg.NBDSocket} {
+		if p != "" && d.lock != nil {
+			os.Remove(p)
+		}
+	}
+	if d.lock != nil {
+		d.lock.Close()
+	}
+	return errors.Join(errs...)
+}
+
+// lockStateDir takes an exclusive flock so two daemons never share a state
+// dir; the lock dies with the process, so a kill -9 leaves nothing stale.
+func lockStateDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "blockd.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("state dir lock: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(f.Name())
+		f.Close()
+		return nil, fmt.Errorf("state dir %s is in use by another blockd (pid %s)", dir, strings.TrimSpace(string(b)))
+	}
+	f.Truncate(0)
+	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
+	return f, nil
+}
+
+// listenUnix listens on a unix socket, replacing a stale one (safe: the
+// state dir lock is held) and setting its mode.
+func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
+	if err := os.Remove(path); err != nil && !os.IsNotExist(err) {
+		return nil, err
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// nbdExports serves every volume as an NBD export named after it.
+type nbdExports struct{ m *volume.Registry }
+
+func (e nbdExports) Export(name string) (nbd.Export, bool) {
+	v, ok := e.m.Lookup(name)
+	if !ok {
+		return nil, false
+	}
+	return v, true
+}
+
+func (e nbdExports) ExportNames() []string { return e.m.Names() }

@@ -1,0 +1,10 @@
+// Package volume is the node's volume registry: each volume's metadata
+// (api.Spec, stored crash-safely under the state dir), its backing engine
+// (package ioengine) and its request pipeline, built the same way for
+// every volume:
+//
+//	metrics -> read-only -> qos -> profile -> engine
+//
+// A Volume is what the frontends serve: the NBD server (nbd.Export) and
+// the kernel devices of package attach (a pipeline.Handler).
+package volume

@@ -1,0 +1,486 @@
+package volume
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/ioengine"
+	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/profile"
+	"github.com/blockd/blockd/qos"
+	"github.com/blockd/blockd/units"
+)
+
+// Metrics is what the registry tells the metrics stage about volumes
+// (package metrics implements it).
+type Metrics interface {
+	// Stage is the volume's metrics stage, first in its pipeline.
+	Stage(vol string, size int64) pipeline.Stage
+	SetSize(vol string, size int64)
+	SetProfile(vol string, eff profile.Profile)
+	Forget(vol string)
+}
+
+// Options configure a Registry.
+type Options struct {
+	// Dir is the state dir (required).
+	Dir string
+	// Log receives volume lifecycle events; default slog.Default().
+	Log *slog.Logger
+	// Metrics, if set, puts a metrics stage first in every pipeline.
+	Metrics Metrics
+	// QoS, if set, puts a QoS stage in every pipeline.
+	QoS *qos.Node
+	// OnProfileChange, if set, is called when a volume's effective
+	// io_profile changes (and once when it opens), on the profile stage's
+	// goroutine or in Update; never on the data path. The kernel attach
+	// code follows it with the device's read-ahead.
+	OnProfileChange func(vol string, eff profile.Profile)
+}
+
+// Registry owns every open volume and its metadata under the state dir:
+//
+//	STATE/volumes/NAME.json   metadata (api.Spec), replaced atomically
+//	STATE/data/NAME.img       backing file of file-engine volumes
+//
+// Metadata is the source of truth: a backing file without metadata is the
+// leftover of an interrupted create or delete and is removed at start.
+type Registry struct {
+	dir  string
+	log  *slog.Logger
+	opts Options
+
+	mu   sync.RWMutex // guards vols; held across metadata changes so they are ordered
+	vols map[string]*Volume
+}
+
+func (m *Registry) metaDir() string { return filepath.Join(m.dir, "volumes") }
+func (m *Registry) dataDir() string { return filepath.Join(m.dir, "data") }
+
+// DataPath returns the backing file of a file-engine volume.
+func (m *Registry) DataPath(name string) string {
+	return filepath.Join(m.dataDir(), name+".img")
+}
+
+// Open loads every volume recorded in the state dir, creating the layout if
+// needed.
+func Open(opts Options) (*Registry, error) {
+	if opts.Log == nil {
+		opts.Log = slog.Default()
+	}
+	m := &Registry{dir: opts.Dir, log: opts.Log, opts: opts, vols: map[string]*Volume{}}
+	for _, d := range []string{m.dir, m.metaDir(), m.dataDir()} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return nil, fmt.Errorf("state dir: %w", err)
+		}
+	}
+	ents, err := os.ReadDir(m.metaDir())
+	if err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	for _, e := range ents {
+		n := e.Name()
+		if strings.HasPrefix(n, ".") {
+			// a temp file of a write that never reached its rename
+			os.Remove(filepath.Join(m.metaDir(), n))
+			continue
+		}
+		if !strings.HasSuffix(n, ".json") {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join(m.metaDir(), n))
+		if err != nil {
+			m.closeAll()
+			return nil, fmt.Errorf("load volume %s: %w", n, err)
+		}
+		var s api.Spec
+		if err := json.Unmarshal(b, &s); err != nil {
+			m.closeAll()
+			return nil, fmt.Errorf("load volume %s: corrupt metadata: %w", n, err)
+		}
+		if err := Validate(&s); err != nil || s.Name+".json" != n {
+			m.closeAll()
+			return nil, fmt.Errorf("load volume %s: bad metadata: %v", n, err)
+		}
+		v, err := m.open(s)
+		if err != nil {
+			m.closeAll()
+			return nil, fmt.Errorf("load volume %s: %w", s.Name, err)
+		}
+		m.vols[s.Name] = v
+		m.log.Info("volume loaded", "volume", s.Name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine)
+	}
+	data, err := os.ReadDir(m.dataDir())
+	if err != nil {
+		m.closeAll()
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	for _, e := range data {
+		name := strings.TrimSuffix(e.Name(), ".img")
+		if _, ok := m.vols[name]; ok {
+			continue
+		}
+		m.log.Warn("removing backing file without metadata (interrupted create or delete)", "file", e.Name())
+		if err := removeFileDurable(m.dataDir(), e.Name()); err != nil {
+			m.closeAll()
+			return nil, fmt.Errorf("state dir: %w", err)
+		}
+	}
+	return m, nil
+}
+
+// open opens the engine of s and builds its pipeline:
+//
+//	metrics -> read-only -> qos -> profile -> engine
+func (m *Registry) open(s api.Spec) (*Volume, error) {
+	e, err := ioengine.Open(s.Engine, m.DataPath(s.Name), int64(s.Size))
+	if err != nil {
+		return nil, err
+	}
+	v := &Volume{name: s.Name, engine: e, spec: s, inMemory: s.Engine == ioengine.KindMemory}
+	v.readOnly.Store(s.ReadOnly)
+	var stages []pipeline.Stage
+	if m.opts.Metrics != nil {
+		stages = append(stages, m.opts.Metrics.Stage(s.Name, e.Size()))
+	}
+	stages = append(stages, pipeline.ReadOnly(v.ReadOnly))
+	if m.opts.QoS != nil {
+		if v.qos, err = m.opts.QoS.Volume(s.Name, s.QoS); err != nil {
+			e.Close()
+			return nil, err
+		}
+		stages = append(stages, v.qos.Stage())
+		m.warnIdleShares(s.Name, s.QoS)
+	}
+	v.prof = m.newProfileStage(v, s, e) // io_profile: last before the engine
+	stages = append(stages, v.prof.Wrap)
+	v.pipe = pipeline.Chain(ioengine.Handler(e), stages...)
+	return v, nil
+}
+
+// newProfileStage builds the volume's io_profile stage.
+func (m *Registry) newProfileStage(v *Volume, s api.Spec, e ioengine.Engine) *profile.Stage {
+	p, err := profile.Parse(s.Profile)
+	if err != nil { // Validate admits only known profiles
+		p = profile.Auto
+	}
+	// A memory engine is as fast as the stage's cache and buffer: they
+	// would only add a copy per request.
+	opts := profile.Options{Size: e.Size, InMemory: s.Engine == ioengine.KindMemory}
+	if c, ok := e.(ioengine.CachedWriter); ok {
+		opts.Cached = c // db writes through the page cache
+	}
+	opts.OnChange = func(eff profile.Profile) {
+		if m.opts.Metrics != nil {
+			m.opts.Metrics.SetProfile(s.Name, eff)
+		}
+		if v.qos != nil {
+			// journal: small synchronous writes that others wait on go
+			// first in the QoS stage (after reservations).
+			v.qos.SetPriority(eff == profile.Journal)
+		}
+		if m.opts.OnProfileChange != nil {
+			m.opts.OnProfileChange(s.Name, eff)
+		}
+	}
+	return profile.New(p, opts)
+}
+
+func (m *Registry) persist(s api.Spec) error {
+	b, err := json.MarshalIndent(s, "", "  ")
+	if err != nil {
+		return err
+	}
+	return writeFileAtomic(m.metaDir(), s.Name+".json", append(b, '\n'))
+}
+
+// Create makes a new volume. It returns once the volume's metadata is
+// durable.
+func (m *Registry) Create(s api.Spec) (api.Spec, error) {
+	s.Attachment = nil
+	if err := Validate(&s); err != nil {
+		return api.Spec{}, err
+	}
+	s.CreatedAt = time.Now().UTC().Truncate(time.Second)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.vols[s.Name]; ok {
+		return api.Spec{}, api.Errorf(api.CodeExists, "volume %s already exists", s.Name)
+	}
+	// A backing file without metadata is garbage from an interrupted
+	// create or delete: never hand its old data to a new volume.
+	if err := removeFileDurable(m.dataDir(), s.Name+".img"); err != nil {
+		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
+	}
+	v, err := m.open(s)
+	if err != nil {
+		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
+	}
+	if s.Engine == ioengine.KindFile {
+		if err := syncDir(m.dataDir()); err != nil {
+			v.close()
+			return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
+		}
+	}
+	if err := m.persist(s); err != nil {
+		v.close()
+		removeFileDurable(m.dataDir(), s.Name+".img")
+		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
+	}
+	m.vols[s.Name] = v
+	m.log.Info("volume created", "volume", s.Name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine, "profile", s.Profile)
+	return s, nil
+}
+
+func notFound(name string) error {
+	return api.Errorf(api.CodeNotFound, "volume %s not found", name)
+}
+
+// Get returns an open volume.
+func (m *Registry) Get(name string) (*Volume, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	v, ok := m.vols[name]
+	if !ok {
+		return nil, notFound(name)
+	}
+	return v, nil
+}
+
+// List returns every volume's metadata, sorted by name.
+func (m *Registry) List() []api.Spec {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	out := make([]api.Spec, 0, len(m.vols))
+	for _, v := range m.vols {
+		out = append(out, v.Spec())
+	}
+	slices.SortFunc(out, func(a, b api.Spec) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+// Delete removes a volume and its data. Requests still in flight finish
+// first; later ones fail.
+func (m *Registry) Delete(name string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.vols[name]
+	if !ok {
+		return notFound(name)
+	}
+	if a := v.Spec().Attachment; a != nil {
+		return api.Errorf(api.CodeConflict, "volume %s is attached as %s; detach it first (blockd detach %s)", name, a.Device, name)
+	}
+	// Metadata goes first: a crash after this leaves an orphan backing
+	// file, which the next start removes, never a volume without data.
+	if err := removeFileDurable(m.metaDir(), name+".json"); err != nil {
+		return fmt.Errorf("delete %s: %w", name, err)
+	}
+	delete(m.vols, name)
+	if err := v.close(); err != nil {
+		m.log.Warn("closing deleted volume", "volume", name, "err", err)
+	}
+	if m.opts.Metrics != nil {
+		m.opts.Metrics.Forget(name)
+	}
+	if err := removeFileDurable(m.dataDir(), name+".img"); err != nil {
+		return fmt.Errorf("delete %s: remove data: %w", name, err)
+	}
+	m.log.Info("volume deleted", "volume", name)
+	return nil
+}
+
+// Resize grows a volume. Shrinking is refused: it would destroy data that a
+// filesystem on the volume may still reference.
+func (m *Registry) Resize(name string, size int64) (api.Spec, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.vols[name]
+	if !ok {
+		return api.Spec{}, notFound(name)
+	}
+	s := v.Spec()
+	if s.Attachment != nil && size != int64(s.Size) {
+		return api.Spec{}, api.Errorf(api.CodeConflict, "volume %s is attached as %s; detach it first (the kernel device cannot change size while attached)", name, s.Attachment.Device)
+	}
+	switch {
+	case size < int64(s.Size):
+		return api.Spec{}, api.Errorf(api.CodeInvalid, "resize %s to %s: shrinking is not supported (current size %s); create a new volume and copy the data",
+			name, units.FormatSize(size), units.FormatSize(int64(s.Size)))
+	case size == int64(s.Size):
+		return s, nil
+	}
+	s.Size = api.Size(size)
+	if err := Validate(&s); err != nil {
+		return api.Spec{}, err
+	}
+	// Grow the engine first: metadata that claims more than the engine
+	// holds must never exist. A crash in between leaves a larger file
+	// that the next open reads at the old size.
+	if err := v.engine.Resize(size); err != nil {
+		return api.Spec{}, fmt.Errorf("resize %s: %w", name, err)
+	}
+	if err := m.persist(s); err != nil {
+		return api.Spec{}, fmt.Errorf("resize %s: %w", name, err)
+	}
+	v.setSpec(s)
+	if m.opts.Metrics != nil {
+		m.opts.Metrics.SetSize(name, size)
+	}
+	m.log.Info("volume resized", "volume", name, "size", units.FormatSize(size))
+	return s, nil
+}
+
+// Update applies fn to a volume's metadata and persists the result.
+func (m *Registry) Update(name string, fn func(*api.Spec) error) (api.Spec, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.vols[name]
+	if !ok {
+		return api.Spec{}, notFound(name)
+	}
+	old := v.Spec()
+	s := old
+	if err := fn(&s); err != nil {
+		return api.Spec{}, err
+	}
+	if err := Validate(&s); err != nil {
+		return api.Spec{}, err
+	}
+	if s.Size != old.Size || s.Name != name || s.Engine != old.Engine || s.Attachment != old.Attachment {
+		return api.Spec{}, api.Errorf(api.CodeInvalid, "name, size and engine cannot be changed by update")
+	}
+	if v.qos != nil && s.QoS != old.QoS {
+		if err := v.qos.Set(s.QoS); err != nil {
+			return api.Spec{}, api.Errorf(api.CodeInvalid, "%w", err)
+		}
+		m.warnIdleShares(name, s.QoS)
+	}
+	if err := m.persist(s); err != nil {
+		if v.qos != nil {
+			v.qos.Set(old.QoS)
+		}
+		return api.Spec{}, fmt.Errorf("update %s: %w", name, err)
+	}
+	v.setSpec(s)
+	if s.Profile != old.Profile {
+		v.setProfile(s.Profile)
+	}
+	return s, nil
+}
+
+// warnIdleShares logs when a volume's reservation or weight cannot act:
+// they divide the node capacity, and a capacity left unlimited
+// (--qos-capacity-iops/--qos-capacity-bps 0) leaves nothing to divide.
+// Caps work either way.
+func (m *Registry) warnIdleShares(name string, l qos.Limits) {
+	c := m.opts.QoS.Capacity()
+	switch {
+	case l.IOPSReservation > 0 && c.IOPS == 0:
+		m.log.Warn("iops reservation has no effect while the node IOPS capacity is unlimited; set --qos-capacity-iops", "volume", name)
+	case l.BPSReservation > 0 && c.BPS == 0:
+		m.log.Warn("bps reservation has no effect while the node bytes/s capacity is unlimited; set --qos-capacity-bps", "volume", name)
+	case l.Weight > 0 && c.IOPS == 0 && c.BPS == 0:
+		m.log.Warn("weight has no effect while the node capacity is unlimited; set --qos-capacity-iops or --qos-capacity-bps", "volume", name)
+	}
+}
+
+// SetAttachment records (att != nil) or clears a volume's attachment.
+func (m *Registry) SetAttachment(name string, att *api.Attachment) (api.Spec, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.vols[name]
+	if !ok {
+		return api.Spec{}, notFound(name)
+	}
+	s := v.Spec()
+	s.Attachment = att
+	if err := m.persist(s); err != nil {
+		return api.Spec{}, err
+	}
+	v.setSpec(s)
+	return s, nil
+}
+
+// AttachedWith returns the volumes recorded as attached with frontend.
+func (m *Registry) AttachedWith(frontend string) []api.Spec {
+	var out []api.Spec
+	for _, s := range m.List() {
+		if s.Attachment != nil && s.Attachment.Frontend == frontend {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// Detached clears the record of a kernel device a frontend has removed.
+func (m *Registry) Detached(name string, att *api.Attachment) (api.Spec, error) {
+	s, err := m.SetAttachment(name, nil)
+	if err != nil {
+		return api.Spec{}, fmt.Errorf("detach %s: %w", name, err)
+	}
+	m.log.Info("volume detached", "volume", name, "device", att.Device)
+	return s, nil
+}
+
+// Lookup returns an open volume by name.
+func (m *Registry) Lookup(name string) (*Volume, bool) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	v, ok := m.vols[name]
+	return v, ok
+}
+
+// Names returns the sorted volume names.
+func (m *Registry) Names() []string {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	out := make([]string, 0, len(m.vols))
+	for n := range m.vols {
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Flush makes every volume's completed writes durable.
+func (m *Registry) Flush() error {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	var errs []error
+	for _, v := range m.vols {
+		if err := v.flush(); err != nil {
+			errs = append(errs, fmt.Errorf("flush %s: %w", v.name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Close flushes and closes every volume.
+func (m *Registry) Close() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.closeAllLocked()
+}
+
+func (m *Registry) closeAll() { m.closeAllLocked() }
+
+func (m *Registry) closeAllLocked() error {
+	var errs []error
+	for n, v := range m.vols {
+		if err := v.close(); err != nil {
+			errs = append(errs, fmt.Errorf("close %s: %w", n, err))
+		}
+		delete(m.vols, n)
+	}
+	return errors.Join(errs...)
+}

@@ -7,6 +7,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/units"
+	"github.com/blockd/blockd/volume"
 )
 
 // The control API's server side; the routes and types are documented in
@@ -33,12 +34,10 @@ func (d *Daemon) apiHandler() http.Handler {
 }
 
 // info is the API's view of a volume.
-func (d *Daemon) info(s api.Spec) api.Volume {
-	vi := api.Volume{Spec: s, SizeHuman: units.FormatSize(int64(s.Size)), State: api.StateOK}
-	v, err := d.volumes.Get(s.Name)
-	if err != nil {
-		return vi
-	}
+func (d *Daemon) info(v *volume.Volume) api.Volume {
+	s := v.Spec()
+	vi := api.Volume{Spec: s, SizeHuman: units.FormatSize(int64(s.Size))}
+	vi.State, vi.Reason = v.State()
 	if n, ok, err := v.Allocated(); ok {
 		vi.Path = d.volumes.DataPath(s.Name)
 		vi.Allocated = n
@@ -46,16 +45,26 @@ func (d *Daemon) info(s api.Spec) api.Volume {
 			d.log.Warn("cannot tell the allocated size of a backing file", "volume", s.Name, "err", err)
 		}
 	}
-	st := v.ProfileStats()
-	vi.EffectiveProfile = st.Effective
-	vi.ProfileStats = &st
+	if st := v.ProfileStats(); st != nil {
+		vi.EffectiveProfile = st.Effective
+		vi.ProfileStats = st
+	}
 	return vi
+}
+
+// infoOf is info of the volume called name, as it is after a change.
+func (d *Daemon) infoOf(name string) (api.Volume, error) {
+	v, err := d.volumes.Volume(name)
+	if err != nil {
+		return api.Volume{}, err
+	}
+	return d.info(v), nil
 }
 
 func (d *Daemon) list(w http.ResponseWriter, r *http.Request) {
 	out := []api.Volume{}
-	for _, s := range d.volumes.List() {
-		out = append(out, d.info(s))
+	for _, v := range d.volumes.Volumes() {
+		out = append(out, d.info(v))
 	}
 	writeJSON(w, http.StatusOK, out)
 }
@@ -71,16 +80,11 @@ func (d *Daemon) create(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusCreated, d.info(s))
+	d.reply(w, http.StatusCreated, s.Name)
 }
 
 func (d *Daemon) get(w http.ResponseWriter, r *http.Request) {
-	v, err := d.volumes.Get(r.PathValue("name"))
-	if err != nil {
-		writeError(w, err)
-		return
-	}
-	writeJSON(w, http.StatusOK, d.info(v.Spec()))
+	d.reply(w, http.StatusOK, r.PathValue("name"))
 }
 
 func (d *Daemon) delete(w http.ResponseWriter, r *http.Request) {
@@ -102,7 +106,7 @@ func (d *Daemon) resize(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, d.info(s))
+	d.reply(w, http.StatusOK, s.Name)
 }
 
 func (d *Daemon) update(w http.ResponseWriter, r *http.Request) {
@@ -129,7 +133,7 @@ func (d *Daemon) update(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	writeJSON(w, http.StatusOK, d.info(s))
+	d.reply(w, http.StatusOK, s.Name)
 }
 
 func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
@@ -144,7 +148,7 @@ func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.updateProbeDevices()
-	writeJSON(w, http.StatusOK, d.info(s))
+	d.reply(w, http.StatusOK, s.Name)
 }
 
 func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
@@ -154,7 +158,17 @@ func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	d.updateProbeDevices()
-	writeJSON(w, http.StatusOK, d.info(s))
+	d.reply(w, http.StatusOK, s.Name)
+}
+
+// reply writes the volume called name.
+func (d *Daemon) reply(w http.ResponseWriter, status int, name string) {
+	vi, err := d.infoOf(name)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, status, vi)
 }
 
 func readJSON(r *http.Request, v any) error {

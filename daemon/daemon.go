@@ -131,6 +131,14 @@ func (d *Daemon) start() (err error) {
 			k.ProfileChanged(vol, eff)
 		}
 	}
+	// A deleted volume's network clients are cut off, so that they learn
+	// it is gone (or find a new volume of the same name) when they
+	// reconnect.
+	volOpts.OnDelete = func(v *volume.Volume) {
+		if n := d.nbd.Disconnect(v); n > 0 {
+			d.log.Info("closed the NBD connections of a deleted volume", "volume", v.Name(), "connections", n)
+		}
+	}
 	if d.volumes, err = volume.Open(volOpts); err != nil {
 		return err
 	}

@@ -106,6 +106,20 @@ func Open(kind, path string, size int64) (Engine, error) {
 	return nil, fmt.Errorf("unknown engine %q (want one of %v)", kind, Kinds)
 }
 
+// Reopen opens the existing engine of a volume that was created before:
+// for the file engine, a missing or shortened backing file is an error
+// (os.ErrNotExist, ErrTruncated), never a new empty one. A memory engine
+// starts empty (its data never outlives the process).
+func Reopen(kind, path string, size int64) (Engine, error) {
+	switch kind {
+	case KindFile, "":
+		return OpenFileWith(path, size, OpenFileOptions{Direct: true, MustExist: true})
+	case KindMemory:
+		return NewMemory(size)
+	}
+	return nil, fmt.Errorf("unknown engine %q (want one of %v)", kind, Kinds)
+}
+
 // Handler returns the pipeline Handler that ends every pipeline: it checks
 // the range and performs the request on e.
 func Handler(e Engine) pipeline.Handler {

@@ -52,7 +52,15 @@ type OpenFileOptions struct {
 	// Direct opens the file with O_DIRECT when the filesystem allows it,
 	// and falls back to buffered I/O when it does not.
 	Direct bool
+	// MustExist opens an existing backing file only: a missing file is
+	// an error (os.ErrNotExist), and so is one smaller than size
+	// (ErrTruncated), where a volume's data would silently read as
+	// zeroes.
+	MustExist bool
 }
+
+// ErrTruncated: an existing backing file is smaller than its volume.
+var ErrTruncated = errors.New("backing file is shorter than the volume")
 
 // dioAlign is the alignment of O_DIRECT offsets, lengths and buffers. 4 KiB
 // is a multiple of every logical block size in use (512 and 4Kn).
@@ -74,6 +82,9 @@ func OpenFileWith(path string, size int64, opts OpenFileOptions) (*File, error) 
 		return nil, fmt.Errorf("file engine: negative size %d", size)
 	}
 	flags := os.O_RDWR | os.O_CREATE
+	if opts.MustExist {
+		flags = os.O_RDWR
+	}
 	direct := false
 	var f *os.File
 	var err error
@@ -95,6 +106,10 @@ func OpenFileWith(path string, size int64, opts OpenFileOptions) (*File, error) 
 	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("file engine: %w", err)
+	}
+	if st.Size() < size && opts.MustExist {
+		f.Close()
+		return nil, fmt.Errorf("file engine: %s is %d bytes, smaller than the volume (%d bytes): %w", path, st.Size(), size, ErrTruncated)
 	}
 	if st.Size() < size {
 		if err := f.Truncate(size); err != nil {

@@ -1,6 +1,7 @@
 package ioengine
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -57,5 +58,33 @@ func TestFileDropDirect(t *testing.T) {
 	p := []byte("x")
 	if _, err := e.WriteAt(p, 1); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Reopen never creates or grows a backing file: a missing one is
+// os.ErrNotExist and a short one ErrTruncated, so a volume's lost data is
+// an error, not zeroes.
+func TestReopenMustExist(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "v.img")
+	if _, err := Reopen(KindFile, path, 1<<20); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("Reopen of a missing file: %v, want ErrNotExist", err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("Reopen created the file: %v", err)
+	}
+	e, err := Open(KindFile, path, 1<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.Close()
+	if e, err = Reopen(KindFile, path, 1<<20); err != nil {
+		t.Fatalf("Reopen of an existing file: %v", err)
+	}
+	e.Close()
+	if _, err := Reopen(KindFile, path, 2<<20); !errors.Is(err, ErrTruncated) {
+		t.Fatalf("Reopen with a larger size: %v, want ErrTruncated", err)
+	}
+	if st, _ := os.Stat(path); st.Size() != 1<<20 {
+		t.Fatalf("Reopen changed the file size to %d", st.Size())
 	}
 }

@@ -45,6 +45,21 @@ type Options struct {
 	// goroutine or in Update; never on the data path. The kernel attach
 	// code follows it with the device's read-ahead.
 	OnProfileChange func(vol string, eff profile.Profile)
+	// OnDelete, if set, is called with a volume being deleted once no
+	// lookup can find it any more and before it drains: the daemon closes
+	// the volume's NBD connections there, so clients reconnect (to a new
+	// volume of the same name, or to learn it is gone) instead of getting
+	// errors forever.
+	OnDelete func(v *Volume)
+
+	// openEngine and reopenEngine replace ioengine.Open and
+	// ioengine.Reopen in tests.
+	openEngine, reopenEngine func(kind, path string, size int64) (ioengine.Engine, error)
+}
+
+// Metrics that also track failed volumes.
+type failedMetrics interface {
+	SetFailed(vol string, failed bool)
 }
 
 // Registry owns every open volume and its metadata under the state dir:
@@ -59,8 +74,11 @@ type Registry struct {
 	log  *slog.Logger
 	opts Options
 
-	mu   sync.RWMutex // guards vols; held across metadata changes so they are ordered
+	mu   sync.RWMutex // guards vols and deleting; held across metadata changes so they are ordered
 	vols map[string]*Volume
+	// deleting holds the volumes that Delete has taken out of vols and
+	// is draining, without the lock.
+	deleting map[string]bool
 }
 
 func (m *Registry) metaDir() string { return filepath.Join(m.dir, "volumes") }
@@ -72,12 +90,21 @@ func (m *Registry) DataPath(name string) string {
 }
 
 // Open loads every volume recorded in the state dir, creating the layout if
-// needed.
+// needed. A volume that cannot be opened (unreadable metadata, a missing
+// or shortened backing file) is kept as failed, with the reason, and the
+// others load: one bad volume never stops the node. Only errors of the
+// state dir itself are returned.
 func Open(opts Options) (*Registry, error) {
 	if opts.Log == nil {
 		opts.Log = slog.Default()
 	}
-	m := &Registry{dir: opts.Dir, log: opts.Log, opts: opts, vols: map[string]*Volume{}}
+	if opts.openEngine == nil {
+		opts.openEngine = ioengine.Open
+	}
+	if opts.reopenEngine == nil {
+		opts.reopenEngine = ioengine.Reopen
+	}
+	m := &Registry{dir: opts.Dir, log: opts.Log, opts: opts, vols: map[string]*Volume{}, deleting: map[string]bool{}}
 	for _, d := range []string{m.dir, m.metaDir(), m.dataDir()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("state dir: %w", err)
@@ -89,60 +116,113 @@ func Open(opts Options) (*Registry, error) {
 	}
 	for _, e := range ents {
 		n := e.Name()
-		if strings.HasPrefix(n, ".") {
-			// a temp file of a write that never reached its rename
-			os.Remove(filepath.Join(m.metaDir(), n))
+		if isTempFile(n) {
+			// A metadata write that never reached its rename: the
+			// volume's metadata is the file it was to replace.
+			if err := os.Remove(filepath.Join(m.metaDir(), n)); err != nil {
+				m.log.Warn("cannot remove an interrupted metadata write", "file", n, "err", err)
+			}
 			continue
 		}
-		if !strings.HasSuffix(n, ".json") {
+		name, ok := strings.CutSuffix(n, ".json")
+		if !ok || !e.Type().IsRegular() {
+			m.log.Warn("ignoring a file in the metadata dir that is not a volume's metadata", "file", filepath.Join(m.metaDir(), n))
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(m.metaDir(), n))
-		if err != nil {
-			m.closeAll()
-			return nil, fmt.Errorf("load volume %s: %w", n, err)
+		if !ValidName(name) {
+			m.log.Warn("ignoring metadata whose file name is not a volume name", "file", filepath.Join(m.metaDir(), n))
+			continue
 		}
-		var s api.Spec
-		if err := json.Unmarshal(b, &s); err != nil {
-			m.closeAll()
-			return nil, fmt.Errorf("load volume %s: corrupt metadata: %w", n, err)
+		v := m.load(name)
+		m.vols[name] = v
+		if why, failed := v.Failed(); failed {
+			m.log.Error("volume failed to load; it serves no I/O until repaired or deleted", "volume", name, "reason", why)
+		} else {
+			s := v.Spec()
+			m.log.Info("volume loaded", "volume", name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine)
 		}
-		if err := Validate(&s); err != nil || s.Name+".json" != n {
-			m.closeAll()
-			return nil, fmt.Errorf("load volume %s: bad metadata: %v", n, err)
-		}
-		v, err := m.open(s)
-		if err != nil {
-			m.closeAll()
-			return nil, fmt.Errorf("load volume %s: %w", s.Name, err)
-		}
-		m.vols[s.Name] = v
-		m.log.Info("volume loaded", "volume", s.Name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine)
+		m.setFailedMetric(name, v)
 	}
-	data, err := os.ReadDir(m.dataDir())
-	if err != nil {
+	if err := m.sweepData(); err != nil {
 		m.closeAll()
 		return nil, fmt.Errorf("state dir: %w", err)
 	}
+	return m, nil
+}
+
+// isTempFile reports whether n is a temp file of writeFileAtomic.
+func isTempFile(n string) bool {
+	return strings.HasPrefix(n, ".") && strings.Contains(n, ".json.tmp-")
+}
+
+// load opens the volume whose metadata is STATE/volumes/NAME.json, or
+// returns it as failed with the reason.
+func (m *Registry) load(name string) *Volume {
+	path := filepath.Join(m.metaDir(), name+".json")
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return newFailed(api.Spec{Name: name}, fmt.Sprintf("metadata %s cannot be read: %v", path, err))
+	}
+	var s api.Spec
+	if err := json.Unmarshal(b, &s); err != nil {
+		return newFailed(api.Spec{Name: name}, fmt.Sprintf("metadata %s is corrupt: %v", path, err))
+	}
+	if s.Name != name {
+		return newFailed(api.Spec{Name: name}, fmt.Sprintf("metadata %s names volume %q", path, s.Name))
+	}
+	if err := Validate(&s); err != nil {
+		return newFailed(s, fmt.Sprintf("metadata %s is invalid: %v", path, err))
+	}
+	v, err := m.open(s, m.opts.reopenEngine)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return newFailed(s, fmt.Sprintf("backing file %s is missing; blockd will not recreate it empty "+
+			"(restore the file and restart, or delete the volume)", m.DataPath(name)))
+	case errors.Is(err, ioengine.ErrTruncated):
+		return newFailed(s, fmt.Sprintf("%v (restore the file and restart, or delete the volume)", err))
+	case err != nil:
+		return newFailed(s, fmt.Sprintf("cannot open: %v", err))
+	}
+	return v
+}
+
+// sweepData removes the backing files that no metadata claims: leftovers
+// of a create or delete interrupted by a crash. It touches only NAME.img
+// files of valid volume names, never anything else a person put there.
+func (m *Registry) sweepData() error {
+	data, err := os.ReadDir(m.dataDir())
+	if err != nil {
+		return err
+	}
 	for _, e := range data {
-		name := strings.TrimSuffix(e.Name(), ".img")
+		name, ok := strings.CutSuffix(e.Name(), ".img")
+		if !ok || !ValidName(name) || !e.Type().IsRegular() {
+			m.log.Warn("ignoring a file in the data dir that is not a volume's backing file", "file", filepath.Join(m.dataDir(), e.Name()))
+			continue
+		}
 		if _, ok := m.vols[name]; ok {
 			continue
 		}
-		m.log.Warn("removing backing file without metadata (interrupted create or delete)", "file", e.Name())
+		m.log.Warn("removing backing file without metadata (interrupted create or delete)", "file", filepath.Join(m.dataDir(), e.Name()))
 		if err := removeFileDurable(m.dataDir(), e.Name()); err != nil {
-			m.closeAll()
-			return nil, fmt.Errorf("state dir: %w", err)
+			return err
 		}
 	}
-	return m, nil
+	return nil
+}
+
+func (m *Registry) setFailedMetric(name string, v *Volume) {
+	if fm, ok := m.opts.Metrics.(failedMetrics); ok {
+		_, failed := v.Failed()
+		fm.SetFailed(name, failed)
+	}
 }
 
 // open opens the engine of s and builds its pipeline:
 //
 //	metrics -> read-only -> qos -> profile -> engine
-func (m *Registry) open(s api.Spec) (*Volume, error) {
-	e, err := ioengine.Open(s.Engine, m.DataPath(s.Name), int64(s.Size))
+func (m *Registry) open(s api.Spec, openEngine func(kind, path string, size int64) (ioengine.Engine, error)) (*Volume, error) {
+	e, err := openEngine(s.Engine, m.DataPath(s.Name), int64(s.Size))
 	if err != nil {
 		return nil, err
 	}
@@ -213,15 +293,21 @@ func (m *Registry) Create(s api.Spec) (api.Spec, error) {
 	s.CreatedAt = time.Now().UTC().Truncate(time.Second)
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, ok := m.vols[s.Name]; ok {
+	if v, ok := m.vols[s.Name]; ok {
+		if _, failed := v.Failed(); failed {
+			return api.Spec{}, api.Errorf(api.CodeExists, "volume %s already exists (failed: delete it first to create it anew)", s.Name)
+		}
 		return api.Spec{}, api.Errorf(api.CodeExists, "volume %s already exists", s.Name)
+	}
+	if m.deleting[s.Name] {
+		return api.Spec{}, api.Errorf(api.CodeConflict, "volume %s is still being deleted; try again", s.Name)
 	}
 	// A backing file without metadata is garbage from an interrupted
 	// create or delete: never hand its old data to a new volume.
 	if err := removeFileDurable(m.dataDir(), s.Name+".img"); err != nil {
 		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
 	}
-	v, err := m.open(s)
+	v, err := m.open(s, m.opts.openEngine)
 	if err != nil {
 		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
 	}
@@ -232,11 +318,17 @@ func (m *Registry) Create(s api.Spec) (api.Spec, error) {
 		}
 	}
 	if err := m.persist(s); err != nil {
-		v.close()
-		removeFileDurable(m.dataDir(), s.Name+".img")
+		if cerr := v.close(); cerr != nil {
+			m.log.Warn("closing the volume of a failed create", "volume", s.Name, "err", cerr)
+		}
+		if rerr := removeFileDurable(m.dataDir(), s.Name+".img"); rerr != nil {
+			// The next start removes it: no metadata claims it.
+			m.log.Warn("removing the backing file of a failed create", "volume", s.Name, "err", rerr)
+		}
 		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
 	}
 	m.vols[s.Name] = v
+	m.setFailedMetric(s.Name, v)
 	m.log.Info("volume created", "volume", s.Name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine, "profile", s.Profile)
 	return s, nil
 }
@@ -245,8 +337,28 @@ func notFound(name string) error {
 	return api.Errorf(api.CodeNotFound, "volume %s not found", name)
 }
 
-// Get returns an open volume.
+// healthyLocked returns the volume called name if it is open; a failed one
+// is a conflict that says why.
+func (m *Registry) healthyLocked(name string) (*Volume, error) {
+	v, ok := m.vols[name]
+	if !ok {
+		return nil, notFound(name)
+	}
+	if why, failed := v.Failed(); failed {
+		return nil, api.Errorf(api.CodeConflict, "volume %s is failed (%s); it can only be deleted", name, why)
+	}
+	return v, nil
+}
+
+// Get returns an open volume; a failed one is an error that says why.
 func (m *Registry) Get(name string) (*Volume, error) {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.healthyLocked(name)
+}
+
+// Volume returns the volume called name, failed or not.
+func (m *Registry) Volume(name string) (*Volume, error) {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	v, ok := m.vols[name]
@@ -256,37 +368,79 @@ func (m *Registry) Get(name string) (*Volume, error) {
 	return v, nil
 }
 
-// List returns every volume's metadata, sorted by name.
-func (m *Registry) List() []api.Spec {
+// Volumes returns every volume, failed ones included, sorted by name.
+func (m *Registry) Volumes() []*Volume {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
-	out := make([]api.Spec, 0, len(m.vols))
+	out := make([]*Volume, 0, len(m.vols))
 	for _, v := range m.vols {
-		out = append(out, v.Spec())
+		out = append(out, v)
 	}
-	slices.SortFunc(out, func(a, b api.Spec) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(out, func(a, b *Volume) int { return strings.Compare(a.name, b.name) })
 	return out
 }
 
-// Delete removes a volume and its data. Requests still in flight finish
-// first; later ones fail.
+// List returns the metadata of every volume, failed ones included, sorted
+// by name.
+func (m *Registry) List() []api.Spec {
+	vs := m.Volumes()
+	out := make([]api.Spec, len(vs))
+	for i, v := range vs {
+		out[i] = v.Spec()
+	}
+	return out
+}
+
+// SetReason records what the daemon did to a volume (a kernel device it
+// had to detach at start, say); the API shows it with the volume's state
+// until the daemon stops.
+func (m *Registry) SetReason(name, reason string) {
+	m.mu.RLock()
+	v, ok := m.vols[name]
+	m.mu.RUnlock()
+	if !ok {
+		return
+	}
+	v.mu.Lock()
+	v.reason = reason
+	v.mu.Unlock()
+}
+
+// Delete removes a volume and its data, a failed volume too. Requests
+// still in flight finish first; later ones fail. The volume drains
+// without the registry lock: other volumes are served and managed
+// meanwhile.
 func (m *Registry) Delete(name string) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	v, ok := m.vols[name]
 	if !ok {
+		m.mu.Unlock()
 		return notFound(name)
 	}
 	if a := v.Spec().Attachment; a != nil {
+		m.mu.Unlock()
 		return api.Errorf(api.CodeConflict, "volume %s is attached as %s; detach it first (blockd detach %s)", name, a.Device, name)
 	}
 	// Metadata goes first: a crash after this leaves an orphan backing
 	// file, which the next start removes, never a volume without data.
 	if err := removeFileDurable(m.metaDir(), name+".json"); err != nil {
+		m.mu.Unlock()
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
 	delete(m.vols, name)
+	m.deleting[name] = true
+	m.mu.Unlock()
+
+	defer func() {
+		m.mu.Lock()
+		delete(m.deleting, name)
+		m.mu.Unlock()
+	}()
+	if m.opts.OnDelete != nil {
+		m.opts.OnDelete(v)
+	}
 	if err := v.close(); err != nil {
+		// The data is being deleted: what did not reach it is moot.
 		m.log.Warn("closing deleted volume", "volume", name, "err", err)
 	}
 	if m.opts.Metrics != nil {
@@ -304,9 +458,9 @@ func (m *Registry) Delete(name string) error {
 func (m *Registry) Resize(name string, size int64) (api.Spec, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	v, ok := m.vols[name]
-	if !ok {
-		return api.Spec{}, notFound(name)
+	v, err := m.healthyLocked(name)
+	if err != nil {
+		return api.Spec{}, err
 	}
 	s := v.Spec()
 	if s.Attachment != nil && size != int64(s.Size) {
@@ -344,9 +498,9 @@ func (m *Registry) Resize(name string, size int64) (api.Spec, error) {
 func (m *Registry) Update(name string, fn func(*api.Spec) error) (api.Spec, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	v, ok := m.vols[name]
-	if !ok {
-		return api.Spec{}, notFound(name)
+	v, err := m.healthyLocked(name)
+	if err != nil {
+		return api.Spec{}, err
 	}
 	old := v.Spec()
 	s := old
@@ -366,8 +520,12 @@ func (m *Registry) Update(name string, fn func(*api.Spec) error) (api.Spec, erro
 		m.warnIdleShares(name, s.QoS)
 	}
 	if err := m.persist(s); err != nil {
-		if v.qos != nil {
-			v.qos.Set(old.QoS)
+		if v.qos != nil && s.QoS != old.QoS {
+			if rerr := v.qos.Set(old.QoS); rerr != nil {
+				// The old limits were valid when set; this cannot
+				// happen, but if it does the stage runs the new ones.
+				m.log.Error("restoring QoS limits after a failed update", "volume", name, "err", rerr)
+			}
 		}
 		return api.Spec{}, fmt.Errorf("update %s: %w", name, err)
 	}
@@ -398,9 +556,9 @@ func (m *Registry) warnIdleShares(name string, l qos.Limits) {
 func (m *Registry) SetAttachment(name string, att *api.Attachment) (api.Spec, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	v, ok := m.vols[name]
-	if !ok {
-		return api.Spec{}, notFound(name)
+	v, err := m.healthyLocked(name)
+	if err != nil {
+		return api.Spec{}, err
 	}
 	s := v.Spec()
 	s.Attachment = att
@@ -411,11 +569,15 @@ func (m *Registry) SetAttachment(name string, att *api.Attachment) (api.Spec, er
 	return s, nil
 }
 
-// AttachedWith returns the volumes recorded as attached with frontend.
+// AttachedWith returns the open volumes recorded as attached with
+// frontend.
 func (m *Registry) AttachedWith(frontend string) []api.Spec {
 	var out []api.Spec
-	for _, s := range m.List() {
-		if s.Attachment != nil && s.Attachment.Frontend == frontend {
+	for _, v := range m.Volumes() {
+		if _, failed := v.Failed(); failed {
+			continue
+		}
+		if s := v.Spec(); s.Attachment != nil && s.Attachment.Frontend == frontend {
 			out = append(out, s)
 		}
 	}
@@ -432,21 +594,22 @@ func (m *Registry) Detached(name string, att *api.Attachment) (api.Spec, error) 
 	return s, nil
 }
 
-// Lookup returns an open volume by name.
+// Lookup returns an open volume by name; failed volumes are not found.
 func (m *Registry) Lookup(name string) (*Volume, bool) {
-	m.mu.RLock()
-	defer m.mu.RUnlock()
-	v, ok := m.vols[name]
-	return v, ok
+	v, err := m.Get(name)
+	return v, err == nil
 }
 
-// Names returns the sorted volume names.
+// Names returns the sorted names of the open volumes (not the failed
+// ones): what the NBD server exports.
 func (m *Registry) Names() []string {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
 	out := make([]string, 0, len(m.vols))
-	for n := range m.vols {
-		out = append(out, n)
+	for n, v := range m.vols {
+		if _, failed := v.Failed(); !failed {
+			out = append(out, n)
+		}
 	}
 	slices.Sort(out)
 	return out
@@ -458,6 +621,9 @@ func (m *Registry) Flush() error {
 	defer m.mu.RUnlock()
 	var errs []error
 	for _, v := range m.vols {
+		if _, failed := v.Failed(); failed {
+			continue
+		}
 		if err := v.flush(); err != nil {
 			errs = append(errs, fmt.Errorf("flush %s: %w", v.name, err))
 		}

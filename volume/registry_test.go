@@ -153,18 +153,6 @@ func TestOrphansRemovedAtStart(t *testing.T) {
 	}
 }
 
-func TestCorruptMetadataIsAnError(t *testing.T) {
-	dir := t.TempDir()
-	m := openTestManager(t, dir)
-	m.Close()
-	if err := os.WriteFile(filepath.Join(dir, "volumes", "bad.json"), []byte("{not json"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Open(Options{Dir: dir, Log: quietLog()}); err == nil || !strings.Contains(err.Error(), "bad.json") {
-		t.Fatalf("corrupt metadata: %v, want an error naming the file", err)
-	}
-}
-
 func TestReadOnlyRefusesWrites(t *testing.T) {
 	m := openTestManager(t, t.TempDir())
 	defer m.Close()

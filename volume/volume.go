@@ -40,8 +40,33 @@ type Volume struct {
 
 	readOnly atomic.Bool // mirrors spec.ReadOnly for the data path
 
-	mu   sync.Mutex // guards spec
-	spec api.Spec
+	// failed, if set, is why the volume could not be opened: it has no
+	// engine and no pipeline, serves no I/O and can only be deleted.
+	failed string
+
+	mu     sync.Mutex // guards spec and reason
+	spec   api.Spec
+	reason string // what the daemon did to the volume at start (SetReason)
+}
+
+// newFailed is the registry entry of a volume that could not be opened.
+func newFailed(s api.Spec, why string) *Volume {
+	return &Volume{name: s.Name, spec: s, failed: why, closed: true}
+}
+
+// Failed returns why the volume could not be opened, and whether it
+// failed.
+func (v *Volume) Failed() (string, bool) { return v.failed, v.failed != "" }
+
+// State returns api.StateOK or api.StateFailed, and the reason the API
+// shows with it.
+func (v *Volume) State() (state, reason string) {
+	if v.failed != "" {
+		return api.StateFailed, v.failed
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return api.StateOK, v.reason
 }
 
 // Name returns the volume's name.
@@ -193,7 +218,12 @@ func overlayData(dst, ext []pipeline.Extent, off int64, data []profile.Range) []
 }
 
 // Size returns the volume's current size in bytes.
-func (v *Volume) Size() int64 { return v.engine.Size() }
+func (v *Volume) Size() int64 {
+	if v.engine == nil {
+		return int64(v.Spec().Size)
+	}
+	return v.engine.Size()
+}
 
 // ReadOnly reports whether writes are refused.
 func (v *Volume) ReadOnly() bool { return v.readOnly.Load() }
@@ -215,14 +245,29 @@ func (v *Volume) MinBlockSize() uint32 { return 1 }
 func (v *Volume) PreferredBlockSize() uint32 { return v.Spec().BlockSize }
 
 // EffectiveProfile returns the io_profile in force for the volume.
-func (v *Volume) EffectiveProfile() profile.Profile { return v.prof.Effective() }
+func (v *Volume) EffectiveProfile() profile.Profile {
+	if v.prof == nil {
+		return profile.Auto
+	}
+	return v.prof.Effective()
+}
 
-// ProfileStats returns the io_profile stage's counters.
-func (v *Volume) ProfileStats() profile.Stats { return v.prof.Stats() }
+// ProfileStats returns the io_profile stage's counters (nil for a failed
+// volume).
+func (v *Volume) ProfileStats() *profile.Stats {
+	if v.prof == nil {
+		return nil
+	}
+	st := v.prof.Stats()
+	return &st
+}
 
 // Allocated returns how many bytes of the backing store hold data, and
 // whether the engine can tell.
 func (v *Volume) Allocated() (int64, bool, error) {
+	if v.engine == nil {
+		return 0, false, nil
+	}
 	f, ok := v.engine.(interface{ Allocated() (int64, error) })
 	if !ok {
 		return 0, false, nil
@@ -248,6 +293,9 @@ func (v *Volume) flush() error {
 // close waits for in-flight requests, makes the data durable and closes the
 // engine. Later requests fail with ErrShutdown.
 func (v *Volume) close() error {
+	if v.failed != "" {
+		return nil // nothing was opened
+	}
 	// Requests waiting in QoS hold the gate: fail them first, or Lock
 	// would wait for their throttle to run out.
 	if v.qos != nil {

@@ -75,6 +75,8 @@ type Daemon struct {
 	probeStop   context.CancelFunc
 	probeDone   chan struct{}
 
+	nbdAddr net.Addr // the TCP listener's address, if any
+
 	wg   sync.WaitGroup // the accept loops
 	errc chan error     // first fatal error of an accept loop
 }
@@ -156,6 +158,7 @@ func (d *Daemon) start() (err error) {
 		if err != nil {
 			return fmt.Errorf("nbd listen: %w", err)
 		}
+		d.nbdAddr = ln.Addr()
 		d.goServe("nbd tcp", func() error { return d.nbd.Serve(ln) })
 		d.log.Info("serving NBD", "addr", ln.Addr().String())
 	}
@@ -203,6 +206,15 @@ func (d *Daemon) goServe(what string, serve func() error) {
 
 // Volumes returns the volume registry.
 func (d *Daemon) Volumes() *volume.Registry { return d.volumes }
+
+// NBDAddr returns the address network NBD clients connect to ("" when
+// TCP is off): the actual port when Config.NBDListen asked for port 0.
+func (d *Daemon) NBDAddr() string {
+	if d.nbdAddr == nil {
+		return ""
+	}
+	return d.nbdAddr.String()
+}
 
 // Err delivers the first failure of an accept loop.
 func (d *Daemon) Err() <-chan error { return d.errc }

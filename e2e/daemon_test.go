@@ -80,6 +80,15 @@ func startDaemon(t *testing.T, dir, nbdAddr string) *daemonProc {
 	}
 }
 
+// stop sends SIGTERM and waits for a clean exit.
+func (d *daemonProc) stop() {
+	d.t.Helper()
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	if err := d.cmd.Wait(); err != nil {
+		d.t.Fatalf("blockd exited with %v after SIGTERM:\n%s", err, d.log)
+	}
+}
+
 func (d *daemonProc) kill9() {
 	d.cmd.Process.Signal(syscall.SIGKILL)
 	d.cmd.Wait()

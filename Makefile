@@ -16,7 +16,7 @@ include $(wildcard mk/*.mk)
 all: build
 
 build:
-	$(GO) build -o $(BIN) ./cmd/blockd
+	$(GO) build -ldflags "-X github.com/blockd/blockd/cli.commit=$$(git rev-parse HEAD 2>/dev/null)$$(git diff --quiet HEAD 2>/dev/null || echo -dirty)" -o $(BIN) ./cmd/blockd
 
 run: build
 	@BIN=$(BIN) STATE=$(STATE) ./scripts/run.sh

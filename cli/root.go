@@ -18,28 +18,34 @@ import (
 	"github.com/blockd/blockd/api"
 )
 
-// version is set at build time (make build: -ldflags -X); commit comes from
-// the build's VCS stamp when it has one.
-var version = "0.1.0-dev"
+// version is the release; commit is set at build time (make build:
+// -ldflags -X), or read from the build's VCS stamp when it has one.
+var (
+	version = "0.1.0-dev"
+	commit  = ""
+)
 
 // Version returns the version and commit of this binary.
-func Version() (ver, commit string) {
-	commit = "unknown"
+func Version() (ver, rev string) {
+	if commit != "" {
+		return version, commit
+	}
+	rev = "unknown"
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		dirty := false
 		for _, s := range bi.Settings {
 			switch s.Key {
 			case "vcs.revision":
-				commit = s.Value
+				rev = s.Value
 			case "vcs.modified":
 				dirty = s.Value == "true"
 			}
 		}
-		if dirty && commit != "unknown" {
-			commit += "-dirty"
+		if dirty && rev != "unknown" {
+			rev += "-dirty"
 		}
 	}
-	return version, commit
+	return version, rev
 }
 
 // usageError marks a command used wrongly (exit code 2).
@@ -137,12 +143,12 @@ func newVersion() *cobra.Command {
 // clientFlags adds --api-socket to a client command.
 func clientFlags(cmd *cobra.Command) *string {
 	return cmd.Flags().String("api-socket", api.DefaultSocket(),
-		"control API socket of the daemon (default $"+api.SocketEnv+", else "+api.DefaultStateDir+"/blockd.sock)")
+		"control API `socket` of the daemon ($"+api.SocketEnv+" sets the default)")
 }
 
 // outputFlag adds -o/--output.
 func outputFlag(cmd *cobra.Command) *string {
-	o := cmd.Flags().StringP("output", "o", "table", "output format: table or json")
+	o := cmd.Flags().StringP("output", "o", "table", "output `format`: table or json")
 	cmd.RegisterFlagCompletionFunc("output", cobra.FixedCompletions([]string{"table", "json"}, cobra.ShellCompDirectiveNoFileComp))
 	return o
 }

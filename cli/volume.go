@@ -48,19 +48,19 @@ func completeVolumes(sock *string) cobra.CompletionFunc {
 	}
 }
 
-var profileUsage = "io_profile: " + joinNames(profile.Names()) + " (see README, io_profiles)"
+var profileUsage = "`io_profile`: " + joinNames(profile.Names()) + " (see README, io_profiles)"
 
 // qosFlags adds one flag per QoS setting; the ones given land in set,
 // keyed by their JSON names.
 func qosFlags(fs *pflag.FlagSet, set map[string]string) {
 	for _, s := range qos.Settings() {
-		fs.Var(&qosValue{set: set, key: s.JSON, flag: s.Flag}, s.Flag, "QoS: "+s.Usage+"; 0 or none clears")
+		fs.Var(&qosValue{set: set, key: s.JSON, flag: s.Flag, unit: s.Unit}, s.Flag, "QoS: "+s.Usage+"; 0 or none clears")
 	}
 }
 
 type qosValue struct {
-	set       map[string]string
-	key, flag string
+	set             map[string]string
+	key, flag, unit string
 }
 
 func (q *qosValue) String() string { return q.set[q.key] }
@@ -115,8 +115,8 @@ func newVolumeCreate() *cobra.Command {
 	}
 	fs := cmd.Flags()
 	sock = clientFlags(cmd)
-	size = fs.String("size", "", "volume size, e.g. 10GiB (required)")
-	engine = fs.String("engine", ioengine.KindFile, "backing store: file (sparse file in the state dir) or memory (RAM; lost when the daemon stops)")
+	size = fs.String("size", "", "volume `size`, e.g. 10GiB (required)")
+	engine = fs.String("engine", ioengine.KindFile, "backing store (`engine`): file (sparse file in the state dir) or memory (RAM; lost when the daemon stops)")
 	prof = fs.String("profile", profile.Auto.String(), profileUsage)
 	ro = fs.Bool("read-only", false, "refuse writes")
 	out = outputFlag(cmd)
@@ -220,7 +220,7 @@ an attached kernel device must be detached first.`,
 		},
 	}
 	sock = clientFlags(cmd)
-	size = cmd.Flags().String("size", "", "new size, larger than the current one, e.g. 20GiB (required)")
+	size = cmd.Flags().String("size", "", "new `size`, larger than the current one, e.g. 20GiB (required)")
 	out = outputFlag(cmd)
 	cmd.ValidArgsFunction = completeVolumes(sock)
 	return cmd

@@ -217,6 +217,7 @@ func FlagNames() []string {
 type Setting struct {
 	Flag  string // CLI flag name: iops-limit
 	JSON  string // API and metadata name: iops_limit
+	Unit  string // what a value counts: iops, bytes/s, seconds, weight
 	Usage string // what it does and the values it takes
 }
 
@@ -225,7 +226,7 @@ type Setting struct {
 func Settings() []Setting {
 	out := make([]Setting, len(fields))
 	for i, f := range fields {
-		out[i] = Setting{Flag: f.flag, JSON: f.json, Usage: f.usage}
+		out[i] = Setting{Flag: f.flag, JSON: f.json, Unit: [...]string{kindCount: "iops", kindSize: "bytes/s", kindFloat: "seconds", kindWeight: "weight"}[f.kind], Usage: f.usage}
 	}
 	return out
 }

@@ -38,6 +38,16 @@ type segment struct {
 // the segments it overlaps after it reached the engine, and a segment
 // that was loading at that moment is dropped when it arrives, so the cache
 // never returns data older than a completed write.
+//
+// Writers skip invalidate while count is 0 (nonEmpty), so a segment must
+// be in segs, and count say so, before a worker starts its engine read:
+// schedule publishes it and only then hands it to a worker. A writer that
+// loaded count 0 after its engine write did so before the segment was
+// published, hence before its read began, and the read sees the write; a
+// writer that loads a later count takes mu in invalidate and finds the
+// segment. Handing the segment over first would leave a moment in which a
+// worker reads the old data, the write completes, the writer sees count 0
+// and the old data becomes valid.
 type cache struct {
 	s   *Stage
 	max int // segments
@@ -50,6 +60,10 @@ type cache struct {
 	quit  bool
 
 	jobs chan *segment
+	// handoff, if set (tests only), runs right after a segment was
+	// handed to a worker, with mu held: it stretches the moment between
+	// the worker starting its engine read and schedule returning.
+	handoff func()
 
 	count      atomic.Int32 // len(segs)
 	prefetched atomic.Uint64
@@ -92,12 +106,17 @@ func (c *cache) schedule(from, to int64) {
 			seg.data = alignedSlice(segSize)
 		}
 		seg.data = seg.data[:min(segSize, size-off)]
+		// Visible before a worker can start reading: see the type's
+		// comment for why writers depend on it.
+		c.segs[off] = seg
+		c.count.Store(int32(len(c.segs)))
 		select {
 		case c.jobs <- seg:
-			c.segs[off] = seg
-			c.count.Store(int32(len(c.segs)))
-		default: // the workers are behind: prefetch less
-			c.free = append(c.free, seg.data[:segSize])
+			if c.handoff != nil {
+				c.handoff()
+			}
+		default: // cannot happen (jobs holds c.max); prefetch less
+			c.dropLocked(seg)
 			return
 		}
 	}

@@ -214,6 +214,7 @@ type Stage struct {
 	cacheDrops atomic.Uint64
 	changeMu   sync.Mutex // serializes OnChange calls and effective changes
 
+	lost    lost // see lost: every FLUSH and FUA write fails once it is set
 	gc      groupCommit
 	wb      writeBack
 	cache   cache
@@ -252,7 +253,7 @@ func initialEffective(p Profile) Profile {
 // and the prefetch workers). Call it once.
 func (s *Stage) Wrap(next pipeline.Handler) pipeline.Handler {
 	s.next = next
-	s.gc.init(next, s.opts.MaxSyncs)
+	s.gc.init(next, s.opts.MaxSyncs, &s.lost)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Add(1)
 	go s.run()
@@ -417,6 +418,10 @@ func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
 	case pipeline.OpFlush:
 		return s.flush(ctx, r, p)
 	case pipeline.OpTrim, pipeline.OpWriteZeroes:
+		fua := r.Flags&pipeline.FlagFUA != 0
+		if err := s.lost.get(); fua && err != nil {
+			return err
+		}
 		if s.wb.nonEmpty() {
 			if err := s.wb.drainIfOverlap(ctx, r.Offset, r.End()); err != nil {
 				return err
@@ -426,6 +431,9 @@ func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
 		s.gc.wrote()
 		if s.cache.nonEmpty() {
 			s.cache.invalidate(r.Offset, r.End())
+		}
+		if fua {
+			return s.lost.durable(err)
 		}
 		return err
 	}
@@ -509,6 +517,9 @@ const maxBuffered = 128 << 10
 
 func (s *Stage) write(ctx context.Context, r *pipeline.Request, p Profile) error {
 	fua := r.Flags&pipeline.FlagFUA != 0
+	if err := s.lost.get(); fua && err != nil {
+		return err // it could not be made durable: refuse it before writing
+	}
 	if p == Sequential && !fua && r.Length <= maxBuffered && !s.opts.InMemory {
 		if r.Offset < 0 || r.End() > s.opts.Size() {
 			return pipeline.ErrOutOfRange
@@ -542,6 +553,9 @@ func (s *Stage) write(ctx context.Context, r *pipeline.Request, p Profile) error
 	}
 	if s.cache.nonEmpty() {
 		s.cache.invalidate(r.Offset, r.End())
+	}
+	if fua {
+		return s.lost.durable(err)
 	}
 	return err
 }
@@ -585,9 +599,15 @@ func (s *Stage) flush(ctx context.Context, r *pipeline.Request, p Profile) error
 		}
 	}
 	s.gc.requests.Add(1)
+	if err := s.lost.get(); err != nil {
+		return err
+	}
 	if p == None {
 		s.gc.syncs.Add(1)
-		return s.next.Handle(ctx, r)
+		if err := s.next.Handle(ctx, r); err != nil {
+			return s.lost.set(err)
+		}
+		return nil
 	}
 	return s.gc.flush(ctx)
 }

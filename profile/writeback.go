@@ -228,8 +228,9 @@ func (w *writeBack) drain(ctx context.Context) error {
 
 // drainLocked writes every extent to the engine, runs of adjacent extents
 // as one write, and empties the buffer. On an engine error the extents not
-// yet written stay buffered (reads keep seeing them) and the error is
-// returned, so the flush that asked for the drain fails.
+// yet written stay buffered (reads keep seeing them), the stage records
+// the loss (see lost) and the error is returned, so the flush that asked
+// for the drain fails, and every later one.
 func (w *writeBack) drainLocked(ctx context.Context) error {
 	if len(w.ext) == 0 {
 		return nil
@@ -260,6 +261,10 @@ func (w *writeBack) drainLocked(ctx context.Context) error {
 		err = w.s.next.Handle(ctx, &w.req)
 		w.s.gc.wrote()
 		if err != nil {
+			// The data stays buffered and is tried again, but it was
+			// acknowledged and the engine refused it: like a failed
+			// flush, no later FLUSH may claim it is safe.
+			w.s.lost.set(err)
 			break
 		}
 		w.drainWrites.Add(1)

@@ -1,9 +1,12 @@
 package profile
 
 import (
+	"context"
 	"errors"
+	"log/slog"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
@@ -94,5 +97,109 @@ func TestLostDurabilitySticks(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// logRecorder is a slog.Handler that passes every record's message and
+// "err" attribute to records, dropping them when it is full.
+type logRecorder struct{ records chan logged }
+
+type logged struct {
+	msg string
+	err error
+}
+
+func newLogRecorder() (*slog.Logger, chan logged) {
+	c := make(chan logged, 64)
+	return slog.New(logRecorder{c}), c
+}
+
+func (l logRecorder) Enabled(context.Context, slog.Level) bool { return true }
+func (l logRecorder) WithAttrs([]slog.Attr) slog.Handler       { return l }
+func (l logRecorder) WithGroup(string) slog.Handler            { return l }
+func (l logRecorder) Handle(_ context.Context, r slog.Record) error {
+	var rec logged
+	rec.msg = r.Message
+	r.Attrs(func(a slog.Attr) bool {
+		if err, ok := a.Value.Any().(error); ok && a.Key == "err" {
+			rec.err = err
+		}
+		return true
+	})
+	select {
+	case l.records <- rec:
+	default:
+	}
+	return nil
+}
+
+// waitLogged waits, at most 5 seconds, for a record whose err is want.
+func waitLogged(t *testing.T, records <-chan logged, want error, what string) {
+	t.Helper()
+	timeout := time.After(5 * time.Second)
+	for {
+		select {
+		case rec := <-records:
+			if errors.Is(rec.err, want) {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("%s was never reported", what)
+		}
+	}
+}
+
+// A write-back drain that no request waits for (the age bound started it)
+// and fails is reported to the logger, and it counts as lost durability:
+// the data had been acknowledged, so a later FLUSH fails even once the
+// engine takes writes again and a retry got the data there.
+func TestBackgroundDrainErrorReported(t *testing.T) {
+	e := newFailing(1 << 20)
+	opts := testOptions(e)
+	log, records := newLogRecorder()
+	opts.Logger = log
+	s := newStaged(t, e, Sequential, opts)
+	e.failWrites.Store(true)
+	if err := s.do(pipeline.OpWrite, 0, make([]byte, 4096), 0, 4096); err != nil {
+		t.Fatal(err) // buffered: the engine is not asked yet
+	}
+	waitLogged(t, records, errInjected, "a failed age-triggered drain")
+	e.failWrites.Store(false)
+	for i := 0; s.stage.Stats().BufferedBytes != 0; i++ {
+		if i == 5000 {
+			t.Fatal("the write-back buffer never drained once the engine took writes again")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := s.Flush(); !errors.Is(err, errInjected) {
+		t.Fatalf("FLUSH after a failed background drain returned %v", err)
+	}
+	if err := s.do(pipeline.OpWrite, pipeline.FlagFUA, make([]byte, 4096), 0, 4096); !errors.Is(err, errInjected) {
+		t.Fatalf("FUA write after a failed background drain returned %v", err)
+	}
+}
+
+// failingDropper is a memory engine with a page-cache write path whose
+// cache drop fails.
+type failingDropper struct{ *ioengine.Memory }
+
+func (d failingDropper) WriteAtCached(p []byte, off int64) (int, error) { return d.WriteAt(p, off) }
+func (d failingDropper) DropCache() error                               { return errInjected }
+
+// A page-cache drop that fails after the volume left db is reported.
+func TestDropCacheErrorReported(t *testing.T) {
+	m, _ := ioengine.NewMemory(1 << 20)
+	e := failingDropper{m}
+	opts := testOptions(e)
+	log, records := newLogRecorder()
+	opts.Logger = log
+	s := newStaged(t, e, DB, opts)
+	if err := s.do(pipeline.OpWrite, 0, make([]byte, 4096), 0, 4096); err != nil {
+		t.Fatal(err)
+	}
+	s.stage.SetProfile(Random)
+	waitLogged(t, records, errInjected, "a failed page-cache drop")
+	if n := s.stage.Stats().PageCacheDrops; n != 0 {
+		t.Errorf("a failed drop was counted as a drop (%d)", n)
 	}
 }

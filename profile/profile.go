@@ -31,6 +31,7 @@ package profile
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -131,6 +132,11 @@ type Options struct {
 	// time it changes (and once from New). It runs on the stage's own
 	// goroutine or in SetProfile, never on the data path.
 	OnChange func(effective Profile)
+	// Logger receives the errors of work no request waits for: a
+	// write-back drain the age bound started, an engine page-cache drop
+	// (default slog.Default(); the daemon passes one that names the
+	// volume).
+	Logger *slog.Logger
 }
 
 func (o *Options) defaults() {
@@ -151,6 +157,9 @@ func (o *Options) defaults() {
 	}
 	if o.MaxSyncs <= 0 {
 		o.MaxSyncs = 1
+	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
 	}
 }
 
@@ -329,13 +338,22 @@ func (s *Stage) run() {
 	t := time.NewTicker(period)
 	defer t.Stop()
 	lastTick := time.Now()
+	drainFailing := false // reported already; the drain retries every tick
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
 		case now := <-t.C:
 			if s.wb.nonEmpty() && (s.Effective() != Sequential || s.wb.age(now) >= s.opts.WriteBackAge) {
-				s.wb.drain(s.ctx) // an error keeps the data buffered; the next flush reports it
+				// A failure keeps the data buffered (reads see it, the
+				// next drain retries) and is recorded as lost (see
+				// lost): every later FLUSH fails. No request waits for
+				// this drain, so the log is the only one to hear of it.
+				err := s.wb.drain(s.ctx)
+				if err != nil && !drainFailing {
+					s.opts.Logger.Error("io_profile: write-back drain failed; FLUSH and FUA writes fail until the volume is reopened", "err", err)
+				}
+				drainFailing = err != nil
 			}
 			if s.Effective() != Sequential && s.cache.nonEmpty() {
 				s.cache.clear()
@@ -363,9 +381,13 @@ func (s *Stage) run() {
 // pageCached again.
 func (s *Stage) dropPageCache() {
 	s.pageCached.Store(false)
-	if s.dropper.DropCache() == nil {
-		s.cacheDrops.Add(1)
+	if err := s.dropper.DropCache(); err != nil {
+		// Nothing is lost (dirty pages are never dropped), but the host
+		// keeps the memory; the next stay in db tries again.
+		s.opts.Logger.Warn("io_profile: dropping the engine page cache after leaving db failed", "err", err)
+		return
 	}
+	s.cacheDrops.Add(1)
 }
 
 func (s *Stage) classify() {

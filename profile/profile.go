@@ -26,6 +26,12 @@
 // cache coherent: a profile change never strands buffered writes or stale
 // prefetched data, because every read consults a non-empty buffer and cache
 // and every write invalidates the cache.
+//
+// The cache and buffer draw their memory from a Budget that the node's
+// stages share: when it is spent a stage prefetches less and writes through
+// instead of buffering, and a stage idle for two seconds gives its memory
+// back. Once an engine flush or a durable write has failed, every FLUSH and
+// FUA write fails, whatever the profile, until the stage is reopened.
 package profile
 
 import (
@@ -132,6 +138,10 @@ type Options struct {
 	// time it changes (and once from New). It runs on the stage's own
 	// goroutine or in SetProfile, never on the data path.
 	OnChange func(effective Profile)
+	// Budget is the node-wide memory the prefetch cache and write-back
+	// buffer draw from, shared by every stage of the node (nil: the
+	// stage's own, with no limit beyond CacheBytes and WriteBackBytes).
+	Budget *Budget
 	// Logger receives the errors of work no request waits for: a
 	// write-back drain the age bound started, an engine page-cache drop
 	// (default slog.Default(); the daemon passes one that names the
@@ -161,7 +171,14 @@ func (o *Options) defaults() {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
+	if o.Budget == nil {
+		o.Budget = NewBudget(0)
+	}
 }
+
+// idleRelease is how long a stage's cache or buffer stays unused before it
+// gives its memory back to the budget and the system.
+const idleRelease = 2 * time.Second
 
 // CachedWriter writes into a volatile cache below the stage that the
 // engine's flush makes durable (ioengine.CachedWriter).
@@ -204,6 +221,8 @@ type Stats struct {
 	// PageCacheDrops counts the engine page caches emptied after the
 	// volume left db.
 	PageCacheDrops uint64 `json:"page_cache_drops"`
+	// MemoryBytes is what the cache and buffer hold from the budget.
+	MemoryBytes int64 `json:"memory_bytes"`
 }
 
 // Stage is one volume's profile stage. It is a pipeline.Handler once Wrap
@@ -244,7 +263,7 @@ func New(p Profile, opts Options) *Stage {
 	s.configured.Store(uint32(p))
 	s.effective.Store(uint32(initialEffective(p)))
 	s.wb.init(s, opts.WriteBackBytes)
-	s.cache.init(s, opts.CacheBytes)
+	s.cache.init(s, opts.CacheBytes, opts.Budget)
 	s.cls.init()
 	s.dropper, _ = opts.Cached.(CacheDropper)
 	return s
@@ -326,6 +345,7 @@ func (s *Stage) Stats() Stats {
 		BufferedBytes:       s.wb.bytes.Load(),
 		Switches:            s.switches.Load(),
 		PageCacheDrops:      s.cacheDrops.Load(),
+		MemoryBytes:         s.cache.memory() + s.wb.memory(),
 	}
 	return st
 }
@@ -358,6 +378,8 @@ func (s *Stage) run() {
 			if s.Effective() != Sequential && s.cache.nonEmpty() {
 				s.cache.clear()
 			}
+			s.cache.idle(now, idleRelease)
+			s.wb.idle(now, idleRelease)
 			if p := s.Effective(); p != DB && p != DBRemote && s.pageCached.Load() {
 				s.dropPageCache()
 			}
@@ -412,7 +434,10 @@ func (s *Stage) Close() error {
 	s.gc.close()
 	s.wg.Wait()
 	err := s.wb.drain(context.Background())
-	s.cache.clear()
+	// The memory goes back to the node's budget even if the drain
+	// failed: the stage is gone, and its buffered data with it.
+	s.wb.releaseAll()
+	s.cache.release(true)
 	return err
 }
 
@@ -546,11 +571,14 @@ func (s *Stage) write(ctx context.Context, r *pipeline.Request, p Profile) error
 		if r.Offset < 0 || r.End() > s.opts.Size() {
 			return pipeline.ErrOutOfRange
 		}
-		err := s.wb.put(ctx, r)
-		if s.cache.nonEmpty() {
-			s.cache.invalidate(r.Offset, r.End())
+		buffered, err := s.wb.put(ctx, r)
+		if buffered {
+			if s.cache.nonEmpty() {
+				s.cache.invalidate(r.Offset, r.End())
+			}
+			return err
 		}
-		return err
+		// The budget has no memory to buffer it: write it through.
 	}
 	if s.wb.nonEmpty() {
 		// A FUA write drains everything before it; any other write only

@@ -71,13 +71,9 @@ type groupCommit struct {
 	gatherOuts atomic.Uint64 // waits the timer ended
 	leading    uint64        // the highest count a running engine flush covers
 	covered    uint64        // the highest count a successful engine flush covers
-	// err is the first engine flush failure. It is sticky: every later
-	// FLUSH fails too. A failed fdatasync means writes that completed
-	// before it (page-cache writes above all, whose own calls succeeded)
-	// may be lost, and the kernel reports that to one fdatasync only; a
-	// later flush that succeeded would prove nothing about them, and every
-	// later FLUSH covers them.
-	err      error
+	// lost is the stage's: an engine flush failure is recorded there,
+	// and once anything is recorded every flush fails with it (see lost).
+	lost     *lost
 	maxSyncs int
 	reqs     []pipeline.Request // one per slot
 	counts   []uint64           // the count each running slot covers
@@ -87,8 +83,9 @@ type groupCommit struct {
 	syncs    atomic.Uint64
 }
 
-func (g *groupCommit) init(next pipeline.Handler, maxSyncs int) {
+func (g *groupCommit) init(next pipeline.Handler, maxSyncs int, l *lost) {
 	g.next = next
+	g.lost = l
 	g.writes.Store(1)
 	g.maxSyncs = max(1, maxSyncs)
 	g.reqs = make([]pipeline.Request, g.maxSyncs)
@@ -122,7 +119,8 @@ func (g *groupCommit) wrote() { g.writes.Add(1) }
 
 // flush returns when every write that completed before the call is
 // durable: an engine flush that started after the last of them completed
-// has finished. Once an engine flush has failed, it returns that error.
+// has finished. Once the stage has lost durability (an engine flush
+// failed, among others), it returns that error.
 func (g *groupCommit) flush(ctx context.Context) error {
 	w := g.writes.Load()
 	g.mu.Lock()
@@ -133,7 +131,7 @@ func (g *groupCommit) flush(ctx context.Context) error {
 			g.gatherCond.Signal()
 		}
 	}
-	for g.covered < w && g.err == nil {
+	for g.covered < w && g.lost.get() == nil {
 		if g.leading >= w || g.running >= g.maxSyncs || g.gathering {
 			g.cond.Wait() // a running flush covers w, the slots are full, or a leader gathers
 			continue
@@ -143,7 +141,7 @@ func (g *groupCommit) flush(ctx context.Context) error {
 		}
 		g.leadLocked(ctx)
 	}
-	err := g.err
+	err := g.lost.get()
 	g.inside--
 	g.mu.Unlock()
 	return err
@@ -156,7 +154,7 @@ func (g *groupCommit) gatherLocked() {
 	wait := min(g.lastSync, g.gatherMax)
 	deadline := time.Now().Add(wait)
 	g.gatherWake.Reset(wait)
-	for g.waitNext < g.crowd && g.err == nil {
+	for g.waitNext < g.crowd && g.lost.get() == nil {
 		if !time.Now().Before(deadline) {
 			g.gatherOuts.Add(1)
 			break
@@ -198,9 +196,7 @@ func (g *groupCommit) leadLocked(ctx context.Context) {
 		g.crowd = g.batch + g.waitNext
 	}
 	if err != nil {
-		if g.err == nil {
-			g.err = err
-		}
+		g.lost.set(err)
 	} else {
 		g.covered = max(g.covered, count)
 	}

@@ -26,11 +26,18 @@
 // cache coherent: a profile change never strands buffered writes or stale
 // prefetched data, because every read consults a non-empty buffer and cache
 // and every write invalidates the cache.
+//
+// The cache and buffer draw their memory from a Budget that the node's
+// stages share: when it is spent a stage prefetches less and writes through
+// instead of buffering, and a stage idle for two seconds gives its memory
+// back. Once an engine flush or a durable write has failed, every FLUSH and
+// FUA write fails, whatever the profile, until the stage is reopened.
 package profile
 
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -131,6 +138,15 @@ type Options struct {
 	// time it changes (and once from New). It runs on the stage's own
 	// goroutine or in SetProfile, never on the data path.
 	OnChange func(effective Profile)
+	// Budget is the node-wide memory the prefetch cache and write-back
+	// buffer draw from, shared by every stage of the node (nil: the
+	// stage's own, with no limit beyond CacheBytes and WriteBackBytes).
+	Budget *Budget
+	// Logger receives the errors of work no request waits for: a
+	// write-back drain the age bound started, an engine page-cache drop
+	// (default slog.Default(); the daemon passes one that names the
+	// volume).
+	Logger *slog.Logger
 }
 
 func (o *Options) defaults() {
@@ -152,7 +168,17 @@ func (o *Options) defaults() {
 	if o.MaxSyncs <= 0 {
 		o.MaxSyncs = 1
 	}
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.Budget == nil {
+		o.Budget = NewBudget(0)
+	}
 }
+
+// idleRelease is how long a stage's cache or buffer stays unused before it
+// gives its memory back to the budget and the system.
+const idleRelease = 2 * time.Second
 
 // CachedWriter writes into a volatile cache below the stage that the
 // engine's flush makes durable (ioengine.CachedWriter).
@@ -195,6 +221,8 @@ type Stats struct {
 	// PageCacheDrops counts the engine page caches emptied after the
 	// volume left db.
 	PageCacheDrops uint64 `json:"page_cache_drops"`
+	// MemoryBytes is what the cache and buffer hold from the budget.
+	MemoryBytes int64 `json:"memory_bytes"`
 }
 
 // Stage is one volume's profile stage. It is a pipeline.Handler once Wrap
@@ -214,6 +242,7 @@ type Stage struct {
 	cacheDrops atomic.Uint64
 	changeMu   sync.Mutex // serializes OnChange calls and effective changes
 
+	lost    lost // see lost: every FLUSH and FUA write fails once it is set
 	gc      groupCommit
 	wb      writeBack
 	cache   cache
@@ -234,7 +263,7 @@ func New(p Profile, opts Options) *Stage {
 	s.configured.Store(uint32(p))
 	s.effective.Store(uint32(initialEffective(p)))
 	s.wb.init(s, opts.WriteBackBytes)
-	s.cache.init(s, opts.CacheBytes)
+	s.cache.init(s, opts.CacheBytes, opts.Budget)
 	s.cls.init()
 	s.dropper, _ = opts.Cached.(CacheDropper)
 	return s
@@ -252,7 +281,7 @@ func initialEffective(p Profile) Profile {
 // and the prefetch workers). Call it once.
 func (s *Stage) Wrap(next pipeline.Handler) pipeline.Handler {
 	s.next = next
-	s.gc.init(next, s.opts.MaxSyncs)
+	s.gc.init(next, s.opts.MaxSyncs, &s.lost)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.wg.Add(1)
 	go s.run()
@@ -316,6 +345,7 @@ func (s *Stage) Stats() Stats {
 		BufferedBytes:       s.wb.bytes.Load(),
 		Switches:            s.switches.Load(),
 		PageCacheDrops:      s.cacheDrops.Load(),
+		MemoryBytes:         s.cache.memory() + s.wb.memory(),
 	}
 	return st
 }
@@ -328,17 +358,28 @@ func (s *Stage) run() {
 	t := time.NewTicker(period)
 	defer t.Stop()
 	lastTick := time.Now()
+	drainFailing := false // reported already; the drain retries every tick
 	for {
 		select {
 		case <-s.ctx.Done():
 			return
 		case now := <-t.C:
 			if s.wb.nonEmpty() && (s.Effective() != Sequential || s.wb.age(now) >= s.opts.WriteBackAge) {
-				s.wb.drain(s.ctx) // an error keeps the data buffered; the next flush reports it
+				// A failure keeps the data buffered (reads see it, the
+				// next drain retries) and is recorded as lost (see
+				// lost): every later FLUSH fails. No request waits for
+				// this drain, so the log is the only one to hear of it.
+				err := s.wb.drain(s.ctx)
+				if err != nil && !drainFailing {
+					s.opts.Logger.Error("io_profile: write-back drain failed; FLUSH and FUA writes fail until the volume is reopened", "err", err)
+				}
+				drainFailing = err != nil
 			}
 			if s.Effective() != Sequential && s.cache.nonEmpty() {
 				s.cache.clear()
 			}
+			s.cache.idle(now, idleRelease)
+			s.wb.idle(now, idleRelease)
 			if p := s.Effective(); p != DB && p != DBRemote && s.pageCached.Load() {
 				s.dropPageCache()
 			}
@@ -362,9 +403,13 @@ func (s *Stage) run() {
 // pageCached again.
 func (s *Stage) dropPageCache() {
 	s.pageCached.Store(false)
-	if s.dropper.DropCache() == nil {
-		s.cacheDrops.Add(1)
+	if err := s.dropper.DropCache(); err != nil {
+		// Nothing is lost (dirty pages are never dropped), but the host
+		// keeps the memory; the next stay in db tries again.
+		s.opts.Logger.Warn("io_profile: dropping the engine page cache after leaving db failed", "err", err)
+		return
 	}
+	s.cacheDrops.Add(1)
 }
 
 func (s *Stage) classify() {
@@ -389,7 +434,10 @@ func (s *Stage) Close() error {
 	s.gc.close()
 	s.wg.Wait()
 	err := s.wb.drain(context.Background())
-	s.cache.clear()
+	// The memory goes back to the node's budget even if the drain
+	// failed: the stage is gone, and its buffered data with it.
+	s.wb.releaseAll()
+	s.cache.release(true)
 	return err
 }
 
@@ -417,6 +465,10 @@ func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
 	case pipeline.OpFlush:
 		return s.flush(ctx, r, p)
 	case pipeline.OpTrim, pipeline.OpWriteZeroes:
+		fua := r.Flags&pipeline.FlagFUA != 0
+		if err := s.lost.get(); fua && err != nil {
+			return err
+		}
 		if s.wb.nonEmpty() {
 			if err := s.wb.drainIfOverlap(ctx, r.Offset, r.End()); err != nil {
 				return err
@@ -426,6 +478,9 @@ func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
 		s.gc.wrote()
 		if s.cache.nonEmpty() {
 			s.cache.invalidate(r.Offset, r.End())
+		}
+		if fua {
+			return s.lost.durable(err)
 		}
 		return err
 	}
@@ -509,15 +564,21 @@ const maxBuffered = 128 << 10
 
 func (s *Stage) write(ctx context.Context, r *pipeline.Request, p Profile) error {
 	fua := r.Flags&pipeline.FlagFUA != 0
+	if err := s.lost.get(); fua && err != nil {
+		return err // it could not be made durable: refuse it before writing
+	}
 	if p == Sequential && !fua && r.Length <= maxBuffered && !s.opts.InMemory {
 		if r.Offset < 0 || r.End() > s.opts.Size() {
 			return pipeline.ErrOutOfRange
 		}
-		err := s.wb.put(ctx, r)
-		if s.cache.nonEmpty() {
-			s.cache.invalidate(r.Offset, r.End())
+		buffered, err := s.wb.put(ctx, r)
+		if buffered {
+			if s.cache.nonEmpty() {
+				s.cache.invalidate(r.Offset, r.End())
+			}
+			return err
 		}
-		return err
+		// The budget has no memory to buffer it: write it through.
 	}
 	if s.wb.nonEmpty() {
 		// A FUA write drains everything before it; any other write only
@@ -542,6 +603,9 @@ func (s *Stage) write(ctx context.Context, r *pipeline.Request, p Profile) error
 	}
 	if s.cache.nonEmpty() {
 		s.cache.invalidate(r.Offset, r.End())
+	}
+	if fua {
+		return s.lost.durable(err)
 	}
 	return err
 }
@@ -585,9 +649,15 @@ func (s *Stage) flush(ctx context.Context, r *pipeline.Request, p Profile) error
 		}
 	}
 	s.gc.requests.Add(1)
+	if err := s.lost.get(); err != nil {
+		return err
+	}
 	if p == None {
 		s.gc.syncs.Add(1)
-		return s.next.Handle(ctx, r)
+		if err := s.next.Handle(ctx, r); err != nil {
+			return s.lost.set(err)
+		}
+		return nil
 	}
 	return s.gc.flush(ctx)
 }

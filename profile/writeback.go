@@ -6,7 +6,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-	"unsafe"
 
 	"github.com/blockd/blockd/pipeline"
 )
@@ -16,7 +15,6 @@ import (
 const (
 	slabSize = 128 << 10
 	drainMax = 1 << 20
-	align    = 4096
 )
 
 // extent is buffered data for [off, off+len(buf)). Extents never overlap
@@ -37,22 +35,33 @@ func (e *extent) end() int64 { return e.off + int64(len(e.buf)) }
 // whole of a drain (so no read sees the window where an extent left the
 // buffer but its engine write has not finished), and shared by a read that
 // overlaps the buffer while it reads the base data and overlays.
+//
+// Slabs and the merge buffer come from the stage's budget. A write the
+// budget has no slab for is not buffered: the stage writes it through.
+// Drained slabs wait in free for reuse until the buffer has been idle for
+// a while (idle) or the stage closes (release).
 type writeBack struct {
 	s     *Stage
 	limit int // extents (slabs) at most
 
-	mu      sync.RWMutex
-	ext     []extent
-	free    [][]byte // slabs to reuse
-	oldest  time.Time
-	req     pipeline.Request // the drain's engine write
-	merge   []byte           // aligned drainMax buffer that joins adjacent extents
-	lastErr error
+	mu     sync.RWMutex
+	ext    []extent
+	free   [][]byte // slabs to reuse
+	oldest time.Time
+	req    pipeline.Request // the drain's engine write
+	merge  []byte           // drainMax buffer that joins adjacent extents, or nil
 
 	count       atomic.Int32 // len(ext), read without the lock
+	slabs       atomic.Int32 // slabs held: in ext or free
+	merging     atomic.Bool  // merge is held
 	bytes       atomic.Int64
 	buffered    atomic.Uint64
 	drainWrites atomic.Uint64
+
+	// The ticker's (idle): buffered+drainWrites when it last changed,
+	// and when.
+	seen     uint64
+	activeAt time.Time
 }
 
 func (w *writeBack) init(s *Stage, limit int64) {
@@ -71,21 +80,30 @@ func (w *writeBack) age(now time.Time) time.Duration {
 	return now.Sub(w.oldest)
 }
 
-// alignedSlice returns an n-byte slice whose start is 4 KiB aligned, so
-// that extents go to an O_DIRECT engine without a bounce.
-func alignedSlice(n int) []byte {
-	raw := make([]byte, n+align)
-	skip := int((align - uintptr(unsafe.Pointer(&raw[0]))%align) % align)
-	return raw[skip : skip+n : skip+n]
-}
-
+// slab returns an empty slab: a free one, or a new one from the budget;
+// nil when the budget is spent.
 func (w *writeBack) slab() []byte {
 	if n := len(w.free); n > 0 {
 		b := w.free[n-1]
+		w.free[n-1] = nil
 		w.free = w.free[:n-1]
 		return b[:0]
 	}
-	return alignedSlice(slabSize)[:0]
+	if b := w.s.opts.Budget.alloc(slabSize); b != nil {
+		w.slabs.Add(1)
+		return b[:0]
+	}
+	return nil
+}
+
+// recycle keeps a drained slab for reuse, or gives it back.
+func (w *writeBack) recycle(b []byte) {
+	if len(w.free) < w.limit {
+		w.free = append(w.free, b[:0])
+		return
+	}
+	w.s.opts.Budget.free(b)
+	w.slabs.Add(-1)
 }
 
 // find returns the index of the first extent that ends after off.
@@ -99,12 +117,26 @@ func (w *writeBack) find(off int64) int {
 	return i
 }
 
-// put buffers a write. Overlapped buffered bytes are overwritten in place;
-// the rest extends the extent that ends where it starts or goes into new
-// extents.
-func (w *writeBack) put(ctx context.Context, r *pipeline.Request) error {
+// put buffers a write of at most slabSize bytes. Overlapped buffered bytes
+// are overwritten in place; the rest extends the extent that ends where it
+// starts or goes into new extents. It reports false, buffering nothing, if
+// the budget has no slab for it: the caller writes it through.
+//
+// Such a write needs at most one new slab, so put secures one before it
+// changes anything. Only the gap at the start of the write (or after the
+// extent the write starts in) can lack room: an extent that lies wholly
+// inside the write is at most slabSize minus the gap after it long, so it
+// has room for that gap.
+func (w *writeBack) put(ctx context.Context, r *pipeline.Request) (bool, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	if len(w.free) == 0 {
+		b := w.slab()
+		if b == nil {
+			return false, nil
+		}
+		w.free = append(w.free, b)
+	}
 	if len(w.ext) == 0 {
 		w.oldest = time.Now()
 	}
@@ -133,7 +165,14 @@ func (w *writeBack) put(ctx context.Context, r *pipeline.Request) error {
 			}
 		}
 		n := min(gap, slabSize)
-		w.ext = slices.Insert(w.ext, i, extent{off: pos, buf: append(w.slab(), p[:n]...)})
+		b := w.slab()
+		if b == nil {
+			// Cannot happen (see above); if it did, the budget would
+			// run over by a slab rather than the write fail half done.
+			b = w.s.opts.Budget.allocOver(slabSize)[:0]
+			w.slabs.Add(1)
+		}
+		w.ext = slices.Insert(w.ext, i, extent{off: pos, buf: append(b, p[:n]...)})
 		w.count.Store(int32(len(w.ext)))
 		w.bytes.Add(int64(n))
 		p, pos = p[n:], pos+int64(n)
@@ -141,9 +180,9 @@ func (w *writeBack) put(ctx context.Context, r *pipeline.Request) error {
 	}
 	w.buffered.Add(1)
 	if len(w.ext) > w.limit {
-		return w.drainLocked(ctx)
+		return true, w.drainLocked(ctx)
 	}
-	return nil
+	return true, nil
 }
 
 // read serves r if it overlaps the buffer: the base data (cache or
@@ -205,7 +244,8 @@ func (w *writeBack) hasRoom(off, end int64) bool {
 		return false
 	}
 	defer w.mu.RUnlock()
-	return len(w.ext)+int((end-off+slabSize-1)/slabSize) <= w.limit
+	return len(w.ext)+int((end-off+slabSize-1)/slabSize) <= w.limit &&
+		(len(w.free) > 0 || w.s.opts.Budget.room(slabSize))
 }
 
 // drainIfOverlap drains the buffer if any of it overlaps [off, end).
@@ -228,8 +268,9 @@ func (w *writeBack) drain(ctx context.Context) error {
 
 // drainLocked writes every extent to the engine, runs of adjacent extents
 // as one write, and empties the buffer. On an engine error the extents not
-// yet written stay buffered (reads keep seeing them) and the error is
-// returned, so the flush that asked for the drain fails.
+// yet written stay buffered (reads keep seeing them), the stage records
+// the loss (see lost) and the error is returned, so the flush that asked
+// for the drain fails, and every later one.
 func (w *writeBack) drainLocked(ctx context.Context) error {
 	if len(w.ext) == 0 {
 		return nil
@@ -237,19 +278,24 @@ func (w *writeBack) drainLocked(ctx context.Context) error {
 	written := 0
 	var err error
 	for written < len(w.ext) {
-		// A run of adjacent extents, at most drainMax bytes.
+		// A run of adjacent extents, at most drainMax bytes, if the
+		// budget has room for the buffer that joins them.
 		j := written + 1
 		size := len(w.ext[written].buf)
 		for j < len(w.ext) && w.ext[j].off == w.ext[j-1].end() && size+len(w.ext[j].buf) <= drainMax {
 			size += len(w.ext[j].buf)
 			j++
 		}
+		if j-written > 1 && w.merge == nil {
+			if w.merge = w.s.opts.Budget.alloc(drainMax); w.merge == nil {
+				j = written + 1
+			} else {
+				w.merging.Store(true)
+			}
+		}
 		off := w.ext[written].off
 		buf := w.ext[written].buf
 		if j-written > 1 {
-			if w.merge == nil {
-				w.merge = alignedSlice(drainMax)
-			}
 			n := 0
 			for _, e := range w.ext[written:j] {
 				n += copy(w.merge[n:], e.buf)
@@ -260,6 +306,10 @@ func (w *writeBack) drainLocked(ctx context.Context) error {
 		err = w.s.next.Handle(ctx, &w.req)
 		w.s.gc.wrote()
 		if err != nil {
+			// The data stays buffered and is tried again, but it was
+			// acknowledged and the engine refused it: like a failed
+			// flush, no later FLUSH may claim it is safe.
+			w.s.lost.set(err)
 			break
 		}
 		w.drainWrites.Add(1)
@@ -268,9 +318,7 @@ func (w *writeBack) drainLocked(ctx context.Context) error {
 		}
 		for _, e := range w.ext[written:j] {
 			w.bytes.Add(-int64(len(e.buf)))
-			if len(w.free) < w.limit {
-				w.free = append(w.free, e.buf[:0])
-			}
+			w.recycle(e.buf)
 		}
 		written = j
 	}
@@ -282,4 +330,64 @@ func (w *writeBack) drainLocked(ctx context.Context) error {
 		w.oldest = time.Now()
 	}
 	return err
+}
+
+// idle runs on the ticker: once the buffer is empty and nothing was put
+// or drained for after, it gives its memory back (release).
+func (w *writeBack) idle(now time.Time, after time.Duration) {
+	if n := w.buffered.Load() + w.drainWrites.Load(); n != w.seen || w.activeAt.IsZero() {
+		w.seen, w.activeAt = n, now
+		return
+	}
+	if (w.slabs.Load() > 0 || w.merging.Load()) && !w.nonEmpty() && now.Sub(w.activeAt) >= after {
+		w.release()
+	}
+}
+
+// release unmaps the free slabs and the merge buffer, giving their memory
+// back to the budget and the system. Buffered data keeps its slabs: only
+// Close, once its drain failed, gives those up too (releaseAll).
+func (w *writeBack) release() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.releaseLocked()
+}
+
+func (w *writeBack) releaseLocked() {
+	for _, b := range w.free {
+		w.s.opts.Budget.free(b)
+		w.slabs.Add(-1)
+	}
+	clear(w.free)
+	w.free = w.free[:0]
+	if w.merge != nil {
+		w.s.opts.Budget.free(w.merge)
+		w.merge = nil
+		w.merging.Store(false)
+	}
+}
+
+// releaseAll gives back everything, buffered data included: the stage is
+// closing and its final drain has run.
+func (w *writeBack) releaseAll() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, e := range w.ext {
+		w.bytes.Add(-int64(len(e.buf)))
+		w.s.opts.Budget.free(e.buf)
+		w.slabs.Add(-1)
+	}
+	clear(w.ext)
+	w.ext = w.ext[:0]
+	w.count.Store(0)
+	w.releaseLocked()
+}
+
+// memory returns the bytes the buffer holds from the budget.
+func (w *writeBack) memory() int64 {
+	n := int64(w.slabs.Load()) * slabSize
+	if w.merging.Load() {
+		n += drainMax
+	}
+	return n
 }

@@ -21,12 +21,12 @@ import (
 
 func newServe() *cobra.Command {
 	var (
-		cfg                         daemon.Config
-		qosIOPS, qosBPS             string
-		qosOn                       bool
-		probes, logFormat, logLevel string
-		shutdownTimeout             time.Duration
-		procs                       int
+		cfg                          daemon.Config
+		qosIOPS, qosBPS, cacheMemory string
+		qosOn                        bool
+		probes, logFormat, logLevel  string
+		shutdownTimeout              time.Duration
+		procs                        int
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -50,6 +50,18 @@ devices stay attached for the next daemon.`,
 			}
 			if cfg.QoSCapacity.BPS, err = units.ParseRate(qosBPS); err != nil {
 				return usagef("--qos-capacity-bps: %v", err)
+			}
+			switch cacheMemory {
+			case "auto":
+			case "none":
+				cfg.CacheMemory = -1
+			default:
+				if cfg.CacheMemory, err = units.ParseSize(cacheMemory); err != nil {
+					return usagef("--cache-memory: %v", err)
+				}
+				if cfg.CacheMemory == 0 {
+					cfg.CacheMemory = -1
+				}
 			}
 			if cfg.Logger, err = newLogger(cmd.ErrOrStderr(), logFormat, logLevel); err != nil {
 				return err
@@ -87,6 +99,8 @@ devices stay attached for the next daemon.`,
 	fs.DurationVar(&cfg.Kernel.DeadConnTimeout, "nbd-dead-conn-timeout", 2*time.Minute, "how long kernel nbd devices hold I/O while blockd restarts (e.g. 2m)")
 	fs.StringVar(&qosIOPS, "qos-capacity-iops", "0", "node requests per second (`iops`) that QoS reservations and weights divide, e.g. 50k (0: unlimited, then only caps act)")
 	fs.StringVar(&qosBPS, "qos-capacity-bps", "0", "node bytes per second (`rate`) that QoS reservations and weights divide, e.g. 2GiB (0: unlimited)")
+	fs.StringVar(&cacheMemory, "cache-memory", "auto", "memory all volumes' prefetch caches and write-back buffers share, e.g. 1GiB "+
+		"(`size`; auto: a sixteenth of RAM, 64MiB to 1GiB; none: no limit); idle volumes give theirs back within seconds")
 	fs.BoolVar(&qosOn, "qos", true, "apply per-volume QoS (--qos=false removes the stage)")
 	fs.StringVar(&probes, "probes", "on", "per-pod block I/O accounting with eBPF: on or off (without BPF permission the daemon logs why and runs without)")
 	fs.StringVar(&cfg.ProbeDevices, "probe-devices", daemon.ProbeDevicesOurs, "devices the probes account: ours (attached volumes) or all")

@@ -31,6 +31,7 @@ import (
 	"github.com/blockd/blockd/probe"
 	"github.com/blockd/blockd/profile"
 	"github.com/blockd/blockd/qos"
+	"github.com/blockd/blockd/units"
 	"github.com/blockd/blockd/volume"
 )
 
@@ -52,7 +53,10 @@ type Config struct {
 	ProbeDevices  string       // ProbeDevicesOurs (default) or ProbeDevicesAll
 	QoSDisabled   bool         // no QoS stage at all
 	QoSCapacity   qos.Capacity // what reservations and weights divide
-	Logger        *slog.Logger
+	// CacheMemory bounds the memory of every volume's prefetch cache and
+	// write-back buffer together (0: DefaultCacheMemory; < 0: no limit).
+	CacheMemory int64
+	Logger      *slog.Logger
 }
 
 // Daemon is a running blockd: subsystems start in the order of the fields
@@ -93,6 +97,9 @@ func Start(cfg Config) (*Daemon, error) {
 	if cfg.APISocket == "" {
 		cfg.APISocket = filepath.Join(cfg.StateDir, "blockd.sock")
 	}
+	if cfg.CacheMemory == 0 {
+		cfg.CacheMemory = DefaultCacheMemory()
+	}
 	if cfg.ProbeDevices == "" {
 		cfg.ProbeDevices = ProbeDevicesOurs
 	}
@@ -125,7 +132,10 @@ func (d *Daemon) start() (err error) {
 		}
 		d.reg.MustRegister(metrics.QoS(d.qos))
 	}
-	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos}
+	budget := profile.NewBudget(max(cfg.CacheMemory, 0))
+	d.reg.MustRegister(metrics.CacheBudget(budget))
+	d.log.Info("cache memory", "limit", limitText(budget.Stats().Limit))
+	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos, CacheBudget: budget}
 	// Volumes open before the kernel frontends exist (those need the
 	// volumes); a profile change reaches the devices once they do.
 	volOpts.OnProfileChange = func(vol string, eff profile.Profile) {
@@ -261,6 +271,27 @@ func (d *Daemon) stop(ctx context.Context) error {
 		d.lock.Close()
 	}
 	return errors.Join(errs...)
+}
+
+// DefaultCacheMemory is the cache memory budget of a daemon that names
+// none: a sixteenth of the machine's RAM, between 64 MiB and 1 GiB. A
+// streaming volume wants up to 40 MiB (32 MiB prefetch, 8 MiB write-back),
+// so a gigabyte keeps two dozen streams at full speed; past that they
+// share, and no number of volumes grows the daemon beyond it.
+func DefaultCacheMemory() int64 {
+	var si unix.Sysinfo_t
+	if err := unix.Sysinfo(&si); err != nil {
+		return 256 << 20
+	}
+	ram := int64(si.Totalram) * int64(si.Unit)
+	return min(max(ram/16, 64<<20), 1<<30)
+}
+
+func limitText(n int64) string {
+	if n == 0 {
+		return "none"
+	}
+	return units.FormatSize(n)
 }
 
 // lockStateDir takes an exclusive flock so two daemons never share a state

@@ -10,3 +10,11 @@ APT_PACKAGES += fio qemu-utils
 .PHONY: bench-profile
 bench-profile: build
 	$(GO) run ./bench/profile -blockd $(BIN) -dir $(BENCH_DIR) -runtime $(BENCH_RUNTIME) -phase $(BENCH_RUNTIME)
+
+# `make bench-memory`: RSS of one daemon with MEMORY_BENCH_VOLUMES sequential
+# volumes read at once, against its --cache-memory budget (see bench/memory).
+MEMORY_BENCH_VOLUMES ?= 200
+MEMORY_BENCH_BUDGET ?= 256MiB
+.PHONY: bench-memory
+bench-memory: build
+	$(GO) run ./bench/memory -blockd $(BIN) -dir $(BENCH_DIR) -volumes $(MEMORY_BENCH_VOLUMES) -budget $(MEMORY_BENCH_BUDGET)

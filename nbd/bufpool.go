@@ -6,14 +6,16 @@ import (
 )
 
 // Payload buffers come in power-of-two size classes from 4 KiB to 64 MiB.
-// A request slot keeps a buffer of a small class across requests (so the
+// A request slot keeps a buffer of up to 16 KiB across requests (so the
 // steady state of small I/O never touches a pool); buffers of larger classes
-// go back to a shared sync.Pool after every request so that a burst of big
-// requests does not pin memory per slot.
+// go back to a shared sync.Pool after every request, so that the memory of
+// a node with hundreds of connections follows the I/O in flight, not the
+// largest request each slot ever saw (a sync.Pool empties over two garbage
+// collections when idle).
 const (
 	minClassShift = 12 // 4 KiB
 	maxClassShift = 26 // 64 MiB: the largest MaxPayload accepted
-	keepClass     = 17 - minClassShift
+	keepClass     = 14 - minClassShift
 	numClasses    = maxClassShift - minClassShift + 1
 )
 

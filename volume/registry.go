@@ -40,6 +40,9 @@ type Options struct {
 	Metrics Metrics
 	// QoS, if set, puts a QoS stage in every pipeline.
 	QoS *qos.Node
+	// CacheBudget is the node-wide memory the io_profile stages' prefetch
+	// caches and write-back buffers share (nil: no node limit).
+	CacheBudget *profile.Budget
 	// OnProfileChange, if set, is called when a volume's effective
 	// io_profile changes (and once when it opens), on the profile stage's
 	// goroutine or in Update; never on the data path. The kernel attach
@@ -255,7 +258,8 @@ func (m *Registry) newProfileStage(v *Volume, s api.Spec, e ioengine.Engine) *pr
 	}
 	// A memory engine is as fast as the stage's cache and buffer: they
 	// would only add a copy per request.
-	opts := profile.Options{Size: e.Size, InMemory: s.Engine == ioengine.KindMemory}
+	opts := profile.Options{Size: e.Size, InMemory: s.Engine == ioengine.KindMemory,
+		Budget: m.opts.CacheBudget, Logger: m.log.With("volume", s.Name)}
 	if c, ok := e.(ioengine.CachedWriter); ok {
 		opts.Cached = c // db writes through the page cache
 	}

@@ -63,6 +63,70 @@ type Spec struct {
 	// Attachment is set while the volume is a kernel block device; a
 	// create ignores it.
 	Attachment *Attachment `json:"attachment,omitempty"`
+	// Repl is the number of copies of the volume's data, this node's
+	// included: 1 (the default) to 3.
+	Repl int `json:"repl,omitempty"`
+	// Nodes, in a create, names the nodes that hold the other copies
+	// (default: the peers with the most free space).
+	Nodes []string `json:"nodes,omitempty"`
+	// Replication is the state of a replicated volume (Repl > 1) and of
+	// a replica, as this node knows it; the daemon sets it.
+	Replication *Replication `json:"replication,omitempty"`
+}
+
+// Roles of a node for a replicated volume.
+const (
+	RoleOwner   = "owner"   // serves the frontends and sends every write to the replicas
+	RoleReplica = "replica" // holds a copy; serves no frontend
+)
+
+// Replication is a replicated volume's state as one node knows it. The
+// owner persists it before it acknowledges any write that a change of the
+// in-sync set affects; a replica persists the highest epoch it has seen
+// before it answers.
+type Replication struct {
+	Role  string `json:"role"`
+	Owner string `json:"owner"`
+	// Epoch is the owner's term: it only grows, and a replica refuses
+	// messages of a lower one.
+	Epoch uint64 `json:"epoch"`
+	// Generation changes whenever the in-sync set does; a replica that
+	// holds the newest generation has every acknowledged write.
+	Generation uint64 `json:"generation"`
+	// Replicas are the other copies: on the owner with their membership
+	// of the in-sync set, on a replica as the owner last told it.
+	Replicas []Replica `json:"replicas"`
+}
+
+// Replica is one copy of a replicated volume, other than the owner's.
+type Replica struct {
+	Node   string `json:"node"`
+	InSync bool   `json:"in_sync"`
+	// Compare: the copy's history is unknown (a new node, a lost
+	// bitmap, an owner crash with writes in flight), so its resync
+	// compares region checksums instead of trusting a bitmap.
+	Compare bool `json:"compare,omitempty"`
+}
+
+// Replica states in ReplicaStatus.
+const (
+	ReplicaInSync      = "in-sync"     // receives every write; acknowledged writes are on it
+	ReplicaResyncing   = "resyncing"   // receives every write and the regions it missed
+	ReplicaOutOfSync   = "out-of-sync" // reachable but behind, waiting for a resync
+	ReplicaUnreachable = "unreachable" // not answering; its missed regions are recorded
+)
+
+// ReplicaStatus is a copy's live state on the owner.
+type ReplicaStatus struct {
+	Node  string `json:"node"`
+	State string `json:"state"`
+	// Resync progress: regions left of the regions to copy, bytes left,
+	// the rate of the last seconds and the time left at that rate.
+	ResyncPercent float64 `json:"resync_percent,omitempty"`
+	BytesLeft     int64   `json:"bytes_left,omitempty"`
+	RateBytes     int64   `json:"rate_bytes_per_second,omitempty"`
+	ETASeconds    float64 `json:"eta_seconds,omitempty"`
+	LastError     string  `json:"last_error,omitempty"`
 }
 
 // Attachment records that a volume is exposed as a kernel block device. It
@@ -103,6 +167,9 @@ type Volume struct {
 	// auto the behaviour it learned from the volume's recent I/O.
 	EffectiveProfile string         `json:"effective_profile,omitempty"`
 	ProfileStats     *profile.Stats `json:"profile_stats,omitempty"`
+	// Replicas is the live state of a replicated volume's copies (owner
+	// only).
+	Replicas []ReplicaStatus `json:"replicas,omitempty"`
 }
 
 // ResizeRequest is the body of POST /v1/volumes/{name}/resize.

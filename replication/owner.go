@@ -1,0 +1,551 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/ioengine"
+	"github.com/blockd/blockd/pipeline"
+)
+
+// ErrFenced fails every request of a volume whose owner learned that
+// another node took the volume over at a higher epoch: nothing it does
+// may be acknowledged any more.
+var ErrFenced = errors.New("volume fenced: another node owns it now")
+
+// Node holds what every replicated volume of a node shares.
+type Node struct {
+	// Name is this node's name, as its peers know it.
+	Name string
+	// Net reaches the other nodes.
+	Net Network
+	// Timeout bounds a replica's answer while another in-sync copy
+	// remains; LastTimeout bounds the answer of the last in-sync
+	// replica, which the owner drops only if it must (defaults 5s and
+	// 15s).
+	Timeout, LastTimeout time.Duration
+	// RetryInterval is how often the owner tries to reach a replica it
+	// dropped (default 1s).
+	RetryInterval time.Duration
+	// Resync caps the bytes per second all resyncs of the node copy
+	// together (nil: no cap).
+	Resync *Limiter
+	// Region is the bitmap's region size (default 64 KiB).
+	Region int64
+	// Log receives replication events (default slog.Default()).
+	Log *slog.Logger
+}
+
+func (n *Node) defaults() {
+	if n.Timeout <= 0 {
+		n.Timeout = 5 * time.Second
+	}
+	if n.LastTimeout <= 0 {
+		n.LastTimeout = 3 * n.Timeout
+	}
+	if n.RetryInterval <= 0 {
+		n.RetryInterval = time.Second
+	}
+	if n.Region <= 0 {
+		n.Region = 64 << 10
+	}
+	if n.Log == nil {
+		n.Log = slog.Default()
+	}
+}
+
+// VolumeConfig is what a Replicator needs of its volume.
+type VolumeConfig struct {
+	// Spec is the volume's spec; its Replication is the persisted state.
+	Spec api.Spec
+	// Engine is the owner's local engine: resync and checksums read it.
+	Engine ioengine.Engine
+	// Save persists new replication state; durable when it returns.
+	Save func(api.Replication) error
+	// Dir holds the volume's bitmaps (one per replica) and its
+	// activity log.
+	Dir string
+	// OnFenced is called (on its own goroutine) when a replica answers
+	// with a higher epoch: another node owns the volume now.
+	OnFenced func(epoch uint64)
+}
+
+// Peer states.
+const (
+	peerInSync int32 = iota
+	peerResyncing
+	peerOutOfSync
+	peerUnreachable
+)
+
+var peerStateNames = [...]string{api.ReplicaInSync, api.ReplicaResyncing, api.ReplicaOutOfSync, api.ReplicaUnreachable}
+
+// maxPeers bounds a volume's replicas (repl 3: two).
+const maxPeers = 4
+
+// Replicator is the replication stage of a volume's owner: it sends every
+// write, trim, write-zeroes and flush to the in-sync and resyncing
+// replicas while the local engine does it, and completes the request when
+// every in-sync replica has it; it drops a replica that fails or times out
+// (persisting the new in-sync set and generation first), records what a
+// dropped replica misses, and brings it back with a resync.
+type Replicator struct {
+	n    *Node
+	cfg  VolumeConfig
+	name string
+	log  *slog.Logger
+	next pipeline.Handler
+
+	rl     rangeLock
+	seq    atomic.Uint64
+	epoch  uint64 // fixed for the replicator's life
+	fenced atomic.Bool
+	al     *Bitmap // activity log: extents with writes that may be in flight
+
+	// mu orders peer state changes against requests: a request holds it
+	// shared while it reads the peers' states and marks the bitmaps of
+	// those it will not send to; a state change holds it alone.
+	mu    sync.RWMutex
+	state api.Replication
+	peers []*peer
+
+	ops    sync.Pool // *op
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // peer workers and loops
+	closed atomic.Bool
+}
+
+// op is one replicated request in flight.
+type op struct {
+	msg     Msg
+	payload []byte
+	wg      sync.WaitGroup
+	n       int
+	targets [maxPeers]*peer
+	sends   [maxPeers]send
+	res     [maxPeers]error
+}
+
+type send struct {
+	o       *op
+	k       int
+	timeout time.Duration
+}
+
+// alRegion is the activity log's extent: coarse, so that a workload's hot
+// set costs few log writes.
+const alRegion = 4 << 20
+
+// NewReplicator returns the replication stage of a volume this node owns.
+// It opens the volume's bitmaps and activity log; an activity log with
+// extents marked means the owner stopped with writes in flight, whose
+// extents every replica then re-checks.
+func (n *Node) NewReplicator(cfg VolumeConfig) (*Replicator, error) {
+	n.defaults()
+	if cfg.Spec.Replication == nil || cfg.Spec.Replication.Role != api.RoleOwner {
+		return nil, fmt.Errorf("replication: volume %s is not owned here", cfg.Spec.Name)
+	}
+	if len(cfg.Spec.Replication.Replicas) > maxPeers {
+		return nil, fmt.Errorf("replication: volume %s has %d replicas, at most %d", cfg.Spec.Name, len(cfg.Spec.Replication.Replicas), maxPeers)
+	}
+	r := &Replicator{n: n, cfg: cfg, name: cfg.Spec.Name, log: n.Log.With("volume", cfg.Spec.Name),
+		epoch: cfg.Spec.Replication.Epoch, state: cloneState(*cfg.Spec.Replication)}
+	r.rl.init()
+	r.ops.New = func() any { return new(op) }
+	size := cfg.Engine.Size()
+	var err error
+	if r.al, err = OpenBitmap(filepath.Join(cfg.Dir, r.name+".al"), size, alRegion); err != nil {
+		return nil, err
+	}
+	hot := r.al.Count() > 0
+	changed := false
+	for i, rep := range r.state.Replicas {
+		bm, err := OpenBitmap(bitmapPath(cfg.Dir, r.name, rep.Node), size, n.Region)
+		if err != nil {
+			r.closeFiles()
+			return nil, err
+		}
+		p := &peer{r: r, node: rep.Node, idx: i, bm: bm, compare: rep.Compare, queue: make(chan *send, 64), wake: make(chan struct{}, 1)}
+		if hot {
+			// Writes may have been in flight when the owner stopped:
+			// the replicas may differ from us there.
+			for e, ok := r.al.Next(0); ok; e, ok = r.al.Next(e + 1) {
+				if err := bm.SetRange(e*alRegion, alRegion); err != nil {
+					r.closeFiles()
+					return nil, err
+				}
+			}
+			p.compare = true
+		}
+		st := peerOutOfSync
+		if rep.InSync && bm.Count() == 0 {
+			st = peerInSync
+		} else if rep.InSync {
+			// In the set when we stopped, but behind: out of it now,
+			// before we serve anything.
+			r.state.Replicas[i].InSync = false
+			changed = true
+		}
+		if p.compare != rep.Compare {
+			r.state.Replicas[i].Compare = p.compare
+			changed = true
+		}
+		p.state.Store(st)
+		r.peers = append(r.peers, p)
+	}
+	if changed {
+		r.state.Generation++
+		if err := cfg.Save(cloneState(r.state)); err != nil {
+			r.closeFiles()
+			return nil, fmt.Errorf("replication: %s: %w", r.name, err)
+		}
+	}
+	if hot {
+		r.log.Warn("the volume stopped with writes in flight; its replicas re-check those regions", "extents", r.al.Count())
+	}
+	return r, nil
+}
+
+func bitmapPath(dir, volume, node string) string {
+	return filepath.Join(dir, volume+"."+node+".bitmap")
+}
+
+func cloneState(s api.Replication) api.Replication {
+	s.Replicas = slices.Clone(s.Replicas)
+	return s
+}
+
+// Stage is the pipeline stage; it starts the replicator's goroutines
+// (each replica's senders and its reconnect and resync loop).
+func (r *Replicator) Stage() pipeline.Stage {
+	return func(next pipeline.Handler) pipeline.Handler {
+		r.next = next
+		r.ctx, r.cancel = context.WithCancel(context.Background())
+		for _, p := range r.peers {
+			for range cap(p.queue) / 2 {
+				r.wg.Add(1)
+				go p.sender()
+			}
+			r.wg.Add(1)
+			go p.loop()
+		}
+		return r
+	}
+}
+
+// Handle implements pipeline.Handler.
+func (r *Replicator) Handle(ctx context.Context, req *pipeline.Request) error {
+	if r.fenced.Load() {
+		return ErrFenced
+	}
+	switch req.Op {
+	case pipeline.OpWrite, pipeline.OpTrim, pipeline.OpWriteZeroes, pipeline.OpFlush:
+		return r.replicate(ctx, req)
+	}
+	return r.next.Handle(ctx, req) // reads are local
+}
+
+var msgOf = [...]uint8{pipeline.OpWrite: MsgWrite, pipeline.OpTrim: MsgTrim, pipeline.OpWriteZeroes: MsgWriteZeroes, pipeline.OpFlush: MsgFlush}
+
+// replicate runs req locally and on every in-sync and resyncing replica
+// at once, and completes when the local engine and every in-sync replica
+// have it.
+func (r *Replicator) replicate(ctx context.Context, req *pipeline.Request) error {
+	off, n := req.Offset, int64(req.Length)
+	flush := req.Op == pipeline.OpFlush
+	if flush {
+		// Bits and extents must be durable before the data they cover
+		// is.
+		if err := r.syncBitmaps(); err != nil {
+			return err
+		}
+	} else {
+		h := r.rl.lock(off, off+n)
+		defer r.rl.unlock(h)
+		if err := r.al.SetRange(off, n); err != nil {
+			return err
+		}
+	}
+	o := r.ops.Get().(*op)
+	defer r.putOp(o)
+	o.msg = Msg{Type: msgOf[req.Op], Volume: r.name, Epoch: r.epoch, Seq: r.seq.Add(1), Offset: off, Length: req.Length}
+	if req.Flags&pipeline.FlagFUA != 0 {
+		o.msg.Flags |= FlagFUA
+	}
+	if req.Flags&pipeline.FlagNoHole != 0 {
+		o.msg.Flags |= FlagNoHole
+	}
+	if req.Op == pipeline.OpWrite {
+		o.payload = req.Buf[:req.Length]
+	}
+	if !flush {
+		r.n.Resync.Busy()
+	}
+
+	r.mu.RLock()
+	inSync := 0
+	for _, p := range r.peers {
+		if p.state.Load() == peerInSync {
+			inSync++
+		}
+	}
+	for _, p := range r.peers {
+		switch p.state.Load() {
+		case peerInSync, peerResyncing:
+			t := r.n.Timeout
+			if inSync == 1 && p.state.Load() == peerInSync {
+				t = r.n.LastTimeout
+			}
+			o.targets[o.n], o.sends[o.n] = p, send{o: o, k: o.n, timeout: t}
+			o.n++
+		default:
+			if !flush {
+				if err := p.bm.SetRange(off, n); err != nil {
+					r.mu.RUnlock()
+					return fmt.Errorf("replication: recording a write %s misses: %w", p.node, err)
+				}
+			}
+		}
+	}
+	o.wg.Add(o.n)
+	for k := range o.n {
+		o.targets[k].queue <- &o.sends[k]
+	}
+	r.mu.RUnlock()
+
+	lerr := r.next.Handle(ctx, req)
+	o.wg.Wait()
+	var err error
+	for k := range o.n {
+		if e := o.res[k]; e != nil {
+			if IsStale(e) {
+				r.fence(e)
+				return ErrFenced
+			}
+			err = errors.Join(err, r.peerFailed(o.targets[k], o.msg, e))
+		}
+	}
+	if err != nil {
+		return err // the miss could not be recorded: never acknowledge
+	}
+	return lerr
+}
+
+func (r *Replicator) putOp(o *op) {
+	o.payload = nil
+	for k := range o.n {
+		o.targets[k], o.res[k] = nil, nil
+	}
+	o.n = 0
+	r.ops.Put(o)
+}
+
+// syncBitmaps makes every set bit and the activity log durable.
+func (r *Replicator) syncBitmaps() error {
+	for _, p := range r.peers {
+		if err := p.bm.Sync(); err != nil {
+			return err
+		}
+	}
+	return r.al.Sync()
+}
+
+// peerFailed records that p missed m (or may have) and takes p out of the
+// in-sync set, persisting the new set and generation and telling the
+// remaining in-sync replicas before the request that saw the failure is
+// acknowledged. An error means the miss could not be recorded.
+func (r *Replicator) peerFailed(p *peer, m Msg, cause error) error {
+	if m.Type != MsgFlush {
+		if err := p.bm.SetRange(m.Offset, int64(m.Length)); err != nil {
+			return fmt.Errorf("replication: recording a write %s missed: %w", p.node, err)
+		}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	p.setErr(cause)
+	switch p.state.Load() {
+	case peerInSync:
+		if err := r.dropLocked(p, cause); err != nil {
+			return err
+		}
+	case peerResyncing:
+		p.state.Store(peerOutOfSync)
+		r.log.Warn("replica failed during resync; it will be retried", "replica", p.node, "err", cause)
+	}
+	p.kick()
+	return nil
+}
+
+// dropLocked takes p out of the in-sync set.
+func (r *Replicator) dropLocked(p *peer, cause error) error {
+	next := cloneState(r.state)
+	next.Replicas[p.idx].InSync = false
+	next.Generation++
+	if err := r.cfg.Save(cloneState(next)); err != nil {
+		return fmt.Errorf("replication: persisting that %s left the in-sync set: %w", p.node, err)
+	}
+	r.state = next
+	p.state.Store(peerOutOfSync)
+	r.log.Warn("replica dropped from the in-sync set; writes go on without it and its missed regions are recorded",
+		"replica", p.node, "generation", next.Generation, "err", cause)
+	return r.tellGenLocked()
+}
+
+// tellGenLocked tells every in-sync replica the current generation; one
+// that does not hear it leaves the set too.
+func (r *Replicator) tellGenLocked() error {
+	for _, q := range r.peers {
+		if q.state.Load() != peerInSync {
+			continue
+		}
+		m := Msg{Type: MsgSetGen, Volume: r.name, Epoch: r.epoch, Gen: r.state.Generation}
+		var resp Msg
+		_, err := r.n.Net.Call(r.ctx, q.node, r.n.Timeout, &m, nil, &resp, nil)
+		if err == nil && resp.Status != StatusOK {
+			err = &StatusError{Status: resp.Status, Epoch: resp.Epoch}
+		}
+		if IsStale(err) {
+			go r.fence(err)
+			return ErrFenced
+		}
+		if err != nil {
+			q.setErr(err)
+			if err := q.bm.SetAll(); err != nil { // it may lack writes we cannot name
+				return err
+			}
+			if err := r.dropLocked(q, err); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// fence stops the volume for good: another node owns it at a higher
+// epoch.
+func (r *Replicator) fence(cause error) {
+	if !r.fenced.CompareAndSwap(false, true) {
+		return
+	}
+	var se *StatusError
+	var epoch uint64
+	if errors.As(cause, &se) {
+		epoch = se.Epoch
+	}
+	r.log.Error("a replica knows a newer owner of this volume (higher epoch): the volume is fenced and fails every request from now on",
+		"epoch", r.epoch, "newer_epoch", epoch)
+	if r.cfg.OnFenced != nil {
+		go r.cfg.OnFenced(epoch)
+	}
+}
+
+// Fenced reports whether the volume is fenced.
+func (r *Replicator) Fenced() bool { return r.fenced.Load() }
+
+// State returns the persisted replication state.
+func (r *Replicator) State() api.Replication {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return cloneState(r.state)
+}
+
+// Close stops the replicator's goroutines and closes its files. The
+// pipeline above has drained (no request in flight). A clean close clears
+// the activity log: nothing is in flight.
+func (r *Replicator) Close() error {
+	if !r.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	if r.cancel != nil {
+		r.cancel()
+		for _, p := range r.peers {
+			close(p.queue)
+		}
+		r.wg.Wait()
+	}
+	var errs []error
+	if !r.fenced.Load() {
+		for e, ok := r.al.Next(0); ok; e, ok = r.al.Next(e + 1) {
+			r.al.Clear(e)
+		}
+	}
+	errs = append(errs, r.closeFiles())
+	return errors.Join(errs...)
+}
+
+func (r *Replicator) closeFiles() error {
+	var errs []error
+	for _, p := range r.peers {
+		errs = append(errs, p.bm.Close())
+	}
+	if r.al != nil {
+		errs = append(errs, r.al.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// RemoveFiles deletes a volume's bitmaps and activity log (after Close,
+// when the volume is deleted).
+func RemoveFiles(dir, volume string, replicas []api.Replica) error {
+	var errs []error
+	for _, rep := range replicas {
+		if err := os.Remove(bitmapPath(dir, volume, rep.Node)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	if err := os.Remove(filepath.Join(dir, volume+".al")); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// Status returns each replica's live state.
+func (r *Replicator) Status() []api.ReplicaStatus {
+	out := make([]api.ReplicaStatus, 0, len(r.peers))
+	for _, p := range r.peers {
+		out = append(out, p.status())
+	}
+	return out
+}
+
+// CreateReplicas makes the copies of a new volume on its replica nodes
+// (MsgOpen with FlagCreate), all of them or none: on a failure it asks
+// the ones made to delete themselves and returns the error.
+func (r *Replicator) CreateReplicas() error {
+	var made []*peer
+	for _, p := range r.peers {
+		if err := p.open(true); err != nil {
+			for _, q := range made {
+				if derr := q.send(Msg{Type: MsgDelete, Volume: r.name, Epoch: r.epoch}, nil); derr != nil {
+					r.log.Warn("removing a replica of a failed create", "replica", q.node, "err", derr)
+				}
+			}
+			return fmt.Errorf("creating the replica on %s: %w", p.node, err)
+		}
+		made = append(made, p)
+	}
+	return nil
+}
+
+// DeleteReplicas asks every replica to remove its copy; a replica that
+// cannot be reached keeps it (its node removes it when it learns the
+// volume is gone).
+func (r *Replicator) DeleteReplicas() error {
+	var errs []error
+	for _, p := range r.peers {
+		if err := p.send(Msg{Type: MsgDelete, Volume: r.name, Epoch: r.epoch}, nil); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", p.node, err))
+		}
+	}
+	return errors.Join(errs...)
+}

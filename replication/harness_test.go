@@ -1,4 +1,4 @@
-package replication
+package replication_test
 
 import (
 	"bytes"
@@ -17,6 +17,8 @@ import (
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/replication"
+	"github.com/blockd/blockd/replication/repltest"
 )
 
 func quietLog() *slog.Logger {
@@ -24,53 +26,6 @@ func quietLog() *slog.Logger {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
 	return slog.New(slog.NewTextHandler(io.Discard, nil))
-}
-
-// memNet is a Network of in-process nodes whose links can be cut.
-type memNet struct {
-	mu    sync.Mutex
-	nodes map[string]Handler
-	down  map[string]bool // node unreachable (calls to it time out)
-	calls atomic.Int64
-	// hook, if set, runs before each delivered call and may refuse it.
-	hook func(peer string, m *Msg) error
-}
-
-func newMemNet() *memNet { return &memNet{nodes: map[string]Handler{}, down: map[string]bool{}} }
-
-var errUnreachable = errors.New("memnet: peer unreachable (timed out)")
-
-func (n *memNet) Call(ctx context.Context, peer string, timeout time.Duration, req *Msg, payload []byte, resp *Msg, respBuf []byte) ([]byte, error) {
-	n.calls.Add(1)
-	n.mu.Lock()
-	h, down, hook := n.nodes[peer], n.down[peer], n.hook
-	n.mu.Unlock()
-	if h == nil || down {
-		t := time.NewTimer(timeout)
-		defer t.Stop()
-		select {
-		case <-t.C:
-			return nil, errUnreachable
-		case <-ctx.Done():
-			return nil, ctx.Err()
-		}
-	}
-	if hook != nil {
-		if err := hook(peer, req); err != nil {
-			return nil, err
-		}
-	}
-	// The sender's identity: in these tests, the owner is "a".
-	req2 := *req
-	p := append([]byte(nil), payload...) // the wire copies
-	out, err := h.ServeMessage(ctx, "a", &req2, p, resp)
-	return append(respBuf[:0], out...), err
-}
-
-func (n *memNet) setDown(node string, down bool) {
-	n.mu.Lock()
-	n.down[node] = down
-	n.mu.Unlock()
 }
 
 // memCopies is a replica node's store of copies.
@@ -99,7 +54,7 @@ func (c *memCopy) SetReplication(r api.Replication) error {
 }
 func (c *memCopy) StepDown(owner string, epoch uint64) error { return errors.New("not an owner") }
 
-func (s *memCopies) Copy(name string) (Copy, error) {
+func (s *memCopies) Copy(name string) (replication.Copy, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if c := s.copies[name]; c != nil {
@@ -108,7 +63,7 @@ func (s *memCopies) Copy(name string) (Copy, error) {
 	return nil, api.Errorf(api.CodeNotFound, "no copy")
 }
 
-func (s *memCopies) CreateCopy(spec api.Spec, r api.Replication) (Copy, error) {
+func (s *memCopies) CreateCopy(spec api.Spec, r api.Replication) (replication.Copy, error) {
 	e, err := ioengine.NewMemory(int64(spec.Size))
 	if err != nil {
 		return nil, err
@@ -127,6 +82,8 @@ func (s *memCopies) DeleteCopy(name string) error {
 	return nil
 }
 
+func (s *memCopies) FreeBytes() int64 { return 1 << 40 }
+
 func (s *memCopies) engine(name string) ioengine.Engine {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -139,15 +96,15 @@ func (s *memCopies) engine(name string) ioengine.Engine {
 // cluster is an owner "a" and replicas "b", "c"... in memory.
 type cluster struct {
 	t       *testing.T
-	net     *memNet
-	node    *Node
+	net     *repltest.Net
+	node    *replication.Node
 	copies  map[string]*memCopies
 	engine  ioengine.Engine // the owner's
 	dir     string
 	saves   atomic.Int64
 	mu      sync.Mutex
 	saved   api.Replication
-	rep     *Replicator
+	rep     *replication.Replicator
 	handler pipeline.Handler
 	fenced  chan uint64
 }
@@ -156,13 +113,13 @@ const testSize = 4 << 20
 
 func newCluster(t *testing.T, replicas ...string) *cluster {
 	t.Helper()
-	c := &cluster{t: t, net: newMemNet(), copies: map[string]*memCopies{}, dir: t.TempDir(), fenced: make(chan uint64, 1)}
-	c.node = &Node{Name: "a", Net: c.net, Timeout: 100 * time.Millisecond, LastTimeout: 200 * time.Millisecond,
+	c := &cluster{t: t, net: repltest.NewNet(), copies: map[string]*memCopies{}, dir: t.TempDir(), fenced: make(chan uint64, 1)}
+	c.node = &replication.Node{Name: "a", Net: c.net.From("a"), Timeout: 100 * time.Millisecond, LastTimeout: 200 * time.Millisecond,
 		RetryInterval: 20 * time.Millisecond, Region: 64 << 10, Log: quietLog()}
 	for _, n := range replicas {
 		cs := &memCopies{copies: map[string]*memCopy{}}
 		c.copies[n] = cs
-		c.net.nodes[n] = NewService(n, cs, quietLog())
+		c.net.Add(n, replication.NewService(n, cs, quietLog()))
 	}
 	var err error
 	c.engine, err = ioengine.NewMemory(testSize)
@@ -177,7 +134,7 @@ func (c *cluster) start(state api.Replication, created bool) {
 	c.t.Helper()
 	c.saved = state
 	spec := api.Spec{Name: "v", Size: testSize, Engine: "memory", Repl: len(state.Replicas) + 1, Replication: &state}
-	rep, err := c.node.NewReplicator(VolumeConfig{Spec: spec, Engine: c.engine, Dir: c.dir,
+	rep, err := c.node.NewReplicator(replication.VolumeConfig{Spec: spec, Engine: c.engine, Dir: c.dir,
 		Save: func(r api.Replication) error {
 			c.saves.Add(1)
 			c.mu.Lock()
@@ -206,7 +163,9 @@ func newVolumeState(replicas ...string) api.Replication {
 func (c *cluster) savedState() api.Replication {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return cloneState(c.saved)
+	s := c.saved
+	s.Replicas = append([]api.Replica(nil), s.Replicas...)
+	return s
 }
 
 func (c *cluster) do(op pipeline.Op, off int64, data []byte, n uint32) error {

@@ -28,6 +28,8 @@ type Node struct {
 	Name string
 	// Net reaches the other nodes.
 	Net Network
+	// PeerNames are the nodes this node may place replicas on.
+	PeerNames []string
 	// Timeout bounds a replica's answer while another in-sync copy
 	// remains; LastTimeout bounds the answer of the last in-sync
 	// replica, which the owner drops only if it must (defaults 5s and
@@ -186,6 +188,14 @@ func (n *Node) NewReplicator(cfg VolumeConfig) (*Replicator, error) {
 				}
 			}
 			p.compare = true
+		}
+		if p.compare && bm.Count() == 0 {
+			// Unknown history (a promotion, a replaced copy): every
+			// region is suspect until compared.
+			if err := bm.SetAll(); err != nil {
+				r.closeFiles()
+				return nil, err
+			}
 		}
 		st := peerOutOfSync
 		if rep.InSync && bm.Count() == 0 {
@@ -548,4 +558,46 @@ func (r *Replicator) DeleteReplicas() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// Peers lists the nodes this node can replicate to.
+func (n *Node) Peers() []string { return slices.Clone(n.PeerNames) }
+
+// FreeBytes asks peer how much space its state dir has left.
+func (n *Node) FreeBytes(ctx context.Context, peer string) (int64, error) {
+	n.defaults()
+	m := Msg{Type: MsgState}
+	var resp Msg
+	if _, err := n.Net.Call(ctx, peer, n.Timeout, &m, nil, &resp, nil); err != nil {
+		return 0, err
+	}
+	if resp.Status != StatusOK {
+		return 0, &StatusError{Status: resp.Status}
+	}
+	return resp.Offset, nil
+}
+
+// CopyState is what a node knows of a volume.
+type CopyState struct {
+	Has               bool // the node holds a copy
+	Owner             bool // it owns the volume
+	Epoch, Generation uint64
+}
+
+// State asks peer what it knows of volume.
+func (n *Node) State(ctx context.Context, peer, volume string) (CopyState, error) {
+	n.defaults()
+	m := Msg{Type: MsgState, Volume: volume}
+	var resp Msg
+	if _, err := n.Net.Call(ctx, peer, n.Timeout, &m, nil, &resp, nil); err != nil {
+		return CopyState{}, err
+	}
+	switch resp.Status {
+	case StatusOK:
+	case StatusNoVolume:
+		return CopyState{}, nil
+	default:
+		return CopyState{}, &StatusError{Status: resp.Status}
+	}
+	return CopyState{Has: true, Owner: resp.Flags&FlagOwner != 0, Epoch: resp.Epoch, Generation: resp.Gen}, nil
 }

@@ -1,4 +1,4 @@
-package replication
+package replication_test
 
 import (
 	"context"
@@ -9,6 +9,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/pipeline"
+	"github.com/blockd/blockd/replication"
 )
 
 // A new repl-3 volume: its copies are made empty and in sync, and every
@@ -56,7 +57,7 @@ func TestDropAndDeltaResync(t *testing.T) {
 	}
 	c.write(0, pattern(testSize, 9)) // the whole volume, everywhere
 	c.flush()
-	c.net.setDown("b", true)
+	c.net.SetDown("b", true)
 	start := time.Now()
 	c.write(64<<10, pattern(4096, 10)) // region 1
 	if d := time.Since(start); d < c.node.Timeout {
@@ -78,10 +79,10 @@ func TestDropAndDeltaResync(t *testing.T) {
 	}
 	c.flush()
 	c.same("c")
-	copiedBefore := c.rep.peers[0].copied.Load()
-	c.net.setDown("b", false)
+	copiedBefore := c.rep.CopiedBytes("b")
+	c.net.SetDown("b", false)
 	c.waitState("b", api.ReplicaInSync, 5*time.Second)
-	copied := c.rep.peers[0].copied.Load() - copiedBefore
+	copied := c.rep.CopiedBytes("b") - copiedBefore
 	if want := int64(4 * 64 << 10); copied != want {
 		t.Errorf("resync copied %d bytes, want %d (regions 1, 3, 4, 10)", copied, want)
 	}
@@ -98,7 +99,7 @@ func TestLastReplicaLongerTimeout(t *testing.T) {
 	if err := c.rep.CreateReplicas(); err != nil {
 		t.Fatal(err)
 	}
-	c.net.setDown("b", true)
+	c.net.SetDown("b", true)
 	start := time.Now()
 	c.write(0, pattern(4096, 1))
 	if d := time.Since(start); d < c.node.LastTimeout {
@@ -124,7 +125,7 @@ func TestStaleEpochFences(t *testing.T) {
 	r.Epoch, r.Owner = 5, "x"
 	cp.SetReplication(r)
 	err := c.do(pipeline.OpWrite, 8192, pattern(4096, 2), 0)
-	if !errors.Is(err, ErrFenced) {
+	if !errors.Is(err, replication.ErrFenced) {
 		t.Fatalf("write after a newer owner appeared: %v, want ErrFenced", err)
 	}
 	select {
@@ -135,10 +136,10 @@ func TestStaleEpochFences(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("OnFenced never called")
 	}
-	if err := c.do(pipeline.OpWrite, 0, pattern(4096, 3), 0); !errors.Is(err, ErrFenced) {
+	if err := c.do(pipeline.OpWrite, 0, pattern(4096, 3), 0); !errors.Is(err, replication.ErrFenced) {
 		t.Fatalf("later write: %v", err)
 	}
-	if err := c.do(pipeline.OpFlush, 0, nil, 0); !errors.Is(err, ErrFenced) {
+	if err := c.do(pipeline.OpFlush, 0, nil, 0); !errors.Is(err, replication.ErrFenced) {
 		t.Fatalf("later flush: %v", err)
 	}
 	// The fenced write never reached the replica that refused it.
@@ -171,14 +172,14 @@ func TestCompareResyncSendsOnlyDifferences(t *testing.T) {
 	c.write(1<<20, pattern(64<<10, 2))
 	c.flush()
 	// b loses its copy; a fresh one appears (a replacement node).
-	c.net.setDown("b", true)
+	c.net.SetDown("b", true)
 	c.copies["b"].DeleteCopy("v")
 	c.write(2<<20, pattern(4096, 3)) // dropped after the timeout, region 32 marked
-	c.net.setDown("b", false)
+	c.net.SetDown("b", false)
 	c.waitState("b", api.ReplicaInSync, 5*time.Second)
 	c.same("b")
 	// Every region with data differs from the empty copy: 0..3, 16, 32.
-	if got, want := c.rep.peers[0].copied.Load(), int64(6*64<<10); got != want {
+	if got, want := c.rep.CopiedBytes("b"), int64(6*64<<10); got != want {
 		t.Errorf("copied %d bytes, want %d", got, want)
 	}
 	if s := c.savedState(); s.Replicas[0].Compare {
@@ -224,9 +225,9 @@ func TestConcurrentWritesWithResync(t *testing.T) {
 		}(w)
 	}
 	time.Sleep(100 * time.Millisecond)
-	c.net.setDown("c", true)
+	c.net.SetDown("c", true)
 	time.Sleep(300 * time.Millisecond)
-	c.net.setDown("c", false)
+	c.net.SetDown("c", false)
 	time.Sleep(300 * time.Millisecond)
 	close(stop)
 	wg.Wait()

@@ -26,6 +26,8 @@ type Copies interface {
 	CreateCopy(spec api.Spec, r api.Replication) (Copy, error)
 	// DeleteCopy removes a replica and its data.
 	DeleteCopy(name string) error
+	// FreeBytes is the space left for new copies.
+	FreeBytes() int64
 }
 
 // Copy is one volume's local copy.
@@ -242,8 +244,13 @@ func sameReplicas(a, b []api.Replica) bool {
 	return true
 }
 
-// describe answers MsgState.
+// describe answers MsgState: of a volume, or with no volume named, of the
+// node (its free space in Offset).
 func (s *Service) describe(req, resp *Msg) {
+	if req.Volume == "" {
+		resp.Offset = s.copies.FreeBytes()
+		return
+	}
 	c, err := s.copies.Copy(req.Volume)
 	if err != nil {
 		resp.Status = StatusNoVolume

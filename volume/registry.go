@@ -17,6 +17,7 @@ import (
 	"github.com/blockd/blockd/pipeline"
 	"github.com/blockd/blockd/profile"
 	"github.com/blockd/blockd/qos"
+	"github.com/blockd/blockd/replication"
 	"github.com/blockd/blockd/units"
 )
 
@@ -43,6 +44,15 @@ type Options struct {
 	// CacheBudget is the node-wide memory the io_profile stages' prefetch
 	// caches and write-back buffers share (nil: no node limit).
 	CacheBudget *profile.Budget
+	// Replication, if set, lets volumes have copies on other nodes: the
+	// replication stage of the volumes this node owns, and the replicas
+	// it holds for others. Without it a replicated volume cannot be
+	// created or opened here.
+	Replication *replication.Node
+	// OnFenced, if set, is told that a volume this node owned is fenced
+	// (another node owns it at a higher epoch): the daemon cuts its
+	// frontends off.
+	OnFenced func(v *Volume)
 	// OnProfileChange, if set, is called when a volume's effective
 	// io_profile changes (and once when it opens), on the profile stage's
 	// goroutine or in Update; never on the data path. The kernel attach
@@ -198,6 +208,17 @@ func (m *Registry) sweepData() error {
 		return err
 	}
 	for _, e := range data {
+		known := func(v string) bool { _, ok := m.vols[v]; return ok }
+		if isRepl, owned := replicationFile(e.Name(), known); isRepl && e.Type().IsRegular() {
+			// A replicated volume's bitmap or activity log.
+			if !owned {
+				m.log.Warn("removing a replication bitmap without its volume (interrupted delete)", "file", filepath.Join(m.dataDir(), e.Name()))
+				if err := removeFileDurable(m.dataDir(), e.Name()); err != nil {
+					return err
+				}
+			}
+			continue
+		}
 		name, ok := strings.CutSuffix(e.Name(), ".img")
 		if !ok || !ValidName(name) || !e.Type().IsRegular() {
 			m.log.Warn("ignoring a file in the data dir that is not a volume's backing file", "file", filepath.Join(m.dataDir(), e.Name()))
@@ -212,6 +233,30 @@ func (m *Registry) sweepData() error {
 		}
 	}
 	return nil
+}
+
+// replicationFile reports whether n is a file of package replication in
+// the data dir (VOLUME.al, VOLUME.NODE.bitmap) and whether a volume that
+// known reports owns it. Volume names may hold dots, so every split of a
+// bitmap's name is tried.
+func replicationFile(n string, known func(string) bool) (isRepl, owned bool) {
+	if v, ok := strings.CutSuffix(n, ".al"); ok && ValidName(v) {
+		return true, known(v)
+	}
+	rest, ok := strings.CutSuffix(n, ".bitmap")
+	if !ok {
+		return false, false
+	}
+	for i := 1; i < len(rest)-1; i++ {
+		if rest[i] != '.' || !ValidName(rest[:i]) {
+			continue
+		}
+		isRepl = true
+		if known(rest[:i]) {
+			return true, true
+		}
+	}
+	return isRepl, false
 }
 
 func (m *Registry) setFailedMetric(name string, v *Volume) {
@@ -229,11 +274,17 @@ func (m *Registry) open(s api.Spec, openEngine func(kind, path string, size int6
 	if err != nil {
 		return nil, err
 	}
-	v := &Volume{name: s.Name, engine: e, spec: s, inMemory: s.Engine == ioengine.KindMemory}
+	v := &Volume{name: s.Name, engine: e, spec: s, inMemory: s.Engine == ioengine.KindMemory, reg: m}
 	v.readOnly.Store(s.ReadOnly)
 	var stages []pipeline.Stage
 	if m.opts.Metrics != nil {
 		stages = append(stages, m.opts.Metrics.Stage(s.Name, e.Size()))
+	}
+	if s.Replication != nil && s.Replication.Role == api.RoleReplica {
+		// A replica applies what its owner sends, straight to the
+		// engine (the replica service does); it serves no frontend.
+		v.pipe = pipeline.Chain(ioengine.Handler(e), stages...)
+		return v, nil
 	}
 	stages = append(stages, pipeline.ReadOnly(v.ReadOnly))
 	if m.opts.QoS != nil {
@@ -244,8 +295,22 @@ func (m *Registry) open(s api.Spec, openEngine func(kind, path string, size int6
 		stages = append(stages, v.qos.Stage())
 		m.warnIdleShares(s.Name, s.QoS)
 	}
-	v.prof = m.newProfileStage(v, s, e) // io_profile: last before the engine
+	v.prof = m.newProfileStage(v, s, e)
 	stages = append(stages, v.prof.Wrap)
+	if s.Replication != nil && len(s.Replication.Replicas) > 0 {
+		// Replication: last before the engine, so replicas get what the
+		// engine gets (the profile stage's merged writes and group
+		// flushes).
+		if v.repl, err = m.newReplicator(v, s, e); err != nil {
+			v.prof.Close()
+			if v.qos != nil {
+				v.qos.Close()
+			}
+			e.Close()
+			return nil, err
+		}
+		stages = append(stages, v.repl.Stage())
+	}
 	v.pipe = pipeline.Chain(ioengine.Handler(e), stages...)
 	return v, nil
 }
@@ -279,6 +344,22 @@ func (m *Registry) newProfileStage(v *Volume, s api.Spec, e ioengine.Engine) *pr
 	return profile.New(p, opts)
 }
 
+// saveSpec applies fn to v's metadata and persists the result, under v's
+// metadata lock (callers that also hold m.mu take it first).
+func (m *Registry) saveSpec(v *Volume, fn func(*api.Spec) error) (api.Spec, error) {
+	v.metaMu.Lock()
+	defer v.metaMu.Unlock()
+	s := v.Spec()
+	if err := fn(&s); err != nil {
+		return api.Spec{}, err
+	}
+	if err := m.persist(s); err != nil {
+		return api.Spec{}, err
+	}
+	v.setSpec(s)
+	return s, nil
+}
+
 func (m *Registry) persist(s api.Spec) error {
 	b, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
@@ -288,13 +369,16 @@ func (m *Registry) persist(s api.Spec) error {
 }
 
 // Create makes a new volume. It returns once the volume's metadata is
-// durable.
+// durable and, for a replicated volume, once every copy exists.
 func (m *Registry) Create(s api.Spec) (api.Spec, error) {
-	s.Attachment = nil
+	s.Attachment, s.Replication = nil, nil
 	if err := Validate(&s); err != nil {
 		return api.Spec{}, err
 	}
 	s.CreatedAt = time.Now().UTC().Truncate(time.Second)
+	if err := m.placeReplicas(&s); err != nil {
+		return api.Spec{}, err
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if v, ok := m.vols[s.Name]; ok {
@@ -303,22 +387,48 @@ func (m *Registry) Create(s api.Spec) (api.Spec, error) {
 		}
 		return api.Spec{}, api.Errorf(api.CodeExists, "volume %s already exists", s.Name)
 	}
+	v, err := m.createLocked(s)
+	if err != nil {
+		return api.Spec{}, err
+	}
+	if v.repl != nil {
+		// The metadata names the replicas first: a crash before they
+		// exist leaves replicas the owner finds missing and rebuilds.
+		if err := v.repl.CreateReplicas(); err != nil {
+			delete(m.vols, s.Name)
+			m.removeLocked(v)
+			return api.Spec{}, api.Errorf(api.CodeUnavailable, "create %s: %w", s.Name, err)
+		}
+	}
+	m.log.Info("volume created", "volume", s.Name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine, "profile", s.Profile, "repl", max(s.Repl, 1))
+	return v.Spec(), nil
+}
+
+// createLocked makes a volume's engine and metadata and registers it.
+func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 	if m.deleting[s.Name] {
-		return api.Spec{}, api.Errorf(api.CodeConflict, "volume %s is still being deleted; try again", s.Name)
+		return nil, api.Errorf(api.CodeConflict, "volume %s is still being deleted; try again", s.Name)
 	}
 	// A backing file without metadata is garbage from an interrupted
 	// create or delete: never hand its old data to a new volume.
 	if err := removeFileDurable(m.dataDir(), s.Name+".img"); err != nil {
-		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
+		return nil, fmt.Errorf("create %s: %w", s.Name, err)
+	}
+	if s.Replication != nil {
+		// Likewise bitmaps and an activity log left by a volume of
+		// the same name.
+		if err := replication.RemoveFiles(m.dataDir(), s.Name, s.Replication.Replicas); err != nil {
+			return nil, fmt.Errorf("create %s: %w", s.Name, err)
+		}
 	}
 	v, err := m.open(s, m.opts.openEngine)
 	if err != nil {
-		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
+		return nil, fmt.Errorf("create %s: %w", s.Name, err)
 	}
 	if s.Engine == ioengine.KindFile {
 		if err := syncDir(m.dataDir()); err != nil {
 			v.close()
-			return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
+			return nil, fmt.Errorf("create %s: %w", s.Name, err)
 		}
 	}
 	if err := m.persist(s); err != nil {
@@ -329,12 +439,33 @@ func (m *Registry) Create(s api.Spec) (api.Spec, error) {
 			// The next start removes it: no metadata claims it.
 			m.log.Warn("removing the backing file of a failed create", "volume", s.Name, "err", rerr)
 		}
-		return api.Spec{}, fmt.Errorf("create %s: %w", s.Name, err)
+		return nil, fmt.Errorf("create %s: %w", s.Name, err)
 	}
 	m.vols[s.Name] = v
 	m.setFailedMetric(s.Name, v)
-	m.log.Info("volume created", "volume", s.Name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine, "profile", s.Profile)
-	return s, nil
+	return v, nil
+}
+
+// removeLocked undoes createLocked for a volume that is no longer in
+// vols: metadata first, then the engine and its files.
+func (m *Registry) removeLocked(v *Volume) {
+	if err := removeFileDurable(m.metaDir(), v.name+".json"); err != nil {
+		m.log.Error("removing the metadata of a failed create", "volume", v.name, "err", err)
+	}
+	if err := v.close(); err != nil {
+		m.log.Warn("closing the volume of a failed create", "volume", v.name, "err", err)
+	}
+	if err := removeFileDurable(m.dataDir(), v.name+".img"); err != nil {
+		m.log.Warn("removing the backing file of a failed create", "volume", v.name, "err", err)
+	}
+	if r := v.Spec().Replication; r != nil {
+		if err := replication.RemoveFiles(m.dataDir(), v.name, r.Replicas); err != nil {
+			m.log.Warn("removing the bitmaps of a failed create", "volume", v.name, "err", err)
+		}
+	}
+	if m.opts.Metrics != nil {
+		m.opts.Metrics.Forget(v.name)
+	}
 }
 
 func notFound(name string) error {
@@ -350,6 +481,9 @@ func (m *Registry) healthyLocked(name string) (*Volume, error) {
 	}
 	if why, failed := v.Failed(); failed {
 		return nil, api.Errorf(api.CodeConflict, "volume %s is failed (%s); it can only be deleted", name, why)
+	}
+	if r := v.Spec().Replication; r != nil && r.Role == api.RoleReplica {
+		return nil, api.Errorf(api.CodeConflict, "volume %s is a replica here; its owner %s serves it (use it there, or `blockd volume promote %s` here if the owner is gone)", name, r.Owner, name)
 	}
 	return v, nil
 }
@@ -414,12 +548,20 @@ func (m *Registry) SetReason(name, reason string) {
 // still in flight finish first; later ones fail. The volume drains
 // without the registry lock: other volumes are served and managed
 // meanwhile.
-func (m *Registry) Delete(name string) error {
+func (m *Registry) Delete(name string) error { return m.delete(name, false) }
+
+// delete removes a volume; only the replica service (forOwner) may remove
+// a replica: its owner would rebuild a copy deleted under it.
+func (m *Registry) delete(name string, forOwner bool) error {
 	m.mu.Lock()
 	v, ok := m.vols[name]
 	if !ok {
 		m.mu.Unlock()
 		return notFound(name)
+	}
+	if r := v.Spec().Replication; r != nil && r.Role == api.RoleReplica && !forOwner {
+		m.mu.Unlock()
+		return api.Errorf(api.CodeConflict, "volume %s is a replica of %s's volume; delete it on its owner, which removes every copy", name, r.Owner)
 	}
 	if a := v.Spec().Attachment; a != nil {
 		m.mu.Unlock()
@@ -443,9 +585,19 @@ func (m *Registry) Delete(name string) error {
 	if m.opts.OnDelete != nil {
 		m.opts.OnDelete(v)
 	}
+	if v.repl != nil {
+		if err := v.repl.DeleteReplicas(); err != nil {
+			m.log.Warn("some replicas could not be told to delete their copies", "volume", name, "err", err)
+		}
+	}
 	if err := v.close(); err != nil {
 		// The data is being deleted: what did not reach it is moot.
 		m.log.Warn("closing deleted volume", "volume", name, "err", err)
+	}
+	if r := v.Spec().Replication; r != nil {
+		if err := replication.RemoveFiles(m.dataDir(), name, r.Replicas); err != nil {
+			m.log.Warn("removing a deleted volume's bitmaps", "volume", name, "err", err)
+		}
 	}
 	if m.opts.Metrics != nil {
 		m.opts.Metrics.Forget(name)
@@ -487,10 +639,9 @@ func (m *Registry) Resize(name string, size int64) (api.Spec, error) {
 	if err := v.engine.Resize(size); err != nil {
 		return api.Spec{}, fmt.Errorf("resize %s: %w", name, err)
 	}
-	if err := m.persist(s); err != nil {
+	if s, err = m.saveSpec(v, func(cur *api.Spec) error { cur.Size = s.Size; return nil }); err != nil {
 		return api.Spec{}, fmt.Errorf("resize %s: %w", name, err)
 	}
-	v.setSpec(s)
 	if m.opts.Metrics != nil {
 		m.opts.Metrics.SetSize(name, size)
 	}
@@ -523,7 +674,11 @@ func (m *Registry) Update(name string, fn func(*api.Spec) error) (api.Spec, erro
 		}
 		m.warnIdleShares(name, s.QoS)
 	}
-	if err := m.persist(s); err != nil {
+	saved, err := m.saveSpec(v, func(cur *api.Spec) error {
+		cur.Profile, cur.ReadOnly, cur.QoS = s.Profile, s.ReadOnly, s.QoS
+		return nil
+	})
+	if err != nil {
 		if v.qos != nil && s.QoS != old.QoS {
 			if rerr := v.qos.Set(old.QoS); rerr != nil {
 				// The old limits were valid when set; this cannot
@@ -533,11 +688,10 @@ func (m *Registry) Update(name string, fn func(*api.Spec) error) (api.Spec, erro
 		}
 		return api.Spec{}, fmt.Errorf("update %s: %w", name, err)
 	}
-	v.setSpec(s)
 	if s.Profile != old.Profile {
 		v.setProfile(s.Profile)
 	}
-	return s, nil
+	return saved, nil
 }
 
 // warnIdleShares logs when a volume's reservation or weight cannot act:
@@ -564,13 +718,7 @@ func (m *Registry) SetAttachment(name string, att *api.Attachment) (api.Spec, er
 	if err != nil {
 		return api.Spec{}, err
 	}
-	s := v.Spec()
-	s.Attachment = att
-	if err := m.persist(s); err != nil {
-		return api.Spec{}, err
-	}
-	v.setSpec(s)
-	return s, nil
+	return m.saveSpec(v, func(s *api.Spec) error { s.Attachment = att; return nil })
 }
 
 // AttachedWith returns the open volumes recorded as attached with
@@ -611,7 +759,7 @@ func (m *Registry) Names() []string {
 	defer m.mu.RUnlock()
 	out := make([]string, 0, len(m.vols))
 	for n, v := range m.vols {
-		if _, failed := v.Failed(); !failed {
+		if _, failed := v.Failed(); !failed && v.Role() != api.RoleReplica {
 			out = append(out, n)
 		}
 	}

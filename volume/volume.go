@@ -13,6 +13,7 @@ import (
 	"github.com/blockd/blockd/pipeline"
 	"github.com/blockd/blockd/profile"
 	"github.com/blockd/blockd/qos"
+	"github.com/blockd/blockd/replication"
 	"github.com/blockd/blockd/units"
 )
 
@@ -22,8 +23,10 @@ type Volume struct {
 	name   string
 	engine ioengine.Engine
 	pipe   pipeline.Handler
-	prof   *profile.Stage // the io_profile stage in pipe
-	qos    *qos.VolumeQoS // nil when QoS is disabled
+	prof   *profile.Stage          // the io_profile stage in pipe (nil on a replica)
+	qos    *qos.VolumeQoS          // nil when QoS is disabled, and on a replica
+	repl   *replication.Replicator // nil unless the volume is replicated and owned here
+	reg    *Registry
 
 	// gate keeps the engine open while requests are in it: Handle holds
 	// it shared, close holds it exclusively. Closing the engine under a
@@ -44,6 +47,7 @@ type Volume struct {
 	// engine and no pipeline, serves no I/O and can only be deleted.
 	failed string
 
+	metaMu sync.Mutex // held across a metadata change: read, change, persist
 	mu     sync.Mutex // guards spec and reason
 	spec   api.Spec
 	reason string // what the daemon did to the volume at start (SetReason)
@@ -290,6 +294,24 @@ func (v *Volume) flush() error {
 	return v.Handle(context.Background(), &r)
 }
 
+// Role is the node's role for the volume: "" for a volume that is not
+// replicated, api.RoleOwner or api.RoleReplica.
+func (v *Volume) Role() string {
+	if r := v.Spec().Replication; r != nil {
+		return r.Role
+	}
+	return ""
+}
+
+// ReplicaStatus returns the live state of a replicated volume's copies
+// (owner only).
+func (v *Volume) ReplicaStatus() []api.ReplicaStatus {
+	if v.repl == nil {
+		return nil
+	}
+	return v.repl.Status()
+}
+
 // close waits for in-flight requests, makes the data durable and closes the
 // engine. Later requests fail with ErrShutdown.
 func (v *Volume) close() error {
@@ -311,7 +333,15 @@ func (v *Volume) close() error {
 	if v.prof != nil {
 		perr = v.prof.Close() // drains its write-back buffer into the engine
 	}
-	ferr := errors.Join(perr, v.engine.Flush())
+	var ferr, rerr error
+	if v.repl != nil {
+		// The final flush reaches the replicas too.
+		r := pipeline.Request{Op: pipeline.OpFlush}
+		ferr = errors.Join(perr, v.repl.Handle(context.Background(), &r))
+		rerr = v.repl.Close()
+	} else {
+		ferr = errors.Join(perr, v.engine.Flush())
+	}
 	cerr := v.engine.Close()
-	return errors.Join(ferr, cerr)
+	return errors.Join(ferr, rerr, cerr)
 }

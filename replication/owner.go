@@ -547,13 +547,13 @@ func (r *Replicator) CreateReplicas() error {
 	return nil
 }
 
-// DeleteReplicas asks every replica to remove its copy; a replica that
-// cannot be reached keeps it (its node removes it when it learns the
-// volume is gone).
+// DeleteReplicas asks every replica to remove its copy; call it after
+// Close, so that nothing recreates them. A replica that cannot be reached
+// keeps its copy.
 func (r *Replicator) DeleteReplicas() error {
 	var errs []error
 	for _, p := range r.peers {
-		if err := p.send(Msg{Type: MsgDelete, Volume: r.name, Epoch: r.epoch}, nil); err != nil {
+		if err := p.sendCtx(context.Background(), Msg{Type: MsgDelete, Volume: r.name, Epoch: r.epoch}, nil); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", p.node, err))
 		}
 	}

@@ -146,9 +146,11 @@ func (p *peer) remoteSums(reg, region int64) ([]byte, error) {
 }
 
 // send is one synchronous message to the replica.
-func (p *peer) send(m Msg, payload []byte) error {
+func (p *peer) send(m Msg, payload []byte) error { return p.sendCtx(p.r.ctx, m, payload) }
+
+func (p *peer) sendCtx(ctx context.Context, m Msg, payload []byte) error {
 	var resp Msg
-	_, err := p.r.n.Net.Call(p.r.ctx, p.node, p.r.n.Timeout, &m, payload, &resp, nil)
+	_, err := p.r.n.Net.Call(ctx, p.node, p.r.n.Timeout, &m, payload, &resp, nil)
 	if err == nil && resp.Status != StatusOK {
 		err = &StatusError{Status: resp.Status, Epoch: resp.Epoch}
 	}

@@ -585,14 +585,14 @@ func (m *Registry) delete(name string, forOwner bool) error {
 	if m.opts.OnDelete != nil {
 		m.opts.OnDelete(v)
 	}
+	if err := v.close(); err != nil {
+		// The data is being deleted: what did not reach it is moot.
+		m.log.Warn("closing deleted volume", "volume", name, "err", err)
+	}
 	if v.repl != nil {
 		if err := v.repl.DeleteReplicas(); err != nil {
 			m.log.Warn("some replicas could not be told to delete their copies", "volume", name, "err", err)
 		}
-	}
-	if err := v.close(); err != nil {
-		// The data is being deleted: what did not reach it is moot.
-		m.log.Warn("closing deleted volume", "volume", name, "err", err)
 	}
 	if r := v.Spec().Replication; r != nil {
 		if err := replication.RemoveFiles(m.dataDir(), name, r.Replicas); err != nil {

@@ -17,7 +17,12 @@ import (
 	"github.com/blockd/blockd/pipeline"
 )
 
-func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+func quietLog() *slog.Logger {
+	if os.Getenv("VOLUME_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
 
 func openTestManager(t *testing.T, dir string) *Registry {
 	t.Helper()

@@ -221,13 +221,19 @@ func (m *Registry) reopen(name string, change func(*api.Replication) error) erro
 	if m.opts.OnDelete != nil {
 		m.opts.OnDelete(v) // frontends of the old role go
 	}
-	if err := v.close(); err != nil {
+	if err := v.shut(false); err != nil {
 		m.log.Warn("closing the volume to change its role", "volume", name, "err", err)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	delete(m.deleting, name)
-	nv := m.load(name)
+	// The same engine, in the pipeline of the new role: a memory
+	// volume's data stays too.
+	nv, err := m.open(s, func(string, string, int64) (ioengine.Engine, error) { return v.engine, nil })
+	if err != nil {
+		v.engine.Close()
+		nv = newFailed(s, fmt.Sprintf("reopening as %s: %v", r.Role, err))
+	}
 	m.vols[name] = nv
 	m.setFailedMetric(name, nv)
 	if why, failed := nv.Failed(); failed {

@@ -314,7 +314,11 @@ func (v *Volume) ReplicaStatus() []api.ReplicaStatus {
 
 // close waits for in-flight requests, makes the data durable and closes the
 // engine. Later requests fail with ErrShutdown.
-func (v *Volume) close() error {
+func (v *Volume) close() error { return v.shut(true) }
+
+// shut is close; with closeEngine false it leaves the engine open, for a
+// volume reopened in another role around the same data.
+func (v *Volume) shut(closeEngine bool) error {
 	if v.failed != "" {
 		return nil // nothing was opened
 	}
@@ -342,6 +346,9 @@ func (v *Volume) close() error {
 	} else {
 		ferr = errors.Join(perr, v.engine.Flush())
 	}
-	cerr := v.engine.Close()
+	var cerr error
+	if closeEngine {
+		cerr = v.engine.Close()
+	}
 	return errors.Join(ferr, rerr, cerr)
 }

@@ -172,6 +172,32 @@ type Volume struct {
 	Replicas []ReplicaStatus `json:"replicas,omitempty"`
 }
 
+// PromoteRequest is the body of POST /v1/volumes/{name}/promote.
+type PromoteRequest struct {
+	// Force promotes even when a reachable copy holds a newer generation
+	// or a reachable node still owns the volume: acknowledged writes may
+	// be lost.
+	Force bool `json:"force,omitempty"`
+}
+
+// VerifyResult is the answer of POST /v1/volumes/{name}/verify: each
+// in-sync replica compared with the owner's copy, region by region.
+type VerifyResult struct {
+	Volume   string          `json:"volume"`
+	OK       bool            `json:"ok"` // every replica compared, none differs
+	Replicas []ReplicaVerify `json:"replicas"`
+}
+
+// ReplicaVerify is one replica's comparison.
+type ReplicaVerify struct {
+	Node     string  `json:"node"`
+	State    string  `json:"state"`
+	Compared int64   `json:"compared_bytes"`
+	Region   int64   `json:"region_bytes"`
+	Differ   []int64 `json:"differing_regions,omitempty"` // region numbers: bytes [n*region_bytes, (n+1)*region_bytes)
+	Error    string  `json:"error,omitempty"`
+}
+
 // ResizeRequest is the body of POST /v1/volumes/{name}/resize.
 type ResizeRequest struct {
 	Size Size `json:"size"`

@@ -38,19 +38,18 @@ var Timeout = 60 * time.Second
 type Client struct {
 	socket string
 	hc     *http.Client
+	long   *http.Client // no timeout: calls that read a whole volume
 }
 
 // NewClient returns a client for the daemon listening on socket.
 func NewClient(socket string) *Client {
-	return &Client{socket: socket, hc: &http.Client{
-		Timeout: Timeout,
-		Transport: &http.Transport{
-			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-				var d net.Dialer
-				return d.DialContext(ctx, "unix", socket)
-			},
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", socket)
 		},
-	}}
+	}
+	return &Client{socket: socket, hc: &http.Client{Timeout: Timeout, Transport: tr}, long: &http.Client{Transport: tr}}
 }
 
 // Socket returns the socket the client talks to.
@@ -58,6 +57,10 @@ func (c *Client) Socket() string { return c.socket }
 
 // do sends a request and decodes a JSON answer into out (if not nil).
 func (c *Client) do(method, path string, in, out any) error {
+	return c.doWith(c.hc, method, path, in, out)
+}
+
+func (c *Client) doWith(hc *http.Client, method, path string, in, out any) error {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -73,7 +76,7 @@ func (c *Client) do(method, path string, in, out any) error {
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := c.hc.Do(req)
+	resp, err := hc.Do(req)
 	if err != nil {
 		return c.dialError(err)
 	}
@@ -161,6 +164,24 @@ func (c *Client) Attach(name string, req AttachRequest) (Volume, error) {
 func (c *Client) Detach(name string) (Volume, error) {
 	var out Volume
 	return out, c.do("POST", volPath(name)+"/detach", struct{}{}, &out)
+}
+
+// Promote makes this node's replica of a volume its owner.
+func (c *Client) Promote(name string, force bool) (Volume, error) {
+	var out Volume
+	return out, c.do("POST", volPath(name)+"/promote", PromoteRequest{Force: force}, &out)
+}
+
+// Resync retries the replicas of a volume that are not in sync now.
+func (c *Client) Resync(name string) (Volume, error) {
+	var out Volume
+	return out, c.do("POST", volPath(name)+"/resync", struct{}{}, &out)
+}
+
+// Verify compares every in-sync replica of a volume with the owner's copy.
+func (c *Client) Verify(name string) (VerifyResult, error) {
+	var out VerifyResult
+	return out, c.doWith(c.long, "POST", volPath(name)+"/verify", struct{}{}, &out)
 }
 
 // IOPods returns the daemon's per-pod I/O snapshot (eBPF probes).

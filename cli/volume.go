@@ -26,7 +26,8 @@ func newVolume() *cobra.Command {
 		Args:    cobra.ArbitraryArgs,
 		RunE:    groupRun,
 	}
-	cmd.AddCommand(newVolumeCreate(), newVolumeList(), newVolumeGet(), newVolumeDelete(), newVolumeResize(), newVolumeSet())
+	cmd.AddCommand(newVolumeCreate(), newVolumeList(), newVolumeGet(), newVolumeDelete(), newVolumeResize(), newVolumeSet(),
+		newVolumePromote(), newVolumeResync(), newVolumeVerify(), newVolumeWait())
 	return cmd
 }
 
@@ -79,6 +80,8 @@ func newVolumeCreate() *cobra.Command {
 	var (
 		size, engine, prof, out, sock *string
 		ro                            *bool
+		repl                          *int
+		nodes                         *[]string
 		set                           = map[string]string{}
 	)
 	cmd := &cobra.Command{
@@ -87,6 +90,7 @@ func newVolumeCreate() *cobra.Command {
 		Long: `Create a volume. Its name becomes the NBD export name; it matches
 [a-z0-9][a-z0-9._-]{0,62}. The size is a multiple of 4KiB.`,
 		Example: `  blockd volume create db --size 10GiB --profile db
+  blockd volume create pg --size 50GiB --repl 3 --profile db
   blockd volume create scratch --size 1GiB --engine memory --iops-limit 5k`,
 		Args: args(1, "one volume NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -100,7 +104,7 @@ func newVolumeCreate() *cobra.Command {
 			if err != nil {
 				return usagef("--size: %v", err)
 			}
-			spec := api.Spec{Name: args[0], Size: api.Size(n), Engine: *engine, Profile: *prof, ReadOnly: *ro}
+			spec := api.Spec{Name: args[0], Size: api.Size(n), Engine: *engine, Profile: *prof, ReadOnly: *ro, Repl: *repl, Nodes: *nodes}
 			if len(set) > 0 {
 				if err := json.Unmarshal(api.QoSChange(set), &spec.QoS); err != nil {
 					return usageError{err}
@@ -119,6 +123,8 @@ func newVolumeCreate() *cobra.Command {
 	engine = fs.String("engine", ioengine.KindFile, "backing store (`engine`): file (sparse file in the state dir) or memory (RAM; lost when the daemon stops)")
 	prof = fs.String("profile", profile.Auto.String(), profileUsage)
 	ro = fs.Bool("read-only", false, "refuse writes")
+	repl = fs.Int("repl", 1, "copies of the data, this node's included (1-3); writes complete when every in-sync copy has them")
+	nodes = fs.StringSlice("nodes", nil, "`nodes` that hold the other copies (default: the peers with the most free space)")
 	out = outputFlag(cmd)
 	qosFlags(fs, set)
 	cmd.RegisterFlagCompletionFunc("engine", cobra.FixedCompletions(ioengine.Kinds, cobra.ShellCompDirectiveNoFileComp))
@@ -282,7 +288,7 @@ func printVolumes(w io.Writer, format string, vs []api.Volume, single bool) erro
 		return enc.Encode(vs)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSTATE\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tQOS\tCREATED")
+	fmt.Fprintln(tw, "NAME\tSTATE\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tREPL\tQOS\tCREATED")
 	var reasons []string
 	for _, v := range vs {
 		mode := "rw"
@@ -310,7 +316,7 @@ func printVolumes(w io.Writer, format string, vs []api.Volume, single bool) erro
 			state += "*"
 			reasons = append(reasons, fmt.Sprintf("* %s: %s", v.Name, v.Reason))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, state, v.SizeHuman, v.Engine, prof, mode, alloc, dev, qosSummary(v.QoS), created)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, state, v.SizeHuman, v.Engine, prof, mode, alloc, dev, replicaSummary(v), qosSummary(v.QoS), created)
 	}
 	if err := tw.Flush(); err != nil {
 		return err

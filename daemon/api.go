@@ -26,6 +26,9 @@ func (d *Daemon) apiHandler() http.Handler {
 	mux.HandleFunc("PATCH /v1/volumes/{name}", d.update)
 	mux.HandleFunc("POST /v1/volumes/{name}/attach", d.attach)
 	mux.HandleFunc("POST /v1/volumes/{name}/detach", d.detach)
+	mux.HandleFunc("POST /v1/volumes/{name}/promote", d.promote)
+	mux.HandleFunc("POST /v1/volumes/{name}/resync", d.resync)
+	mux.HandleFunc("POST /v1/volumes/{name}/verify", d.verify)
 	mux.HandleFunc("GET /v1/io/pods", d.pods)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, api.Errorf(api.CodeNotFound, "no such API call: %s %s", r.Method, r.URL.Path))
@@ -49,6 +52,7 @@ func (d *Daemon) info(v *volume.Volume) api.Volume {
 		vi.EffectiveProfile = st.Effective
 		vi.ProfileStats = st
 	}
+	vi.Replicas = v.ReplicaStatus()
 	return vi
 }
 
@@ -169,6 +173,52 @@ func (d *Daemon) reply(w http.ResponseWriter, status int, name string) {
 		return
 	}
 	writeJSON(w, status, vi)
+}
+
+func (d *Daemon) promote(w http.ResponseWriter, r *http.Request) {
+	var req api.PromoteRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := d.volumes.Promote(r.PathValue("name"), req.Force)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	d.reply(w, http.StatusOK, s.Name)
+}
+
+func (d *Daemon) resync(w http.ResponseWriter, r *http.Request) {
+	v, err := d.volumes.Get(r.PathValue("name"))
+	if err == nil {
+		err = v.Resync()
+	}
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	d.reply(w, http.StatusOK, v.Name())
+}
+
+func (d *Daemon) verify(w http.ResponseWriter, r *http.Request) {
+	v, err := d.volumes.Get(r.PathValue("name"))
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	reps, err := v.Verify(r.Context())
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	res := api.VerifyResult{Volume: v.Name(), OK: true, Replicas: reps}
+	for _, rv := range reps {
+		if rv.Error != "" || len(rv.Differ) > 0 {
+			res.OK = false
+		}
+	}
+	writeJSON(w, http.StatusOK, res)
 }
 
 func readJSON(r *http.Request, v any) error {

@@ -601,3 +601,63 @@ func (n *Node) State(ctx context.Context, peer, volume string) (CopyState, error
 	}
 	return CopyState{Has: true, Owner: resp.Flags&FlagOwner != 0, Epoch: resp.Epoch, Generation: resp.Gen}, nil
 }
+
+// Verify compares every in-sync replica with the owner's copy, region by
+// region, by checksum. Writes to the regions being compared wait (the
+// range lock), so a write in flight never shows as a difference.
+func (r *Replicator) Verify(ctx context.Context) []api.ReplicaVerify {
+	var out []api.ReplicaVerify
+	size := r.cfg.Engine.Size()
+	region := r.n.Region
+	span := region * resyncBatch
+	for _, p := range r.peers {
+		res := api.ReplicaVerify{Node: p.node, State: peerStateNames[p.state.Load()], Region: region}
+		if p.state.Load() != peerInSync {
+			res.Error = "not in sync: nothing to verify yet"
+			out = append(out, res)
+			continue
+		}
+		for off := int64(0); off < size && ctx.Err() == nil; off += span {
+			n := min(span, size-off)
+			h := r.rl.lock(off, off+n)
+			m := Msg{Type: MsgChecksums, Volume: r.name, Epoch: r.epoch, Offset: off, Length: uint32((n + region - 1) / region), Flags: uint32(region)}
+			var resp Msg
+			remote, err := r.n.Net.Call(ctx, p.node, r.n.LastTimeout, &m, nil, &resp, nil)
+			if err == nil && resp.Status != StatusOK {
+				err = &StatusError{Status: resp.Status, Epoch: resp.Epoch}
+			}
+			var local []byte
+			if err == nil {
+				local, err = Checksums(r.cfg.Engine, off, int64(m.Length), region, nil)
+			}
+			r.rl.unlock(h)
+			if err != nil {
+				res.Error = err.Error()
+				break
+			}
+			if len(remote) != len(local) {
+				res.Error = fmt.Sprintf("replica answered %d checksums for %d regions", len(remote)/8, len(local)/8)
+				break
+			}
+			for i := 0; i < len(local); i += 8 {
+				if string(local[i:i+8]) != string(remote[i:i+8]) {
+					res.Differ = append(res.Differ, off/region+int64(i/8))
+				}
+			}
+			res.Compared += n
+		}
+		if err := ctx.Err(); err != nil && res.Error == "" {
+			res.Error = err.Error()
+		}
+		out = append(out, res)
+	}
+	return out
+}
+
+// Resync wakes every replica that is not in sync, so it is retried now
+// rather than at its next attempt.
+func (r *Replicator) Resync() {
+	for _, p := range r.peers {
+		p.kick()
+	}
+}

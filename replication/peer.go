@@ -81,6 +81,8 @@ func (p *peer) loop() {
 				t.Stop()
 				return
 			case <-t.C:
+			case <-p.wake: // `blockd volume resync`
+				t.Stop()
 			}
 		}
 		if r.fenced.Load() {

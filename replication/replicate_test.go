@@ -235,3 +235,33 @@ func TestConcurrentWritesWithResync(t *testing.T) {
 	c.same("b")
 	c.same("c")
 }
+
+// Verify finds no difference between in-sync copies, and names the
+// regions of one that was changed behind the owner's back.
+func TestVerify(t *testing.T) {
+	c := newCluster(t, "b", "c")
+	c.start(newVolumeState("b", "c"), true)
+	if err := c.rep.CreateReplicas(); err != nil {
+		t.Fatal(err)
+	}
+	c.write(0, pattern(1<<20, 5))
+	c.flush()
+	for _, res := range c.rep.Verify(context.Background()) {
+		if res.Error != "" || len(res.Differ) != 0 || res.Compared != testSize {
+			t.Fatalf("healthy copies: %+v", res)
+		}
+	}
+	c.copies["c"].engine("v").WriteAt([]byte("bit rot"), 3*64<<10+17)
+	for _, res := range c.rep.Verify(context.Background()) {
+		switch res.Node {
+		case "b":
+			if len(res.Differ) != 0 {
+				t.Errorf("b: %+v", res)
+			}
+		case "c":
+			if len(res.Differ) != 1 || res.Differ[0] != 3 {
+				t.Errorf("c: differing regions %v, want [3]", res.Differ)
+			}
+		}
+	}
+}

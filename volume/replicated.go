@@ -321,3 +321,21 @@ func (m *Registry) Promote(name string, force bool) (api.Spec, error) {
 	m.log.Warn("volume promoted: this node owns it now", "volume", name, "epoch", epoch+1)
 	return nv.Spec(), nil
 }
+
+// Verify compares every in-sync replica of a volume owned here with this
+// copy (see replication.Replicator.Verify).
+func (v *Volume) Verify(ctx context.Context) ([]api.ReplicaVerify, error) {
+	if v.repl == nil {
+		return nil, api.Errorf(api.CodeConflict, "volume %s has no replicas here to verify (repl 1, or not owned by this node)", v.name)
+	}
+	return v.repl.Verify(ctx), nil
+}
+
+// Resync retries every replica of a volume owned here that is not in sync.
+func (v *Volume) Resync() error {
+	if v.repl == nil {
+		return api.Errorf(api.CodeConflict, "volume %s has no replicas here (repl 1, or not owned by this node)", v.name)
+	}
+	v.repl.Resync()
+	return nil
+}

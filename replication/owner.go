@@ -45,7 +45,14 @@ type Node struct {
 	Region int64
 	// Log receives replication events (default slog.Default()).
 	Log *slog.Logger
+	// Latency, if set, returns where a replica's round trips are
+	// recorded (a Prometheus histogram's child, resolved once per
+	// replica so the data path only observes).
+	Latency func(volume, replica string) Observer
 }
+
+// Observer records a duration in seconds.
+type Observer interface{ Observe(float64) }
 
 func (n *Node) defaults() {
 	if n.Timeout <= 0 {
@@ -178,6 +185,9 @@ func (n *Node) NewReplicator(cfg VolumeConfig) (*Replicator, error) {
 			return nil, err
 		}
 		p := &peer{r: r, node: rep.Node, idx: i, bm: bm, compare: rep.Compare, queue: make(chan *send, 64), wake: make(chan struct{}, 1)}
+		if n.Latency != nil {
+			p.latency = n.Latency(r.name, rep.Node)
+		}
 		if hot {
 			// Writes may have been in flight when the owner stopped:
 			// the replicas may differ from us there.
@@ -517,6 +527,15 @@ func RemoveFiles(dir, volume string, replicas []api.Replica) error {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
+}
+
+// Copied returns the bytes resyncs sent to each replica.
+func (r *Replicator) Copied() map[string]int64 {
+	out := map[string]int64{}
+	for _, p := range r.peers {
+		out[p.node] = p.copied.Load()
+	}
+	return out
 }
 
 // Status returns each replica's live state.

@@ -20,8 +20,9 @@ type peer struct {
 	// checksums before it copies (guarded by r.mu).
 	compare bool
 
-	queue chan *send    // requests for the senders
-	wake  chan struct{} // nudges loop
+	queue   chan *send    // requests for the senders
+	wake    chan struct{} // nudges loop
+	latency Observer      // nil: not recorded
 
 	mu      sync.Mutex // guards lastErr and the resync figures
 	lastErr string
@@ -50,7 +51,11 @@ func (p *peer) sender() {
 	var resp Msg
 	for s := range p.queue {
 		o := s.o
+		start := time.Now()
 		_, err := p.r.n.Net.Call(p.r.ctx, p.node, s.timeout, &o.msg, o.payload, &resp, nil)
+		if p.latency != nil && err == nil {
+			p.latency.Observe(time.Since(start).Seconds())
+		}
 		if err == nil && resp.Status != StatusOK {
 			err = &StatusError{Status: resp.Status, Epoch: resp.Epoch}
 		}

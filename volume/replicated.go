@@ -339,3 +339,12 @@ func (v *Volume) Resync() error {
 	v.repl.Resync()
 	return nil
 }
+
+// ResyncCopied returns the bytes resyncs sent to each replica of a volume
+// owned here.
+func (v *Volume) ResyncCopied() map[string]int64 {
+	if v.repl == nil {
+		return nil
+	}
+	return v.repl.Copied()
+}

@@ -86,9 +86,13 @@ const (
 	StatusNoSpace
 	// StatusShutdown: the node is stopping.
 	StatusShutdown
+	// StatusNoSession: a data message from an owner the replica has
+	// not opened a session with at this epoch (it missed the MsgOpen):
+	// the owner opens one again.
+	StatusNoSession
 )
 
-var statusText = [...]string{"ok", "stale epoch", "no such volume here", "I/O error", "invalid request", "conflict", "no space", "shutting down"}
+var statusText = [...]string{"ok", "stale epoch", "no such volume here", "I/O error", "invalid request", "conflict", "no space", "shutting down", "no session"}
 
 // StatusError is a peer's refusal.
 type StatusError struct {
@@ -107,10 +111,12 @@ func (e *StatusError) Error() string {
 	return t
 }
 
-// IsStale reports whether err is a StatusStaleEpoch refusal.
+// IsStale reports whether err says another owner holds the volume: a
+// higher epoch (StatusStaleEpoch), or another owner at the same epoch
+// (StatusConflict). Either way this owner must stop.
 func IsStale(err error) bool {
 	var se *StatusError
-	return errors.As(err, &se) && se.Status == StatusStaleEpoch
+	return errors.As(err, &se) && (se.Status == StatusStaleEpoch || se.Status == StatusConflict)
 }
 
 // Network carries messages between nodes (the transport package): Call

@@ -107,7 +107,7 @@ func (s *Service) ServeMessage(ctx context.Context, peer string, req *Msg, paylo
 		return nil, nil
 	}
 	e := c.Engine()
-	if e == nil { // we own it: only our own pipeline writes it
+	if e == nil { // we own it at this epoch: only our own pipeline writes it
 		resp.Status = StatusConflict
 		return nil, nil
 	}
@@ -149,10 +149,12 @@ func (s *Service) checkEpoch(peer string, req *Msg, resp *Msg) (Copy, api.Replic
 	case req.Epoch < r.Epoch:
 		resp.Status = StatusStaleEpoch
 		return nil, r, false
-	case req.Epoch > r.Epoch || r.Owner != peer:
-		// Data messages only come after an MsgOpen of the epoch,
-		// which made peer the owner here.
-		resp.Status = StatusConflict
+	case req.Epoch == r.Epoch && r.Owner != peer:
+		resp.Status = StatusConflict // two owners at one epoch: refuse both
+		return nil, r, false
+	case req.Epoch > r.Epoch:
+		// Data messages only come after an MsgOpen of the epoch.
+		resp.Status = StatusNoSession
 		return nil, r, false
 	}
 	return c, r, true

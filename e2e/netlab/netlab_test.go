@@ -442,6 +442,31 @@ func TestRelayOrder(t *testing.T) {
 	t.Logf("%d datagrams through a 1ms relay and back, in order, in %v; relay %+v", n, time.Since(t0), lab.RelayStats(addr))
 }
 
+// TestRelayTargetLate: a datagram relayed before the target listens is
+// lost (the upstream socket gets ECONNREFUSED); the relay keeps the client
+// and works once the target listens.
+func TestRelayTargetLate(t *testing.T) {
+	lab := New(t, 2, Options{})
+	n0, n1 := lab.Node(0), lab.Node(1)
+	addr := lab.Relay(1, ":0", n1.IP()+":7009", 0)
+	c := udpSocket(t, n0, 0)
+	dst := net.UDPAddrFromAddrPort(netip.MustParseAddrPort(addr))
+	for range 3 {
+		c.WriteTo([]byte("early"), dst)
+	}
+	if !waitFor(2*time.Second, func() bool { st := lab.RelayStats(addr); return st.Requests+st.Dropped == 3 }) {
+		t.Fatalf("relay %+v", lab.RelayStats(addr))
+	}
+	t.Logf("before the target listens: relay %+v", lab.RelayStats(addr))
+	time.Sleep(20 * time.Millisecond) // the ICMP errors arrive
+	count(t, udpSocket(t, n1, 7009), true)
+	c.Close()
+	rtts(t, n0, addr, 5)
+	if st := lab.RelayStats(addr); st.Replies != 5 {
+		t.Errorf("relay %+v, want 5 replies", st)
+	}
+}
+
 // TestParallelLabs builds two labs at once from parallel subtests: each
 // works, and they got different prefixes and subnets.
 func TestParallelLabs(t *testing.T) {
@@ -511,6 +536,21 @@ func TestCommandSeesNodeAddress(t *testing.T) {
 
 	cmd := n1.Command(ctx, os.Args[0])
 	cmd.Env = append(os.Environ(), "NETLAB_HELPER=udp-echo")
+	line := startReadLine(t, cmd)
+	t.Logf("helper in node 1: %s", strings.TrimSpace(line))
+	if !strings.Contains(line, n1.IP()+"/24") || strings.Contains(line, n0.IP()+"/") {
+		t.Errorf("helper sees the wrong addresses: %s", line)
+	}
+	_, port, _ := strings.Cut(strings.TrimSpace(line), "port=")
+	rtts(t, n0, net.JoinHostPort(n1.IP(), port), 1)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("helper: %v", err)
+	}
+}
+
+// startReadLine starts cmd and returns the first line it prints.
+func startReadLine(t *testing.T, cmd *exec.Cmd) string {
+	t.Helper()
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -521,17 +561,9 @@ func TestCommandSeesNodeAddress(t *testing.T) {
 	}
 	line, err := bufio.NewReader(stdout).ReadString('\n')
 	if err != nil {
-		t.Fatalf("helper: %v", err)
+		t.Fatalf("%v: first line: %v", cmd.Args, err)
 	}
-	t.Logf("helper in node 1: %s", strings.TrimSpace(line))
-	if !strings.Contains(line, n1.IP()+"/24") || strings.Contains(line, n0.IP()+"/") {
-		t.Errorf("helper sees the wrong addresses: %s", line)
-	}
-	_, port, _ := strings.Cut(strings.TrimSpace(line), "port=")
-	rtts(t, n0, net.JoinHostPort(n1.IP(), port), 1)
-	if err := cmd.Wait(); err != nil {
-		t.Errorf("helper: %v", err)
-	}
+	return line
 }
 
 // ours lists what a lab of the prefix has left: namespaces, links in the
@@ -628,14 +660,7 @@ func TestTeardownLeavesNothing(t *testing.T) {
 		}
 
 		shell = lab.Node(1).Command(context.Background(), "sh", "-c", "sleep 60 & echo $!; wait")
-		stdout, err := shell.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := shell.Start(); err != nil {
-			t.Fatal(err)
-		}
-		line, err := bufio.NewReader(stdout).ReadString('\n')
+		line := startReadLine(t, shell)
 		if child, err = strconv.Atoi(strings.TrimSpace(line)); err != nil {
 			t.Fatalf("child pid %q: %v", line, err)
 		}
@@ -667,13 +692,13 @@ func TestTeardownLeavesNothing(t *testing.T) {
 func TestSweepStale(t *testing.T) {
 	live := New(t, 2, Options{})
 	var prefix string
-	for {
+	for try := 0; prefix == "" || len(ours(t, prefix)) > 0; try++ {
+		if try == 64 {
+			t.Fatal("no free prefix in 64 tries")
+		}
 		var b [2]byte
 		rand.Read(b[:])
 		prefix = fmt.Sprintf("%s%02x%02x", namePrefix, b[0], b[1])
-		if len(ours(t, prefix)) == 0 {
-			break
-		}
 	}
 	if err := os.WriteFile(lockPath(prefix), []byte("pid 1 (fake)\n"), 0o644); err != nil {
 		t.Fatal(err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os/exec"
@@ -60,29 +61,17 @@ func (n *Node) Do(fn func() error) error { return n.lab.do(n.ns, fn) }
 // Listen is net.Listen inside the node. The listener is closed at teardown
 // if the test has not closed it.
 func (n *Node) Listen(network, address string) (net.Listener, error) {
-	var ln net.Listener
-	err := n.Do(func() (err error) {
-		ln, err = net.Listen(network, address)
-		return err
+	return openIn(n, "listen "+network+" "+address, func() (net.Listener, error) {
+		return net.Listen(network, address)
 	})
-	if err != nil {
-		return nil, fmt.Errorf("listen %s %s in %s: %w", network, address, n.ns.name, err)
-	}
-	return ln, n.lab.track(ln)
 }
 
 // ListenPacket is net.ListenPacket inside the node; for "udp" the result is
 // a *net.UDPConn. It is closed at teardown if the test has not closed it.
 func (n *Node) ListenPacket(network, address string) (net.PacketConn, error) {
-	var pc net.PacketConn
-	err := n.Do(func() (err error) {
-		pc, err = net.ListenPacket(network, address)
-		return err
+	return openIn(n, "listen "+network+" "+address, func() (net.PacketConn, error) {
+		return net.ListenPacket(network, address)
 	})
-	if err != nil {
-		return nil, fmt.Errorf("listen %s %s in %s: %w", network, address, n.ns.name, err)
-	}
-	return pc, n.lab.track(pc)
 }
 
 // Dial is net.Dial from inside the node. Through a partition a TCP dial
@@ -94,16 +83,23 @@ func (n *Node) Dial(network, address string) (net.Conn, error) {
 // DialContext is net.Dialer.DialContext from inside the node. The
 // connection is closed at teardown if the test has not closed it.
 func (n *Node) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
-	var c net.Conn
-	err := n.Do(func() (err error) {
+	return openIn(n, "dial "+network+" "+address, func() (net.Conn, error) {
 		var d net.Dialer
-		c, err = d.DialContext(ctx, network, address)
-		return err
+		return d.DialContext(ctx, network, address)
 	})
-	if err != nil {
-		return nil, fmt.Errorf("dial %s %s from %s: %w", network, address, n.ns.name, err)
+}
+
+// openIn makes a socket inside the node and has the lab close it at
+// teardown.
+func openIn[T io.Closer](n *Node, what string, open func() (T, error)) (T, error) {
+	var c, zero T
+	if err := n.Do(func() (err error) { c, err = open(); return err }); err != nil {
+		return zero, fmt.Errorf("%s in %s: %w", what, n.ns.name, err)
 	}
-	return c, n.lab.track(c)
+	if err := n.lab.track(c); err != nil {
+		return zero, err
+	}
+	return c, nil
 }
 
 // do runs fn on a fresh goroutine locked to its thread, with the thread

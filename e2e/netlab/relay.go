@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -119,7 +120,7 @@ func (l *Lab) Relay(node int, listen, target string, delay time.Duration) (addr 
 
 	r.wg.Add(3)
 	go r.readClients()
-	go r.send(r.up, func(d datagram) error { _, err := d.up.Write(d.data); return err }, &r.requests)
+	go r.send(r.up, r.forward, &r.requests)
 	go r.send(r.down, func(d datagram) error { _, err := r.ln.WriteToUDPAddrPort(d.data, d.peer); return err }, &r.replies)
 	return r.addr
 }
@@ -173,10 +174,7 @@ func (r *relay) readClients() {
 	for {
 		n, from, err := r.ln.ReadFromUDPAddrPort(buf)
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue // e.g. ECONNREFUSED from an earlier send: the socket lives on
+			return // closed by stop; an unconnected socket reports no ICMP errors
 		}
 		due := time.Now().Add(r.delay)
 		up, err := r.client(from)
@@ -225,15 +223,26 @@ func (r *relay) readTarget(c *net.UDPConn, client netip.AddrPort) {
 	buf := make([]byte, 64<<10)
 	for {
 		n, err := c.Read(buf)
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			continue // the target is not listening (yet): an ICMP error, once per datagram
+		}
 		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			continue // ECONNREFUSED while the target is not listening
+			return // closed by stop
 		}
 		due := time.Now().Add(r.delay)
 		r.enqueue(r.down, datagram{due: due, data: append([]byte(nil), buf[:n]...), peer: client})
 	}
+}
+
+// forward sends a client's datagram to the target. A connected UDP socket
+// reports an ICMP error of an earlier datagram (target port closed) on the
+// next send, which then did not happen: send once more.
+func (r *relay) forward(d datagram) error {
+	_, err := d.up.Write(d.data)
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		_, err = d.up.Write(d.data)
+	}
+	return err
 }
 
 func (r *relay) enqueue(q chan datagram, d datagram) {

@@ -8,6 +8,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -251,6 +252,50 @@ func TestIsolateRejoin(t *testing.T) {
 
 	lab.HealAll()
 	checkReach(t, lab, all)
+}
+
+// TestTCP: Listen and DialContext make TCP sockets inside nodes; a
+// partition stops a dial and Heal lets the next one through.
+func TestTCP(t *testing.T) {
+	lab := New(t, 2, Options{})
+	ln, err := lab.Node(1).Listen("tcp", lab.Node(1).IP()+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return // closed at teardown
+			}
+			c.Write([]byte("hello from " + c.LocalAddr().String()))
+			c.Close()
+		}
+	}()
+	dial := func(timeout time.Duration) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		c, err := lab.Node(0).DialContext(ctx, "tcp", ln.Addr().String())
+		if err != nil {
+			return "", err
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(timeout))
+		b := make([]byte, 64)
+		n, err := c.Read(b)
+		return string(b[:n]), err
+	}
+	if got, err := dial(2 * time.Second); err != nil || got != "hello from "+ln.Addr().String() {
+		t.Fatalf("dial: %q, %v", got, err)
+	}
+	lab.Partition(0, 1)
+	if got, err := dial(300 * time.Millisecond); err == nil {
+		t.Errorf("dial through a partition answered %q", got)
+	}
+	lab.Heal(0, 1)
+	if _, err := dial(2 * time.Second); err != nil {
+		t.Errorf("dial after heal: %v", err)
+	}
 }
 
 // TestLoss sends 2000 datagrams each way through Loss(1, 5%) and accepts a
@@ -684,6 +729,72 @@ func TestTeardownLeavesNothing(t *testing.T) {
 	}
 	if left := ours(t, prefix); len(left) > 0 {
 		t.Errorf("left after teardown: %v", left)
+	}
+}
+
+// TestHelperKilledLab is run by TestSweepKilledRun as a child process that
+// builds a lab, starts a process in it and waits to be killed.
+func TestHelperKilledLab(t *testing.T) {
+	if os.Getenv("NETLAB_HELPER") != "killed-lab" {
+		t.Skip("a helper process of TestSweepKilledRun")
+	}
+	lab := New(t, 2, Options{})
+	lab.Partition(0, 1)
+	if err := lab.Node(1).Command(context.Background(), "sleep", "60").Start(); err != nil {
+		t.Fatal(err)
+	}
+	fmt.Printf("NETLAB_PREFIX=%s\n", lab.Prefix())
+	time.Sleep(30 * time.Second)
+}
+
+// TestSweepKilledRun kills -9 a test process that has a lab, so its cleanup
+// never runs, and sweeps as a later process would: the lab and the process
+// left in it are gone.
+func TestSweepKilledRun(t *testing.T) {
+	live := New(t, 1, Options{}) // for the preflight and ip's path
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperKilledLab$", "-test.v")
+	cmd.Env = append(os.Environ(), "NETLAB_HELPER=killed-lab")
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var prefix string
+	lines := bufio.NewScanner(stdout)
+	for prefix == "" && lines.Scan() { // ends when the child exits
+		if p, ok := strings.CutPrefix(lines.Text(), "NETLAB_PREFIX="); ok {
+			prefix = p
+		}
+	}
+	exited := make(chan struct{})
+	go func() { io.Copy(io.Discard, stdout); cmd.Wait(); close(exited) }()
+	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+	if prefix == "" {
+		t.Fatal("the helper printed no prefix")
+	}
+	left := ours(t, prefix)
+	var sleeper unix.Stat_t
+	if err := unix.Stat(filepath.Join(netnsDir, prefix+"-1"), &sleeper); err != nil {
+		t.Fatal(err)
+	}
+	if len(procsIn(sleeper)) != 1 {
+		t.Fatalf("the helper's lab has processes %v in node 1", procsIn(sleeper))
+	}
+	cmd.Process.Kill()
+	<-exited
+	if got := ours(t, prefix); len(got) != len(left) {
+		t.Fatalf("the killed helper left %v, then %v", left, got)
+	}
+
+	sweep(t.Logf, live.ipPath, time.Now())
+	if left := ours(t, prefix); len(left) > 0 {
+		t.Errorf("left after the sweep: %v", left)
+	}
+	if procs := procsIn(sleeper); len(procs) > 0 {
+		t.Errorf("processes left in the swept namespace: %v", procs)
 	}
 }
 

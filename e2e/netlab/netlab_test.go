@@ -593,6 +593,9 @@ func TestCommandSeesNodeAddress(t *testing.T) {
 	}
 }
 
+// ipTool is the path of ip (tests may have no sbin in PATH).
+func ipTool(t *testing.T) string { return lookTool(t, "ip", "iproute2") }
+
 // startReadLine starts cmd and returns the first line it prints.
 func startReadLine(t *testing.T, cmd *exec.Cmd) string {
 	t.Helper()
@@ -616,7 +619,7 @@ func startReadLine(t *testing.T, cmd *exec.Cmd) string {
 func ours(t *testing.T, prefix string) []string {
 	t.Helper()
 	var left []string
-	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	out, err := exec.Command(ipTool(t), "netns", "list").CombinedOutput()
 	if err != nil {
 		t.Fatalf("ip netns list: %v: %s", err, out)
 	}
@@ -625,7 +628,7 @@ func ours(t *testing.T, prefix string) []string {
 			left = append(left, "netns "+l)
 		}
 	}
-	out, err = exec.Command("ip", "-o", "link", "show").CombinedOutput()
+	out, err = exec.Command(ipTool(t), "-o", "link", "show").CombinedOutput()
 	if err != nil {
 		t.Fatalf("ip link: %v: %s", err, out)
 	}
@@ -695,7 +698,7 @@ func TestTeardownLeavesNothing(t *testing.T) {
 		if err != nil || strings.Contains(string(out), table) {
 			t.Errorf("root namespace nft tables: %v\n%s", err, out)
 		}
-		out, err = exec.Command("ip", "-o", "link", "show").CombinedOutput()
+		out, err = exec.Command(ipTool(t), "-o", "link", "show").CombinedOutput()
 		if err != nil || strings.Contains(string(out), prefix) {
 			t.Errorf("root namespace links: %v\n%s", err, out)
 		}
@@ -821,7 +824,7 @@ func TestSweepStale(t *testing.T) {
 		runIP(live.ipPath, "", true, "netns del "+prefix+"-sw", "netns del "+prefix+"-0")
 		os.Remove(lockPath(prefix))
 	})
-	sleeper := exec.Command("ip", "netns", "exec", prefix+"-0", "sleep", "60")
+	sleeper := exec.Command(live.ipPath, "netns", "exec", prefix+"-0", "sleep", "60")
 	if err := sleeper.Start(); err != nil {
 		t.Fatal(err)
 	}

@@ -11,7 +11,8 @@
 // with flock for the lab's life), so labs alive at the same time, in one
 // process or several, never share names or addresses.
 //
-//	netns P-sw   bridge P-br (no address: a plain L2 switch, STP off)
+//	netns P-sw   bridge P-br (no address: a plain L2 switch; STP and
+//	             multicast snooping off)
 //	               ├── P-s0 ─┐ veth pair
 //	               ├── P-s1 ─┼─┐
 //	               └── …     │ │
@@ -33,8 +34,10 @@
 // the sender, as on a real network; a drop in the sender's output path
 // would make sendmsg fail with EPERM, which no real link does and which
 // QUIC stacks treat differently from loss. Only IPv4 is dropped; ARP
-// passes, so healing takes effect at once. Traffic that stays inside a node
-// (loopback, its own address) never crosses its veth and is never affected.
+// passes, so healing takes effect at once. Frames the bridge floods to a
+// node that are not addressed to it pass its rules uncounted. Traffic that
+// stays inside a node (loopback, its own address) never crosses its veth
+// and is never affected.
 //
 //   - Partition(i, j): i's chain drops ip saddr j, j's drops ip saddr i.
 //   - Isolate(i): i's chain drops all IPv4; every other chain drops ip saddr i.

@@ -103,11 +103,20 @@ func (l *Lab) ruleset(i int) string {
 	fmt.Fprintf(&b, "add chain netdev %s ingress { type filter hook ingress device %q priority 0; policy accept; }\n",
 		table, l.nodes[i].ifname)
 	fmt.Fprintf(&b, "flush chain netdev %s ingress\n", table)
+	// Until the bridge learns where a MAC is, it floods unicast frames to
+	// every port; those frames are not this node's (the stack drops them)
+	// and must not meet its rules or its counters.
+	fmt.Fprintf(&b, "add rule netdev %s ingress meta pkttype other accept\n", table)
 	rule := func(match string, f Fault, from int) {
 		fmt.Fprintf(&b, "add rule netdev %s ingress %s counter name %q drop\n", table, match, counterName(f, from))
 	}
 	saddr := func(j int) string { return "ip saddr " + l.nodes[j].IP() }
-	random := func(bp int) string { return fmt.Sprintf("numgen random mod 10000 < %d", bp) }
+	random := func(bp int) string {
+		if bp >= 10000 {
+			return "meta protocol ip" // 100%: every packet (numgen's values stop at 9999)
+		}
+		return fmt.Sprintf("numgen random mod 10000 < %d", bp)
+	}
 
 	fs := &l.faults
 	if fs.isolated[i] {

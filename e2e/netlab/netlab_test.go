@@ -298,6 +298,25 @@ func TestTCP(t *testing.T) {
 	}
 }
 
+// TestFloodedFramesPass turns the switch into a hub (bridge ageing 0: it
+// floods every frame to every port), so node 2 sees the frames between
+// nodes 0 and 1: its loss rule must neither drop nor count them.
+func TestFloodedFramesPass(t *testing.T) {
+	lab := New(t, 3, Options{})
+	if err := lab.ip(lab.sw.name, "link set "+lab.prefix+"-br type bridge ageing_time 0"); err != nil {
+		t.Fatal(err)
+	}
+	lab.Loss(2, 100)
+	count(t, udpSocket(t, lab.Node(1), 7007), true)
+	rtts(t, lab.Node(0), lab.Node(1).IP()+":7007", 100)
+	if got := lab.Stats().Packets(FaultLoss, 2, -1); got != 0 {
+		t.Errorf("node 2 counted %d flooded frames as its loss", got)
+	}
+	if reach(t, lab.Node(0), lab.Node(2)) {
+		t.Error("node 2 at 100% loss was reached")
+	}
+}
+
 // TestLoss sends 2000 datagrams each way through Loss(1, 5%) and accepts a
 // drop count of 40 to 180 (2% to 9%). The count is Binomial(2000, 0.05):
 // mean 100, standard deviation 9.7; P(X < 40) = 1.1e-12 and P(X > 180) =
@@ -328,8 +347,10 @@ func TestLoss(t *testing.T) {
 			// buffer never holds more than one batch.
 			var d int64
 			if !waitFor(5*time.Second, func() bool { d = dropped() - base; return got.n.Load()+d == int64(sent) }) {
-				t.Fatalf("%d→%d: sent %d, received %d, dropped by the loss rule %d: some loss is not the lab's",
-					dir.from, dir.to, sent, got.n.Load(), d)
+				diag, _ := lab.Node(dir.to).Command(context.Background(), "sh", "-c",
+					"cat /proc/net/snmp; ip -s link; "+lab.nft+" list ruleset").CombinedOutput()
+				t.Fatalf("%d→%d: sent %d, received %d, dropped by the loss rule %d: some loss is not the lab's\n%s",
+					dir.from, dir.to, sent, got.n.Load(), d, diag)
 			}
 		}
 		d := dropped() - base

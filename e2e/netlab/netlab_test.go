@@ -602,12 +602,12 @@ func TestCommandSeesNodeAddress(t *testing.T) {
 
 	cmd := n1.Command(ctx, os.Args[0])
 	cmd.Env = append(os.Environ(), "NETLAB_HELPER=udp-echo")
-	line := startReadLine(t, cmd)
-	t.Logf("helper in node 1: %s", strings.TrimSpace(line))
+	line, _ := startFind(t, cmd, "addrs=")
+	t.Logf("helper in node 1: %s", line)
 	if !strings.Contains(line, n1.IP()+"/24") || strings.Contains(line, n0.IP()+"/") {
 		t.Errorf("helper sees the wrong addresses: %s", line)
 	}
-	_, port, _ := strings.Cut(strings.TrimSpace(line), "port=")
+	_, port, _ := strings.Cut(line, "port=")
 	rtts(t, n0, net.JoinHostPort(n1.IP(), port), 1)
 	if err := cmd.Wait(); err != nil {
 		t.Errorf("helper: %v", err)
@@ -617,8 +617,10 @@ func TestCommandSeesNodeAddress(t *testing.T) {
 // ipTool is the path of ip (tests may have no sbin in PATH).
 func ipTool(t *testing.T) string { return lookTool(t, "ip", "iproute2") }
 
-// startReadLine starts cmd and returns the first line it prints.
-func startReadLine(t *testing.T, cmd *exec.Cmd) string {
+// startFind starts cmd and reads its output up to the first line that
+// begins with prefix; it returns the rest of that line and the reader of
+// the output still to come.
+func startFind(t *testing.T, cmd *exec.Cmd, prefix string) (string, *bufio.Reader) {
 	t.Helper()
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
@@ -628,11 +630,18 @@ func startReadLine(t *testing.T, cmd *exec.Cmd) string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	line, err := bufio.NewReader(stdout).ReadString('\n')
-	if err != nil {
-		t.Fatalf("%v: first line: %v", cmd.Args, err)
+	r := bufio.NewReader(stdout)
+	for {
+		line, err := r.ReadString('\n') // ends at the latest when cmd exits
+		if rest, ok := strings.CutPrefix(line, prefix); ok && err == nil {
+			return strings.TrimSpace(rest), r
+		}
+		if err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("%v: no line starting %q: %v", cmd.Args, prefix, err)
+		}
 	}
-	return line
 }
 
 // ours lists what a lab of the prefix has left: namespaces, links in the
@@ -729,8 +738,8 @@ func TestTeardownLeavesNothing(t *testing.T) {
 		}
 
 		shell = lab.Node(1).Command(context.Background(), "sh", "-c", "sleep 60 & echo $!; wait")
-		line := startReadLine(t, shell)
-		if child, err = strconv.Atoi(strings.TrimSpace(line)); err != nil {
+		line, _ := startFind(t, shell, "")
+		if child, err = strconv.Atoi(line); err != nil {
 			t.Fatalf("child pid %q: %v", line, err)
 		}
 		inNetns(t, child, lab.Node(1).Name())
@@ -778,27 +787,10 @@ func TestSweepKilledRun(t *testing.T) {
 	live := New(t, 1, Options{}) // for the preflight and ip's path
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperKilledLab$", "-test.v")
 	cmd.Env = append(os.Environ(), "NETLAB_HELPER=killed-lab")
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var prefix string
-	lines := bufio.NewScanner(stdout)
-	for prefix == "" && lines.Scan() { // ends when the child exits
-		if p, ok := strings.CutPrefix(lines.Text(), "NETLAB_PREFIX="); ok {
-			prefix = p
-		}
-	}
+	prefix, rest := startFind(t, cmd, "NETLAB_PREFIX=")
 	exited := make(chan struct{})
-	go func() { io.Copy(io.Discard, stdout); cmd.Wait(); close(exited) }()
+	go func() { io.Copy(io.Discard, rest); cmd.Wait(); close(exited) }()
 	t.Cleanup(func() { cmd.Process.Kill(); <-exited })
-	if prefix == "" {
-		t.Fatal("the helper printed no prefix")
-	}
 	left := ours(t, prefix)
 	var sleeper unix.Stat_t
 	if err := unix.Stat(filepath.Join(netnsDir, prefix+"-1"), &sleeper); err != nil {

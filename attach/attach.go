@@ -14,6 +14,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/kernel/module"
+	"github.com/blockd/blockd/kernel/nbdnl"
 	"github.com/blockd/blockd/nbd"
 	"github.com/blockd/blockd/profile"
 	"github.com/blockd/blockd/volume"
@@ -42,6 +43,13 @@ type Options struct {
 	// Log receives attach, detach and recovery events; default
 	// slog.Default().
 	Log *slog.Logger
+
+	// dialNetlink opens the kernel nbd netlink client; default
+	// nbdnl.Dial. Tests substitute a fake.
+	dialNetlink func() (nbdNetlink, error)
+	// sysBlock is where the kernel shows block devices; default
+	// /sys/block. Tests point it at a temp tree.
+	sysBlock string
 }
 
 func (o *Options) defaults() {
@@ -56,6 +64,12 @@ func (o *Options) defaults() {
 	}
 	if o.Log == nil {
 		o.Log = slog.Default()
+	}
+	if o.dialNetlink == nil {
+		o.dialNetlink = func() (nbdNetlink, error) { return nbdnl.Dial() }
+	}
+	if o.sysBlock == "" {
+		o.sysBlock = "/sys/block"
 	}
 }
 

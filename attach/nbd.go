@@ -63,6 +63,16 @@ func kernelRelease() string {
 // backendPrefix marks our devices in /sys/block/nbdN/backend.
 const backendPrefix = "blockd:"
 
+// nbdNetlink is the kernel nbd driver's netlink interface as the nbd
+// frontend uses it; *nbdnl.Client in the daemon, a fake in tests.
+type nbdNetlink interface {
+	Connect(cfg nbdnl.Config) (int, error)
+	ReconfigureBackend(index int, backendID string, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) error
+	Disconnect(index int) error
+	Status(index int) (nbdnl.DeviceStatus, error)
+	Close() error
+}
+
 // nbdFrontend owns the kernel side of NBD attachments: the netlink client
 // and, per attached volume, the goroutines serving its sockets.
 type nbdFrontend struct {
@@ -74,7 +84,7 @@ type nbdFrontend struct {
 	bg sync.WaitGroup // socket replacements and read-ahead updates in progress
 
 	// Guarded by d.mu:
-	nl       *nbdnl.Client
+	nl       nbdNetlink
 	attached map[string]*kattach
 
 	liveMu sync.Mutex // guards live; never held across I/O
@@ -97,14 +107,14 @@ func newNBD(d *Devices, srv *nbd.Server, opts Options) *nbdFrontend {
 }
 
 // netlinkLocked loads nbd and dials its netlink family on first use.
-func (k *nbdFrontend) netlinkLocked() (*nbdnl.Client, error) {
+func (k *nbdFrontend) netlinkLocked() (nbdNetlink, error) {
 	if k.nl != nil {
 		return k.nl, nil
 	}
 	if err := k.opts.LoadModule("nbd"); err != nil {
 		return nil, api.Errorf(api.CodeUnavailable, "kernel nbd driver unavailable: %w", err)
 	}
-	nl, err := nbdnl.Dial()
+	nl, err := k.opts.dialNetlink()
 	if err != nil {
 		return nil, api.Errorf(api.CodeUnavailable, "kernel nbd driver unavailable: %w", err)
 	}
@@ -157,7 +167,7 @@ func serverFlags(v *volume.Volume) uint64 {
 
 // connect serves conns new sockets for ka and connects them to the kernel
 // at index (nbdnl.AnyIndex: the kernel picks); it returns the index.
-func (k *nbdFrontend) connect(nl *nbdnl.Client, ka *kattach, index, conns int) (int, error) {
+func (k *nbdFrontend) connect(nl nbdNetlink, ka *kattach, index, conns int) (int, error) {
 	ours, theirs, err := socketPairs(conns)
 	if err != nil {
 		return 0, err
@@ -212,7 +222,7 @@ func (k *nbdFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Atta
 	ka.index = idx
 	k.attached[name] = ka
 	k.setLive(name, idx)
-	if err := setReadAhead(idx, v.EffectiveProfile()); err != nil {
+	if err := k.setReadAhead(idx, v.EffectiveProfile()); err != nil {
 		k.log.Warn("attach: read-ahead not set for io_profile", "volume", name, "err", err)
 	}
 	return &api.Attachment{Frontend: api.FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns}, nil
@@ -330,7 +340,7 @@ func (k *nbdFrontend) detach(v *volume.Volume, att *api.Attachment) error {
 // at the same index. Devices of ours that no volume records are
 // disconnected.
 func (k *nbdFrontend) recover(want []api.Spec) {
-	orphans := ourNBDDevices()
+	orphans := k.ourNBDDevices()
 	if len(want) == 0 && len(orphans) == 0 {
 		return
 	}
@@ -346,7 +356,7 @@ func (k *nbdFrontend) recover(want []api.Spec) {
 			// A device of ours that cannot get sockets would hold its
 			// I/O for dead_conn_timeout and then fail it; fail it now
 			// and free the index, as the metadata says detached.
-			if deviceBackend(s.Attachment.Index) == backendPrefix+s.Name {
+			if k.deviceBackend(s.Attachment.Index) == backendPrefix+s.Name {
 				nl.Disconnect(s.Attachment.Index)
 			}
 			k.d.forget(s.Name)
@@ -358,7 +368,7 @@ func (k *nbdFrontend) recover(want []api.Spec) {
 	}
 }
 
-func (k *nbdFrontend) recoverOneLocked(nl *nbdnl.Client, s api.Spec) error {
+func (k *nbdFrontend) recoverOneLocked(nl nbdNetlink, s api.Spec) error {
 	v, err := k.d.vols.Get(s.Name)
 	if err != nil {
 		return err
@@ -368,7 +378,7 @@ func (k *nbdFrontend) recoverOneLocked(nl *nbdnl.Client, s api.Spec) error {
 	ka.index = att.Index
 	st, err := nl.Status(att.Index)
 	if err == nil && st.Connected {
-		if b := deviceBackend(att.Index); b != "" && b != backendPrefix+s.Name {
+		if b := k.deviceBackend(att.Index); b != "" && b != backendPrefix+s.Name {
 			return fmt.Errorf("%s now belongs to %q", att.Device, b)
 		}
 		if err := k.reconfigureLocked(ka, att.Connections); err != nil {
@@ -385,7 +395,7 @@ func (k *nbdFrontend) recoverOneLocked(nl *nbdnl.Client, s api.Spec) error {
 	if _, err := k.connect(nl, ka, att.Index, att.Connections); err != nil {
 		return err
 	}
-	if err := setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
+	if err := k.setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
 		k.log.Warn("reconnect: read-ahead not set for io_profile", "volume", s.Name, "err", err)
 	}
 	k.setLive(s.Name, att.Index)
@@ -395,8 +405,8 @@ func (k *nbdFrontend) recoverOneLocked(nl *nbdnl.Client, s api.Spec) error {
 }
 
 // deviceBackend reads the backend id the kernel shows for /dev/nbdN.
-func deviceBackend(idx int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", idx))
+func (k *nbdFrontend) deviceBackend(idx int) string {
+	b, err := os.ReadFile(filepath.Join(k.opts.sysBlock, fmt.Sprintf("nbd%d", idx), "backend"))
 	if err != nil {
 		return ""
 	}
@@ -405,15 +415,15 @@ func deviceBackend(idx int) string {
 
 // ourNBDDevices lists connected nbd devices whose backend id marks them as
 // blockd's.
-func ourNBDDevices() map[int]string {
+func (k *nbdFrontend) ourNBDDevices() map[int]string {
 	out := map[int]string{}
-	ms, _ := filepath.Glob("/sys/block/nbd*/backend")
+	ms, _ := filepath.Glob(filepath.Join(k.opts.sysBlock, "nbd*", "backend"))
 	for _, p := range ms {
 		idx, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(filepath.Dir(p)), "nbd"))
 		if err != nil {
 			continue
 		}
-		if b := deviceBackend(idx); strings.HasPrefix(b, backendPrefix) {
+		if b := k.deviceBackend(idx); strings.HasPrefix(b, backendPrefix) {
 			out[idx] = b
 		}
 	}
@@ -450,7 +460,7 @@ func (k *nbdFrontend) profileChanged(name string, eff profile.Profile) {
 	k.bg.Add(1)
 	go func() {
 		defer k.bg.Done()
-		if err := setReadAhead(idx, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := k.setReadAhead(idx, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			k.log.Warn("io_profile changed but read-ahead was not", "volume", name, "err", err)
 		}
 	}()
@@ -459,8 +469,8 @@ func (k *nbdFrontend) profileChanged(name string, eff profile.Profile) {
 // setReadAhead sets the kernel read-ahead of /dev/nbdIDX to suit the
 // volume's effective profile (sequential 4 MiB, random 16 KiB, others
 // 128 KiB).
-func setReadAhead(idx int, p profile.Profile) error {
-	path := fmt.Sprintf("/sys/block/nbd%d/queue/read_ahead_kb", idx)
+func (k *nbdFrontend) setReadAhead(idx int, p profile.Profile) error {
+	path := filepath.Join(k.opts.sysBlock, fmt.Sprintf("nbd%d", idx), "queue", "read_ahead_kb")
 	if err := os.WriteFile(path, fmt.Appendf(nil, "%d\n", profile.ReadAheadKB(p)), 0o644); err != nil {
 		return fmt.Errorf("set read-ahead: %w", err)
 	}

@@ -50,6 +50,12 @@ type Options struct {
 	// sysBlock is where the kernel shows block devices; default
 	// /sys/block. Tests point it at a temp tree.
 	sysBlock string
+	// replaceBackoff is the first wait before replacing a socket the
+	// kernel dropped (it doubles after each failed attempt), and
+	// replaceAttempts how many attempts a replacement gets before it is
+	// given up; defaults 100ms and 6 (about 6s in all).
+	replaceBackoff  time.Duration
+	replaceAttempts int
 }
 
 func (o *Options) defaults() {
@@ -70,6 +76,12 @@ func (o *Options) defaults() {
 	}
 	if o.sysBlock == "" {
 		o.sysBlock = "/sys/block"
+	}
+	if o.replaceBackoff == 0 {
+		o.replaceBackoff = 100 * time.Millisecond
+	}
+	if o.replaceAttempts == 0 {
+		o.replaceAttempts = 6
 	}
 }
 

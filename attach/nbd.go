@@ -81,29 +81,59 @@ type nbdFrontend struct {
 	srv  *nbd.Server
 	log  *slog.Logger
 
-	bg sync.WaitGroup // socket replacements and read-ahead updates in progress
+	bg       sync.WaitGroup // socket replacements and read-ahead updates in progress (goBackground)
+	stopping chan struct{}  // closed by beginClose: background work ends
 
 	// Guarded by d.mu:
 	nl       nbdNetlink
 	attached map[string]*kattach
 
-	liveMu sync.Mutex // guards live; never held across I/O
+	liveMu sync.Mutex // guards live and closed; never held across I/O
 	live   map[string]int
-	closed bool
+	closed bool // no new background work
 }
 
 // kattach is one attached volume's live state.
 type kattach struct {
-	vol       *volume.Volume
-	index     int
-	ctx       context.Context
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup // one per socket being served
-	detaching bool           // guarded by Devices.mu
+	vol    *volume.Volume
+	index  int
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup // one per socket being served
+
+	// Guarded by Devices.mu:
+	detaching bool
+	dead      int  // sockets the kernel dropped that await a replacement
+	replacing bool // a replaceSockets goroutine runs for this device
+}
+
+// ksock is the daemon's end of one kernel socket. Only a socket the
+// kernel took can die and want a replacement: one whose hand-over
+// failed is closed and forgotten.
+type ksock struct {
+	mu     sync.Mutex
+	handed bool // the kernel took the other end
+	ended  bool // serving it ended while the volume was attached
 }
 
 func newNBD(d *Devices, srv *nbd.Server, opts Options) *nbdFrontend {
-	return &nbdFrontend{d: d, opts: opts, srv: srv, log: opts.Log, attached: map[string]*kattach{}, live: map[string]int{}}
+	return &nbdFrontend{d: d, opts: opts, srv: srv, log: opts.Log, stopping: make(chan struct{}),
+		attached: map[string]*kattach{}, live: map[string]int{}}
+}
+
+// goBackground runs f on a goroutine owned by the frontend (close waits
+// for it), unless the frontend is closing.
+func (k *nbdFrontend) goBackground(f func()) {
+	k.liveMu.Lock()
+	defer k.liveMu.Unlock()
+	if k.closed {
+		return
+	}
+	k.bg.Add(1)
+	go func() {
+		defer k.bg.Done()
+		f()
+	}()
 }
 
 // netlinkLocked loads nbd and dials its netlink family on first use.
@@ -174,8 +204,9 @@ func (k *nbdFrontend) connect(nl nbdNetlink, ka *kattach, index, conns int) (int
 	}
 	// Serve before connecting: the kernel reads the partition table as
 	// soon as the device is configured.
-	for _, c := range ours {
-		k.serve(ka, c)
+	socks := make([]*ksock, len(ours))
+	for i, c := range ours {
+		socks[i] = k.serve(ka, c)
 	}
 	v := ka.vol
 	idx, err := nl.Connect(nbdnl.Config{
@@ -197,6 +228,7 @@ func (k *nbdFrontend) connect(nl nbdNetlink, ka *kattach, index, conns int) (int
 		ka.wg.Wait()
 		return 0, err
 	}
+	k.handed(ka, socks)
 	return idx, nil
 }
 
@@ -233,10 +265,12 @@ func (k *nbdFrontend) newAttach(v *volume.Volume) *kattach {
 	return &kattach{vol: v, ctx: ctx, cancel: cancel}
 }
 
-// serve runs the NBD transmission phase on one kernel socket. When the
-// socket ends while the volume is still attached (the kernel timed a
-// request out and marked the socket dead), it hands the device a new one.
-func (k *nbdFrontend) serve(ka *kattach, c net.Conn) {
+// serve runs the NBD transmission phase on one kernel socket. When a
+// socket the kernel took ends while the volume is still attached (the
+// kernel timed a request out and marked the socket dead), the device gets
+// a new one (socketDied).
+func (k *nbdFrontend) serve(ka *kattach, c net.Conn) *ksock {
+	s := &ksock{}
 	ka.wg.Add(1)
 	go func() {
 		defer ka.wg.Done()
@@ -244,49 +278,136 @@ func (k *nbdFrontend) serve(ka *kattach, c net.Conn) {
 		if ka.ctx.Err() != nil || errors.Is(err, nbd.ErrServerClosed) {
 			return
 		}
-		if err != nil {
-			k.log.Warn("kernel nbd socket failed; replacing it", "volume", ka.vol.Name(), "err", err)
-		} else {
-			// The kernel shuts a socket down when a request on it timed
-			// out (--nbd-timeout); it requeues the request elsewhere.
-			k.log.Warn("kernel closed an nbd socket (request timeout); replacing it", "volume", ka.vol.Name())
+		s.mu.Lock()
+		s.ended = true
+		handed := s.handed
+		s.mu.Unlock()
+		if !handed {
+			return // never the kernel's: closed by a failed hand-over
 		}
-		k.bg.Add(1)
-		go func() {
-			defer k.bg.Done()
-			k.replaceSocket(ka)
-		}()
+		k.socketDied(ka, err)
 	}()
+	return s
 }
 
-// replaceSocket gives a device one new socket in place of a dead one.
-func (k *nbdFrontend) replaceSocket(ka *kattach) {
-	k.d.mu.Lock()
-	defer k.d.mu.Unlock()
-	if k.d.closing || ka.detaching || ka.ctx.Err() != nil || k.attached[ka.vol.Name()] != ka {
-		return
-	}
-	// Give the kernel a moment to mark the socket dead: it only swaps
-	// dead sockets.
-	time.Sleep(100 * time.Millisecond)
-	if err := k.reconfigureLocked(ka, 1); err != nil {
-		k.log.Error("replacing kernel nbd socket", "volume", ka.vol.Name(), "err", err)
+// handed records that the kernel took socks; one that already ended died
+// in the kernel's hands and is replaced.
+func (k *nbdFrontend) handed(ka *kattach, socks []*ksock) {
+	for _, s := range socks {
+		s.mu.Lock()
+		s.handed = true
+		ended := s.ended
+		s.mu.Unlock()
+		if ended {
+			k.socketDied(ka, nil)
+		}
 	}
 }
 
-func (k *nbdFrontend) reconfigureLocked(ka *kattach, n int) error {
+// socketDied schedules the replacement of a socket of ka's device that the
+// kernel dropped. It never blocks (it may run with Devices.mu held): the
+// count is taken on a background goroutine, which becomes the device's
+// replacer unless one runs already.
+func (k *nbdFrontend) socketDied(ka *kattach, err error) {
+	if err != nil {
+		k.log.Warn("kernel nbd socket failed; replacing it", "volume", ka.vol.Name(), "err", err)
+	} else {
+		// The kernel shuts a socket down when a request on it timed
+		// out (--nbd-timeout); it requeues the request elsewhere.
+		k.log.Warn("kernel closed an nbd socket (request timeout); replacing it", "volume", ka.vol.Name())
+	}
+	k.goBackground(func() {
+		k.d.mu.Lock()
+		if !k.replaceWantedLocked(ka) {
+			k.d.mu.Unlock()
+			return
+		}
+		ka.dead++
+		if ka.replacing {
+			k.d.mu.Unlock()
+			return
+		}
+		ka.replacing = true
+		k.d.mu.Unlock()
+		k.replaceSockets(ka)
+	})
+}
+
+func (k *nbdFrontend) replaceWantedLocked(ka *kattach) bool {
+	return !k.d.closing && !ka.detaching && ka.ctx.Err() == nil && k.attached[ka.vol.Name()] == ka
+}
+
+// replaceSockets hands ka's device one new socket per socket the kernel
+// dropped. Each attempt waits first, without the lock (the kernel marks a
+// socket dead a moment after closing it, and swaps only dead ones), the
+// wait doubling after each failure; detach and close end it at once. After
+// opts.replaceAttempts failures in a row it gives up, once, with an error:
+// the device keeps the sockets it has, or fails I/O after its
+// dead-connection timeout if it has none. A later socket death starts
+// anew.
+func (k *nbdFrontend) replaceSockets(ka *kattach) {
+	name := ka.vol.Name()
+	wait := k.opts.replaceBackoff
+	failures := 0
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-ka.ctx.Done():
+		case <-k.stopping:
+		}
+		k.d.mu.Lock()
+		if !k.replaceWantedLocked(ka) {
+			ka.dead, ka.replacing = 0, false
+			k.d.mu.Unlock()
+			return
+		}
+		err := k.reconfigureLocked(ka, 1, 1)
+		if err == nil {
+			failures, wait = 0, k.opts.replaceBackoff
+			if ka.dead--; ka.dead == 0 {
+				ka.replacing = false
+				k.d.mu.Unlock()
+				k.log.Info("replaced kernel nbd socket", "volume", name, "device", nbdnl.DevicePath(ka.index))
+				return
+			}
+		} else if failures++; failures == k.opts.replaceAttempts {
+			dead := ka.dead
+			ka.dead, ka.replacing = 0, false
+			k.d.mu.Unlock()
+			k.log.Error("gave up replacing the kernel nbd sockets the kernel dropped; the device keeps the sockets it has, "+
+				"or fails I/O after --nbd-dead-conn-timeout if none is left", "volume", name, "device", nbdnl.DevicePath(ka.index),
+				"sockets", dead, "attempts", failures, "err", err)
+			return
+		} else {
+			k.log.Debug("replacing kernel nbd socket failed; retrying", "volume", name, "attempt", failures, "retry_in", 2*wait, "err", err)
+			wait *= 2
+		}
+		k.d.mu.Unlock()
+		t.Reset(wait)
+	}
+}
+
+// recoverTries bounds the ErrNoDeadSocket retries of a device recovered at
+// start (5s): the kernel may not yet have noticed the old daemon's death.
+const recoverTries = 50
+
+// reconfigureLocked hands the device of ka n new sockets, trying up to
+// tries times 100ms apart while the kernel has no dead socket to swap
+// (right after a crash it may not have noticed yet).
+func (k *nbdFrontend) reconfigureLocked(ka *kattach, n, tries int) error {
 	ours, theirs, err := socketPairs(n)
 	if err != nil {
 		return err
 	}
-	for _, c := range ours {
-		k.serve(ka, c)
+	socks := make([]*ksock, len(ours))
+	for i, c := range ours {
+		socks[i] = k.serve(ka, c)
 	}
-	// The kernel swaps only sockets it has marked dead; right after a
-	// crash it may not have noticed yet.
-	for try := 0; ; try++ {
+	for try := 1; ; try++ {
 		err = k.nl.ReconfigureBackend(ka.index, backendPrefix+ka.vol.Name(), theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
-		if !errors.Is(err, nbdnl.ErrNoDeadSocket) || try == 50 {
+		if !errors.Is(err, nbdnl.ErrNoDeadSocket) || try >= tries {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -296,8 +417,10 @@ func (k *nbdFrontend) reconfigureLocked(ka *kattach, n int) error {
 		for _, c := range ours {
 			c.Close()
 		}
+		return err
 	}
-	return err
+	k.handed(ka, socks)
+	return nil
 }
 
 // detach disconnects a volume's device.
@@ -381,7 +504,7 @@ func (k *nbdFrontend) recoverOneLocked(nl nbdNetlink, s api.Spec) error {
 		if b := k.deviceBackend(att.Index); b != "" && b != backendPrefix+s.Name {
 			return fmt.Errorf("%s now belongs to %q", att.Device, b)
 		}
-		if err := k.reconfigureLocked(ka, att.Connections); err != nil {
+		if err := k.reconfigureLocked(ka, att.Connections, recoverTries); err != nil {
 			ka.cancel()
 			return err
 		}
@@ -452,18 +575,16 @@ func (k *nbdFrontend) clearLive(name string) {
 // own goroutine, owned by the frontend (close waits).
 func (k *nbdFrontend) profileChanged(name string, eff profile.Profile) {
 	k.liveMu.Lock()
-	defer k.liveMu.Unlock()
 	idx, ok := k.live[name]
-	if !ok || k.closed {
+	k.liveMu.Unlock()
+	if !ok {
 		return
 	}
-	k.bg.Add(1)
-	go func() {
-		defer k.bg.Done()
+	k.goBackground(func() {
 		if err := k.setReadAhead(idx, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			k.log.Warn("io_profile changed but read-ahead was not", "volume", name, "err", err)
 		}
-	}()
+	})
 }
 
 // setReadAhead sets the kernel read-ahead of /dev/nbdIDX to suit the
@@ -477,9 +598,14 @@ func (k *nbdFrontend) setReadAhead(idx int, p profile.Profile) error {
 	return nil
 }
 
+// beginClose starts no more background work and wakes the socket
+// replacements that wait, so that they end.
 func (k *nbdFrontend) beginClose() {
 	k.liveMu.Lock()
-	k.closed = true
+	if !k.closed {
+		k.closed = true
+		close(k.stopping)
+	}
 	clear(k.live)
 	k.liveMu.Unlock()
 }
@@ -495,6 +621,7 @@ func (k *nbdFrontend) close() {
 		as = append(as, ka)
 	}
 	nl := k.nl
+	k.nl = nil
 	k.d.mu.Unlock()
 	for _, ka := range as {
 		ka.cancel()
@@ -505,9 +632,10 @@ func (k *nbdFrontend) close() {
 	}
 }
 
-// waitBackground waits for socket replacements and read-ahead updates. A
-// read-ahead write waits for the device's queue to drain: do not let one
-// stuck behind a dead device hold up shutdown for long.
+// waitBackground waits for socket replacements (which end at once once
+// beginClose ran) and read-ahead updates. A read-ahead write waits for the
+// device's queue to drain: do not let one stuck behind a dead device hold
+// up shutdown for long.
 func (k *nbdFrontend) waitBackground() {
 	done := make(chan struct{})
 	go func() { k.bg.Wait(); close(done) }()

@@ -8,6 +8,8 @@
 package attach
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"log/slog"
 	"sync"
 	"time"
@@ -38,6 +40,14 @@ type Options struct {
 	// socket is dead (the daemon is restarting) before failing it.
 	// Default 2m.
 	DeadConnTimeout time.Duration
+	// DaemonID tells this daemon's kernel devices from those of other
+	// daemons on the node (daemon.Start keeps it in the state dir): nbd
+	// devices are connected with the backend id blockd:ID:VOLUME, ublk
+	// devices carry a tag made from it, and Recover's clean-up removes
+	// only devices with this daemon's mark. Default: a random id for this
+	// process (its devices still recover, by the backend id recorded
+	// with each attachment, but no later process cleans up after it).
+	DaemonID string
 	// LoadModule loads a kernel module; default kernel/module.Load.
 	LoadModule func(name string) error
 	// Log receives attach, detach and recovery events; default
@@ -50,6 +60,10 @@ type Options struct {
 	// sysBlock is where the kernel shows block devices; default
 	// /sys/block. Tests point it at a temp tree.
 	sysBlock string
+	// ublkLoaded reports whether ublk_drv is live (then recovery looks
+	// for orphaned ublk devices even when none is recorded); default
+	// module.Loaded. Tests keep the host's driver out of it.
+	ublkLoaded func() bool
 	// replaceBackoff is the first wait before replacing a socket the
 	// kernel dropped (it doubles after each failed attempt), and
 	// replaceAttempts how many attempts a replacement gets before it is
@@ -71,11 +85,19 @@ func (o *Options) defaults() {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
+	if o.DaemonID == "" {
+		var r [8]byte
+		rand.Read(r[:])
+		o.DaemonID = hex.EncodeToString(r[:])
+	}
 	if o.dialNetlink == nil {
 		o.dialNetlink = func() (nbdNetlink, error) { return nbdnl.Dial() }
 	}
 	if o.sysBlock == "" {
 		o.sysBlock = "/sys/block"
+	}
+	if o.ublkLoaded == nil {
+		o.ublkLoaded = func() bool { return module.Loaded("ublk_drv") }
 	}
 	if o.replaceBackoff == 0 {
 		o.replaceBackoff = 100 * time.Millisecond

@@ -2,6 +2,7 @@ package attach
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -11,27 +12,49 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/kernel/nbdnl"
 	"github.com/blockd/blockd/nbd"
 	"github.com/blockd/blockd/volume"
 )
 
-// fakeNBD stands in for the kernel nbd driver's netlink interface. It
-// keeps no socket: like a kernel that dropped them at once, so the
-// daemon's ends see EOF and it goes to replace them.
+// fakeNBD stands in for the kernel nbd driver's netlink interface. Like
+// the kernel it keeps its own references to the sockets it is handed,
+// until Disconnect; with drop set it keeps none, like a kernel that
+// dropped them at once, so the daemon's ends see EOF and it goes to
+// replace them.
 type fakeNBD struct {
 	mu          sync.Mutex
+	drop        bool
 	next        int
 	connected   map[int]bool
+	socks       map[int][]*os.File
 	reconfigure int   // ReconfigureBackend calls
 	reconfErr   error // what ReconfigureBackend returns
+	reconfs     []string
 	disconnects []int
 	backends    map[int]string // backend ids of Connect
 }
 
 func newFakeNBD() *fakeNBD {
-	return &fakeNBD{next: 3, connected: map[int]bool{}, backends: map[int]string{}}
+	return &fakeNBD{next: 3, connected: map[int]bool{}, socks: map[int][]*os.File{}, backends: map[int]string{}}
+}
+
+// keep takes references to socks for device idx; f.mu held.
+func (f *fakeNBD) keep(idx int, socks []*os.File) error {
+	if f.drop {
+		return nil
+	}
+	for _, s := range socks {
+		fd, err := unix.Dup(int(s.Fd()))
+		if err != nil {
+			return err
+		}
+		f.socks[idx] = append(f.socks[idx], os.NewFile(uintptr(fd), "fake-kernel"))
+	}
+	return nil
 }
 
 func (f *fakeNBD) Connect(cfg nbdnl.Config) (int, error) {
@@ -44,14 +67,18 @@ func (f *fakeNBD) Connect(cfg nbdnl.Config) (int, error) {
 	}
 	f.connected[idx] = true
 	f.backends[idx] = cfg.BackendID
-	return idx, nil
+	return idx, f.keep(idx, cfg.Socks)
 }
 
 func (f *fakeNBD) ReconfigureBackend(index int, backendID string, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.reconfigure++
-	return f.reconfErr
+	f.reconfs = append(f.reconfs, fmt.Sprintf("nbd%d %s", index, backendID))
+	if f.reconfErr != nil {
+		return f.reconfErr
+	}
+	return f.keep(index, socks)
 }
 
 func (f *fakeNBD) Disconnect(index int) error {
@@ -59,6 +86,10 @@ func (f *fakeNBD) Disconnect(index int) error {
 	defer f.mu.Unlock()
 	f.disconnects = append(f.disconnects, index)
 	delete(f.connected, index)
+	for _, s := range f.socks[index] {
+		s.Close()
+	}
+	delete(f.socks, index)
 	return nil
 }
 
@@ -68,7 +99,20 @@ func (f *fakeNBD) Status(index int) (nbdnl.DeviceStatus, error) {
 	return nbdnl.DeviceStatus{Index: index, Connected: f.connected[index]}, nil
 }
 
+// Close closes the netlink client; devices and their sockets stay.
 func (f *fakeNBD) Close() error { return nil }
+
+// release drops every socket, as a kernel whose devices all went.
+func (f *fakeNBD) release() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for idx, ss := range f.socks {
+		for _, s := range ss {
+			s.Close()
+		}
+		delete(f.socks, idx)
+	}
+}
 
 func (f *fakeNBD) reconfigures() int {
 	f.mu.Lock()
@@ -134,11 +178,13 @@ func newRig(t *testing.T) *testRig {
 	srv := nbd.NewServer(noExports{}, nbd.Options{Logger: quiet})
 	t.Cleanup(func() { srv.Close() })
 	r := &testRig{t: t, vols: vols, srv: srv, nl: newFakeNBD(), log: &logRecords{}}
+	t.Cleanup(r.nl.release)
 	r.opts = Options{
 		LoadModule:  func(string) error { return nil },
 		Log:         slog.New(r.log),
 		dialNetlink: func() (nbdNetlink, error) { return r.nl, nil },
 		sysBlock:    t.TempDir(),
+		ublkLoaded:  func() bool { return false },
 	}
 	return r
 }

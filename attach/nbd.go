@@ -60,8 +60,21 @@ func kernelRelease() string {
 	return unix.ByteSliceToString(u.Release[:])
 }
 
-// backendPrefix marks our devices in /sys/block/nbdN/backend.
+// backendPrefix marks blockd's devices in /sys/block/nbdN/backend:
+// blockd:DAEMON:VOLUME, or blockd:VOLUME from daemons that had no id.
 const backendPrefix = "blockd:"
+
+// ownPrefix starts the backend id of every device this daemon connects.
+func (k *nbdFrontend) ownPrefix() string { return backendPrefix + k.opts.DaemonID + ":" }
+
+// recordedBackend is the backend id a recorded attachment's device was
+// connected with.
+func recordedBackend(s api.Spec) string {
+	if b := s.Attachment.Backend; b != "" {
+		return b
+	}
+	return backendPrefix + s.Name // attached by a daemon without an id
+}
 
 // nbdNetlink is the kernel nbd driver's netlink interface as the nbd
 // frontend uses it; *nbdnl.Client in the daemon, a fake in tests.
@@ -95,11 +108,12 @@ type nbdFrontend struct {
 
 // kattach is one attached volume's live state.
 type kattach struct {
-	vol    *volume.Volume
-	index  int
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup // one per socket being served
+	vol     *volume.Volume
+	backend string // backend id of the device
+	index   int
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup // one per socket being served
 
 	// Guarded by Devices.mu:
 	detaching bool
@@ -217,7 +231,7 @@ func (k *nbdFrontend) connect(nl nbdNetlink, ka *kattach, index, conns int) (int
 		ServerFlags:     serverFlags(v),
 		Timeout:         k.opts.Timeout,
 		DeadConnTimeout: k.opts.DeadConnTimeout,
-		BackendID:       backendPrefix + v.Name(),
+		BackendID:       ka.backend,
 	})
 	closeFiles(theirs)
 	if err != nil {
@@ -246,7 +260,7 @@ func (k *nbdFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Atta
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
-	ka := k.newAttach(v)
+	ka := k.newAttach(v, k.ownPrefix()+name)
 	idx, err := k.connect(nl, ka, nbdnl.AnyIndex, conns)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
@@ -257,12 +271,12 @@ func (k *nbdFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Atta
 	if err := k.setReadAhead(idx, v.EffectiveProfile()); err != nil {
 		k.log.Warn("attach: read-ahead not set for io_profile", "volume", name, "err", err)
 	}
-	return &api.Attachment{Frontend: api.FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns}, nil
+	return &api.Attachment{Frontend: api.FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns, Backend: ka.backend}, nil
 }
 
-func (k *nbdFrontend) newAttach(v *volume.Volume) *kattach {
+func (k *nbdFrontend) newAttach(v *volume.Volume, backend string) *kattach {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &kattach{vol: v, ctx: ctx, cancel: cancel}
+	return &kattach{vol: v, backend: backend, ctx: ctx, cancel: cancel}
 }
 
 // serve runs the NBD transmission phase on one kernel socket. When a
@@ -406,7 +420,7 @@ func (k *nbdFrontend) reconfigureLocked(ka *kattach, n, tries int) error {
 		socks[i] = k.serve(ka, c)
 	}
 	for try := 1; ; try++ {
-		err = k.nl.ReconfigureBackend(ka.index, backendPrefix+ka.vol.Name(), theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
+		err = k.nl.ReconfigureBackend(ka.index, ka.backend, theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
 		if !errors.Is(err, nbdnl.ErrNoDeadSocket) || try >= tries {
 			break
 		}
@@ -460,8 +474,8 @@ func (k *nbdFrontend) detach(v *volume.Volume, att *api.Attachment) error {
 // kernel still holds (the daemon was killed or restarted) gets new
 // sockets through NBD_CMD_RECONFIGURE, so I/O that waited completes; a
 // device the kernel no longer has (the node rebooted) is connected again
-// at the same index. Devices of ours that no volume records are
-// disconnected.
+// at the same index. Devices of this daemon (backend ids with its prefix)
+// that no volume records are disconnected; other daemons' are left alone.
 func (k *nbdFrontend) recover(want []api.Spec) {
 	orphans := k.ourNBDDevices()
 	if len(want) == 0 && len(orphans) == 0 {
@@ -473,16 +487,26 @@ func (k *nbdFrontend) recover(want []api.Spec) {
 		return
 	}
 	for _, s := range want {
-		delete(orphans, s.Attachment.Index)
-		if err := k.recoverOneLocked(nl, s); err != nil {
+		backend := recordedBackend(s)
+		if orphans[s.Attachment.Index] == backend {
+			delete(orphans, s.Attachment.Index)
+		}
+		att, err := k.recoverOneLocked(nl, s)
+		if err != nil {
 			k.log.Error("recovering attachment failed; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
 			// A device of ours that cannot get sockets would hold its
 			// I/O for dead_conn_timeout and then fail it; fail it now
 			// and free the index, as the metadata says detached.
-			if k.deviceBackend(s.Attachment.Index) == backendPrefix+s.Name {
+			if k.deviceBackend(s.Attachment.Index) == backend {
 				nl.Disconnect(s.Attachment.Index)
 			}
 			k.d.forget(s.Name)
+			continue
+		}
+		if *att != *s.Attachment {
+			if _, err := k.d.vols.SetAttachment(s.Name, att); err != nil {
+				k.log.Warn("reconnected device, but its new backend id is not recorded", "volume", s.Name, "backend", att.Backend, "err", err)
+			}
 		}
 	}
 	for idx, backend := range orphans {
@@ -491,40 +515,47 @@ func (k *nbdFrontend) recover(want []api.Spec) {
 	}
 }
 
-func (k *nbdFrontend) recoverOneLocked(nl nbdNetlink, s api.Spec) error {
+// recoverOneLocked re-attaches a recorded device and returns the
+// attachment as it now is: a device connected anew gets this daemon's
+// backend id.
+func (k *nbdFrontend) recoverOneLocked(nl nbdNetlink, s api.Spec) (*api.Attachment, error) {
 	v, err := k.d.vols.Get(s.Name)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	att := s.Attachment
-	ka := k.newAttach(v)
-	ka.index = att.Index
+	att := *s.Attachment
 	st, err := nl.Status(att.Index)
 	if err == nil && st.Connected {
-		if b := k.deviceBackend(att.Index); b != "" && b != backendPrefix+s.Name {
-			return fmt.Errorf("%s now belongs to %q", att.Device, b)
+		backend := recordedBackend(s)
+		if b := k.deviceBackend(att.Index); b != "" && b != backend {
+			return nil, fmt.Errorf("%s now belongs to %q", att.Device, b)
 		}
+		ka := k.newAttach(v, backend)
+		ka.index = att.Index
 		if err := k.reconfigureLocked(ka, att.Connections, recoverTries); err != nil {
 			ka.cancel()
-			return err
+			return nil, err
 		}
 		k.attached[s.Name] = ka
 		// The kernel kept the device's read-ahead; setting it now would
 		// wait for the requests still queued on the dead sockets.
 		k.setLive(s.Name, att.Index)
 		k.log.Info("reattached live device", "volume", s.Name, "device", att.Device, "connections", att.Connections)
-		return nil
+		return &att, nil
 	}
+	ka := k.newAttach(v, k.ownPrefix()+s.Name)
+	ka.index = att.Index
 	if _, err := k.connect(nl, ka, att.Index, att.Connections); err != nil {
-		return err
+		return nil, err
 	}
 	if err := k.setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
 		k.log.Warn("reconnect: read-ahead not set for io_profile", "volume", s.Name, "err", err)
 	}
 	k.setLive(s.Name, att.Index)
 	k.attached[s.Name] = ka
+	att.Backend = ka.backend
 	k.log.Info("reconnected device", "volume", s.Name, "device", att.Device)
-	return nil
+	return &att, nil
 }
 
 // deviceBackend reads the backend id the kernel shows for /dev/nbdN.
@@ -536,8 +567,8 @@ func (k *nbdFrontend) deviceBackend(idx int) string {
 	return strings.TrimSpace(string(b))
 }
 
-// ourNBDDevices lists connected nbd devices whose backend id marks them as
-// blockd's.
+// ourNBDDevices lists the nbd devices whose backend id marks them as this
+// daemon's (ownPrefix), by index.
 func (k *nbdFrontend) ourNBDDevices() map[int]string {
 	out := map[int]string{}
 	ms, _ := filepath.Glob(filepath.Join(k.opts.sysBlock, "nbd*", "backend"))
@@ -546,7 +577,7 @@ func (k *nbdFrontend) ourNBDDevices() map[int]string {
 		if err != nil {
 			continue
 		}
-		if b := k.deviceBackend(idx); strings.HasPrefix(b, backendPrefix) {
+		if b := k.deviceBackend(idx); strings.HasPrefix(b, k.ownPrefix()) {
 			out[idx] = b
 		}
 	}

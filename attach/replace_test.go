@@ -17,6 +17,7 @@ import (
 // failed attempts (never handed to the kernel) start no new round.
 func TestReplaceSocketBounded(t *testing.T) {
 	r := newRig(t)
+	r.nl.drop = true
 	r.nl.reconfErr = errors.New("fake: reconfigure refused")
 	r.opts.replaceBackoff = time.Millisecond
 	r.opts.replaceAttempts = 4
@@ -57,6 +58,7 @@ func TestReplaceSocketYields(t *testing.T) {
 	for _, stop := range []string{"Detach", "Close"} {
 		t.Run(stop, func(t *testing.T) {
 			r := newRig(t)
+			r.nl.drop = true
 			r.nl.reconfErr = fmt.Errorf("fake: %w", nbdnl.ErrNoDeadSocket)
 			r.opts.replaceBackoff = 300 * time.Millisecond // then 600ms, 1.2s, ...
 			r.opts.replaceAttempts = 5

@@ -4,32 +4,43 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"os"
 
 	"github.com/blockd/blockd/api"
-	"github.com/blockd/blockd/kernel/module"
 	"github.com/blockd/blockd/ublk"
 	"github.com/blockd/blockd/volume"
 )
 
 // ublkFrontend owns the ublk devices of attached volumes.
 type ublkFrontend struct {
-	d    *Devices
-	log  *slog.Logger
-	load func(string) error
+	d      *Devices
+	log    *slog.Logger
+	load   func(string) error
+	owner  uint32 // this daemon's tag on its devices (ublkOwner)
+	loaded func() bool
 
 	devs map[string]*ublk.Device // guarded by Devices.mu
 }
 
 func newUblk(d *Devices, opts Options) *ublkFrontend {
-	return &ublkFrontend{d: d, log: opts.Log, load: opts.LoadModule, devs: map[string]*ublk.Device{}}
+	return &ublkFrontend{d: d, log: opts.Log, load: opts.LoadModule, owner: ublkOwner(opts.DaemonID), loaded: opts.ublkLoaded, devs: map[string]*ublk.Device{}}
+}
+
+// ublkOwner is the tag a daemon's ublk devices carry (ublk.Config.Owner):
+// 32 bits of its id's hash, which tell it from the few other daemons on a
+// node.
+func ublkOwner(daemonID string) uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(daemonID))
+	return h.Sum32()
 }
 
 func (k *ublkFrontend) config(v *volume.Volume, att *api.Attachment) ublk.Config {
 	return ublk.Config{
 		ID: -1, Queues: att.Queues, Depth: att.Depth, Size: v.Size(),
-		Handler: v, Logger: k.log, LoadModule: k.load, ReadOnly: v.ReadOnly(),
+		Handler: v, Logger: k.log, LoadModule: k.load, ReadOnly: v.ReadOnly(), Owner: k.owner,
 	}
 }
 
@@ -71,7 +82,7 @@ func (k *ublkFrontend) detach(v *volume.Volume, att *api.Attachment) error {
 // recovered is forgotten, and every ublk device of ours that is not
 // recovered is deleted: no orphans.
 func (k *ublkFrontend) recover(want []api.Spec) {
-	if len(want) == 0 && !module.Loaded("ublk_drv") {
+	if len(want) == 0 && !k.loaded() {
 		return // nothing recorded, and no driver that could hold orphans
 	}
 	keep := map[int]bool{}
@@ -90,7 +101,7 @@ func (k *ublkFrontend) recover(want []api.Spec) {
 		k.devs[s.Name] = dev
 		k.log.Info("recovered ublk device", "volume", s.Name, "device", dev.Path())
 	}
-	removed, err := ublk.Cleanup(func(i ublk.DevInfo) bool { return keep[int(i.DevID)] }, k.load)
+	removed, err := ublk.Cleanup(k.owner, func(i ublk.DevInfo) bool { return keep[int(i.DevID)] }, k.load)
 	if err != nil {
 		k.log.Warn("ublk cleanup", "err", err)
 	}

@@ -114,6 +114,10 @@ func (d *Daemon) start() (err error) {
 	if d.lock, err = lockStateDir(cfg.StateDir); err != nil {
 		return err
 	}
+	if cfg.Kernel.DaemonID, err = daemonID(cfg.StateDir); err != nil {
+		return err
+	}
+	d.cfg.Kernel.DaemonID = cfg.Kernel.DaemonID
 
 	d.reg = prometheus.NewRegistry()
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -396,7 +396,7 @@ func TestVMKillRecover(t *testing.T) {
 	child2.Wait()
 	var removed []int
 	for i := 0; i < 100; i++ {
-		removed, err = Cleanup(func(DevInfo) bool { return false }, nil)
+		removed, err = Cleanup(0, func(DevInfo) bool { return false }, nil)
 		if err == nil && len(removed) > 0 {
 			break
 		}

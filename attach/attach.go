@@ -10,6 +10,7 @@ package attach
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -28,6 +29,9 @@ type Volumes interface {
 	SetAttachment(name string, att *api.Attachment) (api.Spec, error)
 	Detached(name string, att *api.Attachment) (api.Spec, error)
 	AttachedWith(frontend string) []api.Spec
+	// SetReason records what the daemon did to a volume at start; the
+	// API shows it with the volume.
+	SetReason(name, reason string)
 }
 
 // Options tune kernel attachments.
@@ -243,6 +247,27 @@ func (d *Devices) Close() {
 	d.BeginClose()
 	d.ublk.close()
 	d.nbd.close()
+}
+
+// memoryLost clears the attachment of a memory volume whose kernel device
+// the daemon detached at start, and says why in the log (at error level:
+// whatever used the device lost its data) and on the volume. The volume's
+// data lived in the previous daemon's memory: serving the device on from
+// the new, empty volume would hand a mounted filesystem zeroes where its
+// data was, so the device's I/O fails instead. failed says whether the
+// device was still there with I/O to fail (else it was already gone).
+func (d *Devices) memoryLost(name, dev string, failed bool) {
+	reason := fmt.Sprintf("kernel device %s was detached at start: a memory volume's data does not survive a restart", dev)
+	if failed {
+		reason += ", so its I/O was failed (EIO) rather than served as zeroes"
+		d.log.Error("detached the kernel device of a memory volume at start: its data did not survive the restart, so its I/O fails (EIO) instead of reading zeroes",
+			"volume", name, "device", dev)
+	} else {
+		d.log.Warn("dropped the attachment of a memory volume at start: its data did not survive the restart, and its kernel device is gone",
+			"volume", name, "device", dev)
+	}
+	d.forget(name)
+	d.vols.SetReason(name, reason)
 }
 
 // forget clears the attachment of a volume whose device is gone or could

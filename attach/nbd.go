@@ -491,6 +491,10 @@ func (k *nbdFrontend) recover(want []api.Spec) {
 		if orphans[s.Attachment.Index] == backend {
 			delete(orphans, s.Attachment.Index)
 		}
+		if v, err := k.d.vols.Get(s.Name); err == nil && v.InMemory() {
+			k.abandonLocked(nl, s, backend)
+			continue
+		}
 		att, err := k.recoverOneLocked(nl, s)
 		if err != nil {
 			k.log.Error("recovering attachment failed; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
@@ -513,6 +517,25 @@ func (k *nbdFrontend) recover(want []api.Spec) {
 		k.log.Warn("disconnecting nbd device of ours that no volume records", "device", nbdnl.DevicePath(idx), "backend", backend)
 		nl.Disconnect(idx)
 	}
+}
+
+// abandonLocked detaches the recorded device of a memory volume instead
+// of recovering it: the volume starts empty, so its data is gone.
+// NBD_CMD_DISCONNECT makes the kernel fail the requests queued and waiting
+// for a reconnect (EIO), and any later I/O; see Devices.memoryLost.
+func (k *nbdFrontend) abandonLocked(nl nbdNetlink, s api.Spec, backend string) {
+	att := s.Attachment
+	st, err := nl.Status(att.Index)
+	b := k.deviceBackend(att.Index)
+	live := err == nil && st.Connected && (b == "" || b == backend)
+	if live {
+		if err := nl.Disconnect(att.Index); err != nil {
+			// Its sockets are dead: I/O still fails, once the
+			// dead-connection timeout runs out.
+			k.log.Error("disconnecting the kernel device of a memory volume", "volume", s.Name, "device", att.Device, "err", err)
+		}
+	}
+	k.d.memoryLost(s.Name, att.Device, live)
 }
 
 // recoverOneLocked re-attaches a recorded device and returns the

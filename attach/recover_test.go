@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/blockd/blockd/api"
@@ -123,5 +124,63 @@ func TestRecoverReconnectsWithOwnBackend(t *testing.T) {
 	}
 	if a := r.attachment("old"); a == nil || a.Index != 6 || a.Backend != want {
 		t.Errorf("record after reconnect: %+v, want nbd6 with backend %s", a, want)
+	}
+}
+
+// A memory volume starts empty after a restart: its recorded device is
+// disconnected (the kernel fails the I/O that waited, EIO) instead of
+// being served zeroes, the attachment is dropped, and the volume says
+// why. Devices that are gone, or another daemon's now, are not touched.
+func TestRecoverFailsMemoryVolume(t *testing.T) {
+	r := newRig(t)
+	r.opts.DaemonID = testID
+	for _, v := range []string{"m", "gone", "taken", "f"} {
+		engine := "memory"
+		if v == "f" {
+			engine = "file"
+		}
+		r.volume(v, engine)
+	}
+	r.record("m", 2, "blockd:"+testID+":m")
+	r.device(2, "blockd:"+testID+":m")
+	r.record("gone", 3, "blockd:"+testID+":gone") // the node rebooted: no device
+	r.record("taken", 5, "blockd:"+testID+":taken")
+	r.device(5, "blockd:"+otherID+":x") // the index is another daemon's now
+	r.record("f", 7, "blockd:"+testID+":f")
+	r.device(7, "blockd:"+testID+":f")
+	d := r.devices()
+	d.Recover()
+
+	if !slices.Equal(r.nl.disconnects, []int{2}) {
+		t.Errorf("disconnected %v, want nbd2 only", r.nl.disconnects)
+	}
+	if !slices.Equal(r.nl.reconfs, []string{"nbd7 blockd:" + testID + ":f"}) {
+		t.Errorf("reconfigured %q, want only the file volume's nbd7", r.nl.reconfs)
+	}
+	if _, ok := r.nl.backends[3]; ok {
+		t.Error("the gone memory volume's device was connected again (empty)")
+	}
+	for name, want := range map[string]string{
+		"m":    "kernel device /dev/nbd2 was detached at start: a memory volume's data does not survive a restart, so its I/O was failed (EIO) rather than served as zeroes",
+		"gone": "kernel device /dev/nbd3 was detached at start: a memory volume's data does not survive a restart",
+	} {
+		v, err := r.vols.Get(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		state, reason := v.State()
+		if a := v.Spec().Attachment; a != nil || state != api.StateOK || reason != want {
+			t.Errorf("volume %s after recovery: attachment %+v, state %s, reason %q; want detached, ok, %q", name, a, state, reason, want)
+		}
+	}
+	if a := r.attachment("taken"); a != nil {
+		t.Errorf("memory volume taken kept attachment %+v", a)
+	}
+	if a := r.attachment("f"); a == nil {
+		t.Error("the file volume lost its attachment")
+	}
+	errs := r.log.errors()
+	if len(errs) != 1 || !strings.Contains(errs[0], "volume=m") || !strings.Contains(errs[0], "EIO") {
+		t.Errorf("error log %q, want one line for volume m saying its I/O fails", errs)
 	}
 }

@@ -91,6 +91,10 @@ func (k *ublkFrontend) recover(want []api.Spec) {
 		if err != nil {
 			continue
 		}
+		if v.InMemory() {
+			k.abandon(s)
+			continue
+		}
 		dev, err := ublk.Recover(context.Background(), s.Attachment.Index, k.config(v, s.Attachment))
 		if err != nil {
 			k.log.Warn("ublk device not recoverable; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
@@ -107,6 +111,30 @@ func (k *ublkFrontend) recover(want []api.Spec) {
 	}
 	for _, id := range removed {
 		k.log.Warn("removed orphaned ublk device", "device", ublk.BlockPath(id))
+	}
+}
+
+// abandon removes the recorded device of a memory volume instead of
+// recovering it: the volume starts empty, so its data is gone. ublk.Abandon
+// stops the device, which fails the I/O that waited for a new server
+// (EIO), and deletes it; see Devices.memoryLost.
+func (k *ublkFrontend) abandon(s api.Spec) {
+	att := s.Attachment
+	err := ublk.Abandon(att.Index, k.owner, k.load)
+	switch {
+	case err == nil:
+		k.d.memoryLost(s.Name, att.Device, true)
+	case errors.Is(err, os.ErrNotExist):
+		k.d.memoryLost(s.Name, att.Device, false)
+	case errors.Is(err, ublk.ErrNotRecoverable):
+		// The id is another server's now: not ours to stop.
+		k.log.Warn("dropped the attachment of a memory volume at start: its device is no longer this daemon's", "volume", s.Name, "device", att.Device, "err", err)
+		k.d.forget(s.Name)
+	default:
+		// Cleanup tries again: the device is ours and no longer kept.
+		k.log.Error("removing the kernel device of a memory volume at start", "volume", s.Name, "device", att.Device, "err", err)
+		k.d.forget(s.Name)
+		k.d.vols.SetReason(s.Name, fmt.Sprintf("kernel device %s could not be removed at start (%v); a memory volume's data does not survive a restart", att.Device, err))
 	}
 }
 

@@ -36,6 +36,11 @@ type Volumes interface {
 
 // Options tune kernel attachments.
 type Options struct {
+	// Disabled runs the daemon without kernel devices (blockd serve
+	// --kernel-devices=false): no module is loaded, Recover does nothing
+	// (recorded attachments stay as recorded), and Attach and Detach
+	// fail with CodeUnavailable.
+	Disabled bool
 	// Timeout is the kernel nbd per-request timeout. When it expires the
 	// kernel marks that socket dead and requeues the request; the daemon
 	// then hands the device a fresh socket. Default 30s.
@@ -130,6 +135,7 @@ type frontend interface {
 type Devices struct {
 	vols Volumes
 	log  *slog.Logger
+	off  bool // Options.Disabled
 	nbd  *nbdFrontend
 	ublk *ublkFrontend
 
@@ -141,7 +147,7 @@ type Devices struct {
 // srv.
 func New(srv *nbd.Server, vols Volumes, opts Options) *Devices {
 	opts.defaults()
-	d := &Devices{vols: vols, log: opts.Log}
+	d := &Devices{vols: vols, log: opts.Log, off: opts.Disabled}
 	d.nbd = newNBD(d, srv, opts)
 	d.ublk = newUblk(d, opts)
 	return d
@@ -165,6 +171,9 @@ func (d *Devices) Attach(name string, req api.AttachRequest) (api.Spec, error) {
 	}
 	if req.Frontend == "" {
 		req.Frontend = api.FrontendNBD
+	}
+	if err := d.offErr("attach", name); err != nil {
+		return api.Spec{}, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -196,6 +205,9 @@ func (d *Devices) Attach(name string, req api.AttachRequest) (api.Spec, error) {
 
 // Detach removes a volume's kernel device and clears its attachment.
 func (d *Devices) Detach(name string) (api.Spec, error) {
+	if err := d.offErr("detach", name); err != nil {
+		return api.Spec{}, err
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v, err := d.vols.Get(name)
@@ -216,9 +228,21 @@ func (d *Devices) Detach(name string) (api.Spec, error) {
 	return d.vols.Detached(name, att)
 }
 
+// offErr is the refusal of op on volume name when kernel devices are off.
+func (d *Devices) offErr(op, name string) error {
+	if !d.off {
+		return nil
+	}
+	return api.Errorf(api.CodeUnavailable, "%s %s: this daemon runs without kernel devices (blockd serve --kernel-devices=false); "+
+		"it serves volumes over NBD only", op, name)
+}
+
 // Recover re-attaches every device the metadata records (see the
-// frontends' recover).
+// frontends' recover); without kernel devices it does nothing.
 func (d *Devices) Recover() {
+	if d.off {
+		return
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.nbd.recover(d.vols.AttachedWith(api.FrontendNBD))

@@ -150,10 +150,14 @@ func (d *Daemon) start() (err error) {
 	d.nbd = nbd.NewServer(nbdExports{d.volumes}, nbd.Options{Logger: d.log})
 	d.devices = attach.New(d.nbd, d.volumes, cfg.Kernel)
 	d.profileHook.Store(d.devices)
-	if err := cfg.Kernel.LoadModule("nbd"); err != nil {
-		d.log.Warn("kernel nbd driver unavailable: attach will fail, network NBD works", "err", err)
+	if cfg.Kernel.Disabled {
+		d.log.Info("kernel devices off (--kernel-devices=false): no module loading, no recovery of attached devices, attach refused")
+	} else {
+		if err := cfg.Kernel.LoadModule("nbd"); err != nil {
+			d.log.Warn("kernel nbd driver unavailable: attach will fail, network NBD works", "err", err)
+		}
+		d.devices.Recover()
 	}
-	d.devices.Recover()
 	d.startProbes()
 	if cfg.NBDListen != "" {
 		ln, err := net.Listen("tcp", cfg.NBDListen)

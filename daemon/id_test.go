@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/blockd/blockd/attach"
 )
 
 func TestDaemonIDCreatedOnce(t *testing.T) {
@@ -62,7 +64,7 @@ func TestDaemonIDCorrupt(t *testing.T) {
 // attachments.
 func TestDaemonIDAcrossRestart(t *testing.T) {
 	dir := t.TempDir()
-	d, err := Start(Config{StateDir: dir, Logger: quietLog()})
+	d, err := Start(Config{StateDir: dir, Logger: quietLog(), Kernel: attach.Options{Disabled: true}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -451,3 +451,137 @@ func TestVMRequestAllocs(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestVMAbandon: a quiesced device whose data is gone is abandoned while an
+// application holds it open with a read waiting: the read fails (EIO),
+// Abandon does not wait for the application to close it, the device nodes
+// go, and later I/O on the open file finds a disk of size 0. Another
+// owner's Abandon leaves the device alone.
+func TestVMAbandon(t *testing.T) {
+	requireUblk(t)
+	const size, owner = 64 << 20, 7
+	mem, err := ioengine.NewMemory(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	dev, err := Attach(context.Background(), Config{ID: -1, Queues: 1, Depth: 8, Size: size, Handler: ioengine.Handler(mem), Owner: owner})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := dev.ID()
+	t.Cleanup(func() { Remove(id, nil) })
+	f, err := os.OpenFile(dev.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w := alignedBuf(t, 64<<10)
+	rand.Read(w)
+	if _, err := f.WriteAt(w, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.Release(); err != nil {
+		t.Fatal(err)
+	}
+	r := alignedBuf(t, 64<<10)
+	done := make(chan error, 1)
+	go func() { // owner: this test; exits when the read returns
+		_, err := f.ReadAt(r, 1<<20)
+		done <- err
+	}()
+	waitBlocked(t, 1)
+
+	if err := Abandon(id, owner+1, nil); !errors.Is(err, ErrNotRecoverable) {
+		t.Fatalf("Abandon by another owner: %v, want ErrNotRecoverable", err)
+	}
+	t0 := time.Now()
+	if err := Abandon(id, owner, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("Abandon returned after %v with the disk open", time.Since(t0).Round(time.Millisecond))
+	select {
+	case err := <-done:
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("the read that waited: %v, want EIO", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read that waited is still blocked 10s after Abandon")
+	}
+	waitGone(t, dev.Path())
+	waitGone(t, CharPath(id))
+	if n, err := f.ReadAt(r, 1<<20); n != 0 || err != io.EOF {
+		t.Errorf("a read on the open file after Abandon: %d bytes, %v; want EOF (size 0)", n, err)
+	}
+	if _, err := f.WriteAt(w, 1<<20); !errors.Is(err, syscall.ENOSPC) {
+		t.Errorf("a write on the open file after Abandon: %v, want ENOSPC (size 0)", err)
+	}
+	// The kernel keeps the deleted device (its id) until the last close;
+	// abandoning it again meanwhile is a no-op.
+	if err := Abandon(id, owner, nil); err != nil {
+		t.Errorf("Abandon again while the disk is open: %v", err)
+	}
+	f.Close()
+	for i := 0; ; i++ {
+		err := Abandon(id, owner, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if i == 100 {
+			t.Fatalf("Abandon after the last close: %v, want os.ErrNotExist", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestVMDelDevWaitsForOpeners documents why blockd deletes devices with
+// DEL_DEV_ASYNC: the plain DEL_DEV of a stopped device returns only once
+// the last opener of its disk closes it.
+func TestVMDelDevWaitsForOpeners(t *testing.T) {
+	requireUblk(t)
+	const size = 16 << 20
+	mem, err := ioengine.NewMemory(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	dev, err := Attach(context.Background(), Config{ID: -1, Queues: 1, Depth: 8, Size: size, Handler: ioengine.Handler(mem)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := dev.ID()
+	f, err := os.OpenFile(dev.Path(), os.O_RDONLY, 0)
+	if err != nil {
+		dev.Detach()
+		t.Fatal(err)
+	}
+	if err := dev.Release(); err != nil {
+		t.Fatal(err)
+	}
+	ctrl, err := OpenControl(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctrl.Close()
+	if err := ctrl.StopDev(uint32(id)); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- ctrl.DelDev(uint32(id)) }() // owner: this test; exits when DEL_DEV completes
+	select {
+	case err := <-done:
+		f.Close()
+		t.Fatalf("DEL_DEV returned (%v) while the disk was open; blockd's delete can use it again", err)
+	case <-time.After(time.Second):
+	}
+	f.Close()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("DEL_DEV still waiting 10s after the last opener closed the disk")
+	}
+	waitGone(t, CharPath(id))
+}

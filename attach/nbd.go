@@ -323,18 +323,18 @@ func (k *nbdFrontend) handed(ka *kattach, socks []*ksock) {
 // count is taken on a background goroutine, which becomes the device's
 // replacer unless one runs already.
 func (k *nbdFrontend) socketDied(ka *kattach, err error) {
-	if err != nil {
-		k.log.Warn("kernel nbd socket failed; replacing it", "volume", ka.vol.Name(), "err", err)
-	} else {
-		// The kernel shuts a socket down when a request on it timed
-		// out (--nbd-timeout); it requeues the request elsewhere.
-		k.log.Warn("kernel closed an nbd socket (request timeout); replacing it", "volume", ka.vol.Name())
-	}
 	k.goBackground(func() {
 		k.d.mu.Lock()
 		if !k.replaceWantedLocked(ka) {
 			k.d.mu.Unlock()
-			return
+			return // detached (the kernel closed its ends) or closing
+		}
+		if err != nil {
+			k.log.Warn("kernel nbd socket failed; replacing it", "volume", ka.vol.Name(), "err", err)
+		} else {
+			// The kernel shuts a socket down when a request on it timed
+			// out (--nbd-timeout); it requeues the request elsewhere.
+			k.log.Warn("kernel closed an nbd socket (request timeout); replacing it", "volume", ka.vol.Name())
 		}
 		ka.dead++
 		if ka.replacing {

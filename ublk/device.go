@@ -524,6 +524,12 @@ func deviceIDs() ([]int, error) {
 // I/O waiting on it, and later I/O on files still open on it, fails; it
 // does not wait for those files to close (deleteDev).
 func Remove(id int, load func(string) error) error {
+	return withControl(load, func(ctrl *Control) error { return remove(ctrl, uint32(id)) })
+}
+
+// withControl runs f with a control of its own; load as for OpenControl
+// (nil: module.Load).
+func withControl(load func(string) error, f func(*Control) error) error {
 	if load == nil {
 		load = module.Load
 	}
@@ -532,7 +538,7 @@ func Remove(id int, load func(string) error) error {
 		return err
 	}
 	defer ctrl.Close()
-	return remove(ctrl, uint32(id))
+	return f(ctrl)
 }
 
 // Abandon removes device id, recorded by the daemon owner, instead of
@@ -545,28 +551,28 @@ func Remove(id int, load func(string) error) error {
 // owner's, or that a live process serves, is left alone (ErrNotRecoverable);
 // one that does not exist is os.ErrNotExist.
 func Abandon(id int, owner uint32, load func(string) error) error {
-	if load == nil {
-		load = module.Load
-	}
-	ctrl, err := OpenControl(load)
-	if err != nil {
-		return err
-	}
-	defer ctrl.Close()
-	info, err := ctrl.DevInfo(uint32(id))
-	if errors.Is(err, unix.ENODEV) {
-		return fmt.Errorf("ublk abandon %d: %w", id, os.ErrNotExist)
-	}
-	if err != nil {
-		return err
-	}
-	if err := checkTakeOver(info, owner); err != nil {
-		return fmt.Errorf("ublk abandon %d: %w", id, err)
-	}
-	if info.State == StateLive && info.DaemonPID != int32(os.Getpid()) && processAlive(int(info.DaemonPID)) {
-		return fmt.Errorf("ublk abandon %d: %w: server pid %d is alive", id, ErrNotRecoverable, info.DaemonPID)
-	}
-	return remove(ctrl, uint32(id))
+	return withControl(load, func(ctrl *Control) error {
+		info, err := ctrl.DevInfo(uint32(id))
+		if errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("ublk abandon %d: %w", id, os.ErrNotExist)
+		}
+		if err != nil {
+			return err
+		}
+		if err := checkTakeOver(info, owner); err != nil {
+			return fmt.Errorf("ublk abandon %d: %w", id, err)
+		}
+		if servedByOther(info) {
+			return fmt.Errorf("ublk abandon %d: %w: server pid %d is alive", id, ErrNotRecoverable, info.DaemonPID)
+		}
+		return remove(ctrl, uint32(id))
+	})
+}
+
+// servedByOther reports whether a live process other than this one serves
+// the device.
+func servedByOther(info DevInfo) bool {
+	return info.State == StateLive && info.DaemonPID != int32(os.Getpid()) && processAlive(int(info.DaemonPID))
 }
 
 func remove(ctrl *Control, id uint32) error {
@@ -648,9 +654,5 @@ func Cleanup(owner uint32, keep func(DevInfo) bool, load func(string) error) ([]
 
 // cleanupWants reports whether Cleanup removes device info.
 func cleanupWants(info DevInfo, owner uint32, keep func(DevInfo) bool) bool {
-	if !OwnedBy(info, owner) || keep(info) {
-		return false
-	}
-	// Served by another live process: leave it to that process.
-	return !(info.State == StateLive && info.DaemonPID != int32(os.Getpid()) && processAlive(int(info.DaemonPID)))
+	return OwnedBy(info, owner) && !keep(info) && !servedByOther(info)
 }

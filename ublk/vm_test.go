@@ -190,16 +190,7 @@ func TestVMExt4(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	const size = 512 << 20
-	mem, err := ioengine.NewMemory(size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mem.Close()
-	dev, err := Attach(context.Background(), Config{ID: -1, Queues: 2, Depth: 32, Size: size, Handler: ioengine.Handler(mem)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dev := memoryDevice(t, 512<<20, Config{ID: -1, Queues: 2, Depth: 32})
 	defer dev.Detach()
 	guest.Run(t, "/sbin/mke2fs", "-q", "-F", "-t", "ext4", dev.Path())
 	dir := guest.Mount(t, dev.Path(), "ext4")
@@ -223,41 +214,12 @@ func TestVMExt4(t *testing.T) {
 // same process, with a read issued during the gap: it must wait, not fail.
 func TestVMReleaseRecover(t *testing.T) {
 	requireUblk(t)
-	const size = 64 << 20
-	mem, err := ioengine.NewMemory(size)
+	mem, err := ioengine.NewMemory(64 << 20)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer mem.Close()
-	cfg := Config{ID: -1, Queues: 2, Depth: 8, Size: size, Handler: ioengine.Handler(mem)}
-	dev, err := Attach(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := dev.ID()
-	// On failure, removing the device fails the pending I/O instead of
-	// leaving the process stuck in it.
-	t.Cleanup(func() { Remove(id, nil) })
-	f, err := os.OpenFile(dev.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	w := alignedBuf(t, 64<<10)
-	rand.Read(w)
-	if _, err := f.WriteAt(w, 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := dev.Release(); err != nil {
-		t.Fatal(err)
-	}
-	r := alignedBuf(t, 64<<10)
-	done := make(chan error, 1)
-	go func() {
-		_, err := f.ReadAt(r, 1<<20)
-		done <- err
-	}()
-	waitBlocked(t, 1)
+	id, f, w, r, done := releasedWithPendingRead(t, Config{ID: -1, Queues: 2, Depth: 8, Size: mem.Size(), Handler: ioengine.Handler(mem)})
 	dev2, err := Recover(context.Background(), id, Config{Handler: ioengine.Handler(mem)})
 	if err != nil {
 		out, _ := guest.Exec("dmesg")
@@ -281,6 +243,61 @@ func TestVMReleaseRecover(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitGone(t, dev2.Path())
+}
+
+// memoryDevice attaches a device of size bytes with cfg, served from a new
+// memory engine that is closed at cleanup.
+func memoryDevice(t *testing.T, size int64, cfg Config) *Device {
+	t.Helper()
+	mem, err := ioengine.NewMemory(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mem.Close() })
+	cfg.Size, cfg.Handler = size, ioengine.Handler(mem)
+	dev, err := Attach(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dev
+}
+
+// releasedWithPendingRead attaches a device with cfg, writes 64 KiB of
+// random data at 1 MiB through an O_DIRECT file, releases the device (it
+// is quiesced, as after its server died) and reads that block back: the
+// read waits. It returns the device id, the open file (closed at cleanup),
+// the data written, the read's buffer and its result. Should the test
+// fail, removing the device at cleanup fails the read instead of leaving
+// the process stuck in it.
+func releasedWithPendingRead(t *testing.T, cfg Config) (id int, f *os.File, w, r []byte, done chan error) {
+	t.Helper()
+	dev, err := Attach(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id = dev.ID()
+	t.Cleanup(func() { Remove(id, nil) })
+	f, err = os.OpenFile(dev.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	w = alignedBuf(t, 64<<10)
+	rand.Read(w)
+	if _, err := f.WriteAt(w, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.Release(); err != nil {
+		t.Fatal(err)
+	}
+	r = alignedBuf(t, 64<<10)
+	done = make(chan error, 1)
+	go func() { // owner: the test; exits when the read returns
+		_, err := f.ReadAt(r, 1<<20)
+		done <- err
+	}()
+	waitBlocked(t, 1)
+	return id, f, w, r, done
 }
 
 // childDaemon serves a file-backed device until killed: mode "attach"
@@ -459,38 +476,14 @@ func TestVMRequestAllocs(t *testing.T) {
 // owner's Abandon leaves the device alone.
 func TestVMAbandon(t *testing.T) {
 	requireUblk(t)
-	const size, owner = 64 << 20, 7
-	mem, err := ioengine.NewMemory(size)
+	const owner = 7
+	mem, err := ioengine.NewMemory(64 << 20)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer mem.Close()
-	dev, err := Attach(context.Background(), Config{ID: -1, Queues: 1, Depth: 8, Size: size, Handler: ioengine.Handler(mem), Owner: owner})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := dev.ID()
-	t.Cleanup(func() { Remove(id, nil) })
-	f, err := os.OpenFile(dev.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	w := alignedBuf(t, 64<<10)
-	rand.Read(w)
-	if _, err := f.WriteAt(w, 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := dev.Release(); err != nil {
-		t.Fatal(err)
-	}
-	r := alignedBuf(t, 64<<10)
-	done := make(chan error, 1)
-	go func() { // owner: this test; exits when the read returns
-		_, err := f.ReadAt(r, 1<<20)
-		done <- err
-	}()
-	waitBlocked(t, 1)
+	id, f, w, r, done := releasedWithPendingRead(t, Config{ID: -1, Queues: 1, Depth: 8, Size: mem.Size(), Handler: ioengine.Handler(mem), Owner: owner})
+	path := BlockPath(id)
 
 	if err := Abandon(id, owner+1, nil); !errors.Is(err, ErrNotRecoverable) {
 		t.Fatalf("Abandon by another owner: %v, want ErrNotRecoverable", err)
@@ -508,7 +501,7 @@ func TestVMAbandon(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the read that waited is still blocked 10s after Abandon")
 	}
-	waitGone(t, dev.Path())
+	waitGone(t, path)
 	waitGone(t, CharPath(id))
 	if n, err := f.ReadAt(r, 1<<20); n != 0 || err != io.EOF {
 		t.Errorf("a read on the open file after Abandon: %d bytes, %v; want EOF (size 0)", n, err)
@@ -539,16 +532,7 @@ func TestVMAbandon(t *testing.T) {
 // the last opener of its disk closes it.
 func TestVMDelDevWaitsForOpeners(t *testing.T) {
 	requireUblk(t)
-	const size = 16 << 20
-	mem, err := ioengine.NewMemory(size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mem.Close()
-	dev, err := Attach(context.Background(), Config{ID: -1, Queues: 1, Depth: 8, Size: size, Handler: ioengine.Handler(mem)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dev := memoryDevice(t, 16<<20, Config{ID: -1, Queues: 1, Depth: 8})
 	id := dev.ID()
 	f, err := os.OpenFile(dev.Path(), os.O_RDONLY, 0)
 	if err != nil {

@@ -97,29 +97,17 @@ func memoryVolumeRestart(t *testing.T, fe kernelFrontend) {
 	// A read issued while no daemon runs waits for the next one, as an
 	// application's (a mounted filesystem's) would.
 	clear(got)
-	readErr := make(chan error, 1)
-	go func() { // owner: this test; exits when the read returns
+	err = heldAcrossStart(t, d, func() error {
 		_, err := f.ReadAt(got, 16*writerBlock)
-		readErr <- err
-	}()
-	select {
-	case err := <-readErr:
-		t.Fatalf("read returned while no daemon ran: %v", err)
-	case <-time.After(2 * time.Second):
-	}
-	d.start()
-	select {
-	case err := <-readErr:
-		switch {
-		case errors.Is(err, syscall.EIO):
-			t.Logf("the read that waited across the restart failed: %v", err)
-		case err == nil && !bytes.ContainsFunc(got, func(r rune) bool { return r != 0 }):
-			t.Errorf("the read that waited across the restart returned zeroes (served by the new, empty volume), want EIO")
-		default:
-			t.Errorf("the read that waited across the restart: %v (data match %v), want EIO", err, bytes.Equal(got, want))
-		}
-	case <-time.After(time.Minute):
-		t.Fatalf("the read that waited is still blocked a minute after the restart\n%s", d.p.Output())
+		return err
+	})
+	switch {
+	case errors.Is(err, syscall.EIO):
+		t.Logf("the read that waited across the restart failed: %v", err)
+	case err == nil && !bytes.ContainsFunc(got, func(r rune) bool { return r != 0 }):
+		t.Errorf("the read that waited across the restart returned zeroes (served by the new, empty volume), want EIO")
+	default:
+		t.Errorf("the read that waited across the restart: %v (data match %v), want EIO", err, bytes.Equal(got, want))
 	}
 	// Later I/O on the file still open gets no data either: nbd fails it
 	// (EIO); a deleted ublk disk has size 0, so a read there is at its end

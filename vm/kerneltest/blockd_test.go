@@ -545,23 +545,36 @@ func ioHeldWhileStopped(t *testing.T, d *blockd, dev string) {
 	t.Helper()
 	want := alignedBuf(writerBlock)
 	pattern(want, 7, 12345)
-	ioErr := make(chan error, 1)
 	got := alignedBuf(writerBlock)
 	t0 := time.Now()
-	go func() { // owner: this test; exits when the I/O completes or fails
+	err := heldAcrossStart(t, d, func() error {
 		f, err := os.OpenFile(dev, os.O_RDWR|syscall.O_DIRECT, 0)
 		if err != nil {
-			ioErr <- err
-			return
+			return err
 		}
 		defer f.Close()
 		if _, err := f.WriteAt(want, 7*writerBlock); err != nil {
-			ioErr <- fmt.Errorf("write: %w", err)
-			return
+			return fmt.Errorf("write: %w", err)
 		}
 		_, err = f.ReadAt(got, 7*writerBlock)
-		ioErr <- err
-	}()
+		return err
+	})
+	if err != nil {
+		t.Fatalf("I/O issued while blockd was stopped: %v", err)
+	}
+	t.Logf("I/O issued while stopped completed %v after it was issued", time.Since(t0).Round(time.Millisecond))
+	if !bytes.Equal(got, want) {
+		t.Fatal("data read back after the restart differs from what was written")
+	}
+}
+
+// heldAcrossStart runs io, which must wait while no daemon runs (the
+// device holds it), starts d, and returns io's result, which must come
+// within a minute of the start.
+func heldAcrossStart(t *testing.T, d *blockd, io func() error) error {
+	t.Helper()
+	ioErr := make(chan error, 1)
+	go func() { ioErr <- io() }() // owner: the test; exits when the I/O completes or fails
 	select {
 	case err := <-ioErr:
 		t.Fatalf("I/O finished while no daemon ran: %v", err)
@@ -570,15 +583,10 @@ func ioHeldWhileStopped(t *testing.T, d *blockd, dev string) {
 	d.start()
 	select {
 	case err := <-ioErr:
-		if err != nil {
-			t.Fatalf("I/O issued while blockd was stopped: %v", err)
-		}
+		return err
 	case <-time.After(time.Minute):
 		t.Fatalf("I/O still blocked a minute after the restart\n%s", d.p.Output())
-	}
-	t.Logf("I/O issued while stopped completed %v after it was issued", time.Since(t0).Round(time.Millisecond))
-	if !bytes.Equal(got, want) {
-		t.Fatal("data read back after the restart differs from what was written")
+		return nil
 	}
 }
 

@@ -139,6 +139,12 @@ type Attachment struct {
 	Connections int    `json:"connections,omitempty"` // nbd sockets
 	Queues      int    `json:"queues,omitempty"`      // ublk
 	Depth       int    `json:"depth,omitempty"`       // ublk
+	// Backend is the id an nbd device was connected with, as
+	// /sys/block/nbdN/backend shows it: blockd:DAEMON:VOLUME, DAEMON
+	// being the id in the daemon's state dir. The kernel reconfigures a
+	// device only for the same id. Records of older daemons have none:
+	// their devices carry blockd:VOLUME.
+	Backend string `json:"backend,omitempty"`
 }
 
 // Volume states.

@@ -8,12 +8,16 @@
 package attach
 
 import (
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/kernel/module"
+	"github.com/blockd/blockd/kernel/nbdnl"
 	"github.com/blockd/blockd/nbd"
 	"github.com/blockd/blockd/profile"
 	"github.com/blockd/blockd/volume"
@@ -25,10 +29,18 @@ type Volumes interface {
 	SetAttachment(name string, att *api.Attachment) (api.Spec, error)
 	Detached(name string, att *api.Attachment) (api.Spec, error)
 	AttachedWith(frontend string) []api.Spec
+	// SetReason records what the daemon did to a volume at start; the
+	// API shows it with the volume.
+	SetReason(name, reason string)
 }
 
 // Options tune kernel attachments.
 type Options struct {
+	// Disabled runs the daemon without kernel devices (blockd serve
+	// --kernel-devices=false): no module is loaded, Recover does nothing
+	// (recorded attachments stay as recorded), and Attach and Detach
+	// fail with CodeUnavailable.
+	Disabled bool
 	// Timeout is the kernel nbd per-request timeout. When it expires the
 	// kernel marks that socket dead and requeues the request; the daemon
 	// then hands the device a fresh socket. Default 30s.
@@ -37,11 +49,36 @@ type Options struct {
 	// socket is dead (the daemon is restarting) before failing it.
 	// Default 2m.
 	DeadConnTimeout time.Duration
+	// DaemonID tells this daemon's kernel devices from those of other
+	// daemons on the node (daemon.Start keeps it in the state dir): nbd
+	// devices are connected with the backend id blockd:ID:VOLUME, ublk
+	// devices carry a tag made from it, and Recover's clean-up removes
+	// only devices with this daemon's mark. Default: a random id for this
+	// process (its devices still recover, by the backend id recorded
+	// with each attachment, but no later process cleans up after it).
+	DaemonID string
 	// LoadModule loads a kernel module; default kernel/module.Load.
 	LoadModule func(name string) error
 	// Log receives attach, detach and recovery events; default
 	// slog.Default().
 	Log *slog.Logger
+
+	// dialNetlink opens the kernel nbd netlink client; default
+	// nbdnl.Dial. Tests substitute a fake.
+	dialNetlink func() (nbdNetlink, error)
+	// sysBlock is where the kernel shows block devices; default
+	// /sys/block. Tests point it at a temp tree.
+	sysBlock string
+	// ublkLoaded reports whether ublk_drv is live (then recovery looks
+	// for orphaned ublk devices even when none is recorded); default
+	// module.Loaded. Tests keep the host's driver out of it.
+	ublkLoaded func() bool
+	// replaceBackoff is the first wait before replacing a socket the
+	// kernel dropped (it doubles after each failed attempt), and
+	// replaceAttempts how many attempts a replacement gets before it is
+	// given up; defaults 100ms and 6 (about 6s in all).
+	replaceBackoff  time.Duration
+	replaceAttempts int
 }
 
 func (o *Options) defaults() {
@@ -56,6 +93,26 @@ func (o *Options) defaults() {
 	}
 	if o.Log == nil {
 		o.Log = slog.Default()
+	}
+	if o.DaemonID == "" {
+		var r [8]byte
+		rand.Read(r[:])
+		o.DaemonID = hex.EncodeToString(r[:])
+	}
+	if o.dialNetlink == nil {
+		o.dialNetlink = func() (nbdNetlink, error) { return nbdnl.Dial() }
+	}
+	if o.sysBlock == "" {
+		o.sysBlock = "/sys/block"
+	}
+	if o.ublkLoaded == nil {
+		o.ublkLoaded = func() bool { return module.Loaded("ublk_drv") }
+	}
+	if o.replaceBackoff == 0 {
+		o.replaceBackoff = 100 * time.Millisecond
+	}
+	if o.replaceAttempts == 0 {
+		o.replaceAttempts = 6
 	}
 }
 
@@ -78,6 +135,7 @@ type frontend interface {
 type Devices struct {
 	vols Volumes
 	log  *slog.Logger
+	off  bool // Options.Disabled
 	nbd  *nbdFrontend
 	ublk *ublkFrontend
 
@@ -89,7 +147,7 @@ type Devices struct {
 // srv.
 func New(srv *nbd.Server, vols Volumes, opts Options) *Devices {
 	opts.defaults()
-	d := &Devices{vols: vols, log: opts.Log}
+	d := &Devices{vols: vols, log: opts.Log, off: opts.Disabled}
 	d.nbd = newNBD(d, srv, opts)
 	d.ublk = newUblk(d, opts)
 	return d
@@ -113,6 +171,9 @@ func (d *Devices) Attach(name string, req api.AttachRequest) (api.Spec, error) {
 	}
 	if req.Frontend == "" {
 		req.Frontend = api.FrontendNBD
+	}
+	if err := d.offErr("attach", name); err != nil {
+		return api.Spec{}, err
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -144,6 +205,9 @@ func (d *Devices) Attach(name string, req api.AttachRequest) (api.Spec, error) {
 
 // Detach removes a volume's kernel device and clears its attachment.
 func (d *Devices) Detach(name string) (api.Spec, error) {
+	if err := d.offErr("detach", name); err != nil {
+		return api.Spec{}, err
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	v, err := d.vols.Get(name)
@@ -164,9 +228,21 @@ func (d *Devices) Detach(name string) (api.Spec, error) {
 	return d.vols.Detached(name, att)
 }
 
+// offErr is the refusal of op on volume name when kernel devices are off.
+func (d *Devices) offErr(op, name string) error {
+	if !d.off {
+		return nil
+	}
+	return api.Errorf(api.CodeUnavailable, "%s %s: this daemon runs without kernel devices (blockd serve --kernel-devices=false); "+
+		"it serves volumes over NBD only", op, name)
+}
+
 // Recover re-attaches every device the metadata records (see the
-// frontends' recover).
+// frontends' recover); without kernel devices it does nothing.
 func (d *Devices) Recover() {
+	if d.off {
+		return
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.nbd.recover(d.vols.AttachedWith(api.FrontendNBD))
@@ -195,6 +271,27 @@ func (d *Devices) Close() {
 	d.BeginClose()
 	d.ublk.close()
 	d.nbd.close()
+}
+
+// memoryLost clears the attachment of a memory volume whose kernel device
+// the daemon detached at start, and says why in the log (at error level:
+// whatever used the device lost its data) and on the volume. The volume's
+// data lived in the previous daemon's memory: serving the device on from
+// the new, empty volume would hand a mounted filesystem zeroes where its
+// data was, so the device's I/O fails instead. failed says whether the
+// device was still there with I/O to fail (else it was already gone).
+func (d *Devices) memoryLost(name, dev string, failed bool) {
+	reason := fmt.Sprintf("kernel device %s was detached at start: a memory volume's data does not survive a restart", dev)
+	if failed {
+		reason += ", so its I/O was failed (EIO) rather than served as zeroes"
+		d.log.Error("detached the kernel device of a memory volume at start: its data did not survive the restart, so its I/O fails (EIO) instead of reading zeroes",
+			"volume", name, "device", dev)
+	} else {
+		d.log.Warn("dropped the attachment of a memory volume at start: its data did not survive the restart, and its kernel device is gone",
+			"volume", name, "device", dev)
+	}
+	d.forget(name)
+	d.vols.SetReason(name, reason)
 }
 
 // forget clears the attachment of a volume whose device is gone or could

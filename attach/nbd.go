@@ -60,8 +60,31 @@ func kernelRelease() string {
 	return unix.ByteSliceToString(u.Release[:])
 }
 
-// backendPrefix marks our devices in /sys/block/nbdN/backend.
+// backendPrefix marks blockd's devices in /sys/block/nbdN/backend:
+// blockd:DAEMON:VOLUME, or blockd:VOLUME from daemons that had no id.
 const backendPrefix = "blockd:"
+
+// ownPrefix starts the backend id of every device this daemon connects.
+func (k *nbdFrontend) ownPrefix() string { return backendPrefix + k.opts.DaemonID + ":" }
+
+// recordedBackend is the backend id a recorded attachment's device was
+// connected with.
+func recordedBackend(s api.Spec) string {
+	if b := s.Attachment.Backend; b != "" {
+		return b
+	}
+	return backendPrefix + s.Name // attached by a daemon without an id
+}
+
+// nbdNetlink is the kernel nbd driver's netlink interface as the nbd
+// frontend uses it; *nbdnl.Client in the daemon, a fake in tests.
+type nbdNetlink interface {
+	Connect(cfg nbdnl.Config) (int, error)
+	ReconfigureBackend(index int, backendID string, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) error
+	Disconnect(index int) error
+	Status(index int) (nbdnl.DeviceStatus, error)
+	Close() error
+}
 
 // nbdFrontend owns the kernel side of NBD attachments: the netlink client
 // and, per attached volume, the goroutines serving its sockets.
@@ -71,40 +94,71 @@ type nbdFrontend struct {
 	srv  *nbd.Server
 	log  *slog.Logger
 
-	bg sync.WaitGroup // socket replacements and read-ahead updates in progress
+	bg       sync.WaitGroup // socket replacements and read-ahead updates in progress (goBackground)
+	stopping chan struct{}  // closed by beginClose: background work ends
 
 	// Guarded by d.mu:
-	nl       *nbdnl.Client
+	nl       nbdNetlink
 	attached map[string]*kattach
 
-	liveMu sync.Mutex // guards live; never held across I/O
+	liveMu sync.Mutex // guards live and closed; never held across I/O
 	live   map[string]int
-	closed bool
+	closed bool // no new background work
 }
 
 // kattach is one attached volume's live state.
 type kattach struct {
-	vol       *volume.Volume
-	index     int
-	ctx       context.Context
-	cancel    context.CancelFunc
-	wg        sync.WaitGroup // one per socket being served
-	detaching bool           // guarded by Devices.mu
+	vol     *volume.Volume
+	backend string // backend id of the device
+	index   int
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup // one per socket being served
+
+	// Guarded by Devices.mu:
+	detaching bool
+	dead      int  // sockets the kernel dropped that await a replacement
+	replacing bool // a replaceSockets goroutine runs for this device
+}
+
+// ksock is the daemon's end of one kernel socket. Only a socket the
+// kernel took can die and want a replacement: one whose hand-over
+// failed is closed and forgotten.
+type ksock struct {
+	mu     sync.Mutex
+	handed bool // the kernel took the other end
+	ended  bool // serving it ended while the volume was attached
 }
 
 func newNBD(d *Devices, srv *nbd.Server, opts Options) *nbdFrontend {
-	return &nbdFrontend{d: d, opts: opts, srv: srv, log: opts.Log, attached: map[string]*kattach{}, live: map[string]int{}}
+	return &nbdFrontend{d: d, opts: opts, srv: srv, log: opts.Log, stopping: make(chan struct{}),
+		attached: map[string]*kattach{}, live: map[string]int{}}
+}
+
+// goBackground runs f on a goroutine owned by the frontend (close waits
+// for it), unless the frontend is closing.
+func (k *nbdFrontend) goBackground(f func()) {
+	k.liveMu.Lock()
+	defer k.liveMu.Unlock()
+	if k.closed {
+		return
+	}
+	k.bg.Add(1)
+	go func() {
+		defer k.bg.Done()
+		f()
+	}()
 }
 
 // netlinkLocked loads nbd and dials its netlink family on first use.
-func (k *nbdFrontend) netlinkLocked() (*nbdnl.Client, error) {
+func (k *nbdFrontend) netlinkLocked() (nbdNetlink, error) {
 	if k.nl != nil {
 		return k.nl, nil
 	}
 	if err := k.opts.LoadModule("nbd"); err != nil {
 		return nil, api.Errorf(api.CodeUnavailable, "kernel nbd driver unavailable: %w", err)
 	}
-	nl, err := nbdnl.Dial()
+	nl, err := k.opts.dialNetlink()
 	if err != nil {
 		return nil, api.Errorf(api.CodeUnavailable, "kernel nbd driver unavailable: %w", err)
 	}
@@ -157,15 +211,16 @@ func serverFlags(v *volume.Volume) uint64 {
 
 // connect serves conns new sockets for ka and connects them to the kernel
 // at index (nbdnl.AnyIndex: the kernel picks); it returns the index.
-func (k *nbdFrontend) connect(nl *nbdnl.Client, ka *kattach, index, conns int) (int, error) {
+func (k *nbdFrontend) connect(nl nbdNetlink, ka *kattach, index, conns int) (int, error) {
 	ours, theirs, err := socketPairs(conns)
 	if err != nil {
 		return 0, err
 	}
 	// Serve before connecting: the kernel reads the partition table as
 	// soon as the device is configured.
-	for _, c := range ours {
-		k.serve(ka, c)
+	socks := make([]*ksock, len(ours))
+	for i, c := range ours {
+		socks[i] = k.serve(ka, c)
 	}
 	v := ka.vol
 	idx, err := nl.Connect(nbdnl.Config{
@@ -176,7 +231,7 @@ func (k *nbdFrontend) connect(nl *nbdnl.Client, ka *kattach, index, conns int) (
 		ServerFlags:     serverFlags(v),
 		Timeout:         k.opts.Timeout,
 		DeadConnTimeout: k.opts.DeadConnTimeout,
-		BackendID:       backendPrefix + v.Name(),
+		BackendID:       ka.backend,
 	})
 	closeFiles(theirs)
 	if err != nil {
@@ -187,6 +242,7 @@ func (k *nbdFrontend) connect(nl *nbdnl.Client, ka *kattach, index, conns int) (
 		ka.wg.Wait()
 		return 0, err
 	}
+	k.handed(ka, socks)
 	return idx, nil
 }
 
@@ -204,7 +260,7 @@ func (k *nbdFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Atta
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
 	}
-	ka := k.newAttach(v)
+	ka := k.newAttach(v, k.ownPrefix()+name)
 	idx, err := k.connect(nl, ka, nbdnl.AnyIndex, conns)
 	if err != nil {
 		return nil, fmt.Errorf("attach %s: %w", name, err)
@@ -212,27 +268,66 @@ func (k *nbdFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Atta
 	ka.index = idx
 	k.attached[name] = ka
 	k.setLive(name, idx)
-	if err := setReadAhead(idx, v.EffectiveProfile()); err != nil {
+	if err := k.setReadAhead(idx, v.EffectiveProfile()); err != nil {
 		k.log.Warn("attach: read-ahead not set for io_profile", "volume", name, "err", err)
 	}
-	return &api.Attachment{Frontend: api.FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns}, nil
+	return &api.Attachment{Frontend: api.FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns, Backend: ka.backend}, nil
 }
 
-func (k *nbdFrontend) newAttach(v *volume.Volume) *kattach {
+func (k *nbdFrontend) newAttach(v *volume.Volume, backend string) *kattach {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &kattach{vol: v, ctx: ctx, cancel: cancel}
+	return &kattach{vol: v, backend: backend, ctx: ctx, cancel: cancel}
 }
 
-// serve runs the NBD transmission phase on one kernel socket. When the
-// socket ends while the volume is still attached (the kernel timed a
-// request out and marked the socket dead), it hands the device a new one.
-func (k *nbdFrontend) serve(ka *kattach, c net.Conn) {
+// serve runs the NBD transmission phase on one kernel socket. When a
+// socket the kernel took ends while the volume is still attached (the
+// kernel timed a request out and marked the socket dead), the device gets
+// a new one (socketDied).
+func (k *nbdFrontend) serve(ka *kattach, c net.Conn) *ksock {
+	s := &ksock{}
 	ka.wg.Add(1)
 	go func() {
 		defer ka.wg.Done()
 		err := k.srv.ServeKernel(ka.ctx, c, ka.vol)
 		if ka.ctx.Err() != nil || errors.Is(err, nbd.ErrServerClosed) {
 			return
+		}
+		s.mu.Lock()
+		s.ended = true
+		handed := s.handed
+		s.mu.Unlock()
+		if !handed {
+			return // never the kernel's: closed by a failed hand-over
+		}
+		k.socketDied(ka, err)
+	}()
+	return s
+}
+
+// handed records that the kernel took socks; one that already ended died
+// in the kernel's hands and is replaced.
+func (k *nbdFrontend) handed(ka *kattach, socks []*ksock) {
+	for _, s := range socks {
+		s.mu.Lock()
+		s.handed = true
+		ended := s.ended
+		s.mu.Unlock()
+		if ended {
+			k.socketDied(ka, nil)
+		}
+	}
+}
+
+// socketDied schedules the replacement of a socket of ka's device that the
+// kernel dropped. It never blocks (it may run with Devices.mu held): the
+// count is taken on a background goroutine, which becomes the device's
+// replacer unless one runs already.
+func (k *nbdFrontend) socketDied(ka *kattach, err error) {
+	k.goBackground(func() {
+		k.d.mu.Lock()
+		if !k.replaceWantedLocked(ka) {
+			k.d.mu.Unlock()
+			return // detached (the kernel closed its ends) or closing
 		}
 		if err != nil {
 			k.log.Warn("kernel nbd socket failed; replacing it", "volume", ka.vol.Name(), "err", err)
@@ -241,42 +336,92 @@ func (k *nbdFrontend) serve(ka *kattach, c net.Conn) {
 			// out (--nbd-timeout); it requeues the request elsewhere.
 			k.log.Warn("kernel closed an nbd socket (request timeout); replacing it", "volume", ka.vol.Name())
 		}
-		k.bg.Add(1)
-		go func() {
-			defer k.bg.Done()
-			k.replaceSocket(ka)
-		}()
-	}()
+		ka.dead++
+		if ka.replacing {
+			k.d.mu.Unlock()
+			return
+		}
+		ka.replacing = true
+		k.d.mu.Unlock()
+		k.replaceSockets(ka)
+	})
 }
 
-// replaceSocket gives a device one new socket in place of a dead one.
-func (k *nbdFrontend) replaceSocket(ka *kattach) {
-	k.d.mu.Lock()
-	defer k.d.mu.Unlock()
-	if k.d.closing || ka.detaching || ka.ctx.Err() != nil || k.attached[ka.vol.Name()] != ka {
-		return
-	}
-	// Give the kernel a moment to mark the socket dead: it only swaps
-	// dead sockets.
-	time.Sleep(100 * time.Millisecond)
-	if err := k.reconfigureLocked(ka, 1); err != nil {
-		k.log.Error("replacing kernel nbd socket", "volume", ka.vol.Name(), "err", err)
+func (k *nbdFrontend) replaceWantedLocked(ka *kattach) bool {
+	return !k.d.closing && !ka.detaching && ka.ctx.Err() == nil && k.attached[ka.vol.Name()] == ka
+}
+
+// replaceSockets hands ka's device one new socket per socket the kernel
+// dropped. Each attempt waits first, without the lock (the kernel marks a
+// socket dead a moment after closing it, and swaps only dead ones), the
+// wait doubling after each failure; detach and close end it at once. After
+// opts.replaceAttempts failures in a row it gives up, once, with an error:
+// the device keeps the sockets it has, or fails I/O after its
+// dead-connection timeout if it has none. A later socket death starts
+// anew.
+func (k *nbdFrontend) replaceSockets(ka *kattach) {
+	name := ka.vol.Name()
+	wait := k.opts.replaceBackoff
+	failures := 0
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-ka.ctx.Done():
+		case <-k.stopping:
+		}
+		k.d.mu.Lock()
+		if !k.replaceWantedLocked(ka) {
+			ka.dead, ka.replacing = 0, false
+			k.d.mu.Unlock()
+			return
+		}
+		err := k.reconfigureLocked(ka, 1, 1)
+		if err == nil {
+			failures, wait = 0, k.opts.replaceBackoff
+			if ka.dead--; ka.dead == 0 {
+				ka.replacing = false
+				k.d.mu.Unlock()
+				k.log.Info("replaced kernel nbd socket", "volume", name, "device", nbdnl.DevicePath(ka.index))
+				return
+			}
+		} else if failures++; failures == k.opts.replaceAttempts {
+			dead := ka.dead
+			ka.dead, ka.replacing = 0, false
+			k.d.mu.Unlock()
+			k.log.Error("gave up replacing the kernel nbd sockets the kernel dropped; the device keeps the sockets it has, "+
+				"or fails I/O after --nbd-dead-conn-timeout if none is left", "volume", name, "device", nbdnl.DevicePath(ka.index),
+				"sockets", dead, "attempts", failures, "err", err)
+			return
+		} else {
+			k.log.Debug("replacing kernel nbd socket failed; retrying", "volume", name, "attempt", failures, "retry_in", 2*wait, "err", err)
+			wait *= 2
+		}
+		k.d.mu.Unlock()
+		t.Reset(wait)
 	}
 }
 
-func (k *nbdFrontend) reconfigureLocked(ka *kattach, n int) error {
+// recoverTries bounds the ErrNoDeadSocket retries of a device recovered at
+// start (5s): the kernel may not yet have noticed the old daemon's death.
+const recoverTries = 50
+
+// reconfigureLocked hands the device of ka n new sockets, trying up to
+// tries times 100ms apart while the kernel has no dead socket to swap
+// (right after a crash it may not have noticed yet).
+func (k *nbdFrontend) reconfigureLocked(ka *kattach, n, tries int) error {
 	ours, theirs, err := socketPairs(n)
 	if err != nil {
 		return err
 	}
-	for _, c := range ours {
-		k.serve(ka, c)
+	socks := make([]*ksock, len(ours))
+	for i, c := range ours {
+		socks[i] = k.serve(ka, c)
 	}
-	// The kernel swaps only sockets it has marked dead; right after a
-	// crash it may not have noticed yet.
-	for try := 0; ; try++ {
-		err = k.nl.ReconfigureBackend(ka.index, backendPrefix+ka.vol.Name(), theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
-		if !errors.Is(err, nbdnl.ErrNoDeadSocket) || try == 50 {
+	for try := 1; ; try++ {
+		err = k.nl.ReconfigureBackend(ka.index, ka.backend, theirs, k.opts.Timeout, k.opts.DeadConnTimeout, 0)
+		if !errors.Is(err, nbdnl.ErrNoDeadSocket) || try >= tries {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
@@ -286,8 +431,10 @@ func (k *nbdFrontend) reconfigureLocked(ka *kattach, n int) error {
 		for _, c := range ours {
 			c.Close()
 		}
+		return err
 	}
-	return err
+	k.handed(ka, socks)
+	return nil
 }
 
 // detach disconnects a volume's device.
@@ -327,10 +474,10 @@ func (k *nbdFrontend) detach(v *volume.Volume, att *api.Attachment) error {
 // kernel still holds (the daemon was killed or restarted) gets new
 // sockets through NBD_CMD_RECONFIGURE, so I/O that waited completes; a
 // device the kernel no longer has (the node rebooted) is connected again
-// at the same index. Devices of ours that no volume records are
-// disconnected.
+// at the same index. Devices of this daemon (backend ids with its prefix)
+// that no volume records are disconnected; other daemons' are left alone.
 func (k *nbdFrontend) recover(want []api.Spec) {
-	orphans := ourNBDDevices()
+	orphans := k.ourNBDDevices()
 	if len(want) == 0 && len(orphans) == 0 {
 		return
 	}
@@ -340,16 +487,30 @@ func (k *nbdFrontend) recover(want []api.Spec) {
 		return
 	}
 	for _, s := range want {
-		delete(orphans, s.Attachment.Index)
-		if err := k.recoverOneLocked(nl, s); err != nil {
+		backend := recordedBackend(s)
+		if orphans[s.Attachment.Index] == backend {
+			delete(orphans, s.Attachment.Index)
+		}
+		if v, err := k.d.vols.Get(s.Name); err == nil && v.InMemory() {
+			k.abandonLocked(nl, s, backend)
+			continue
+		}
+		att, err := k.recoverOneLocked(nl, s)
+		if err != nil {
 			k.log.Error("recovering attachment failed; volume left detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
 			// A device of ours that cannot get sockets would hold its
 			// I/O for dead_conn_timeout and then fail it; fail it now
 			// and free the index, as the metadata says detached.
-			if deviceBackend(s.Attachment.Index) == backendPrefix+s.Name {
+			if k.deviceBackend(s.Attachment.Index) == backend {
 				nl.Disconnect(s.Attachment.Index)
 			}
 			k.d.forget(s.Name)
+			continue
+		}
+		if *att != *s.Attachment {
+			if _, err := k.d.vols.SetAttachment(s.Name, att); err != nil {
+				k.log.Warn("reconnected device, but its new backend id is not recorded", "volume", s.Name, "backend", att.Backend, "err", err)
+			}
 		}
 	}
 	for idx, backend := range orphans {
@@ -358,62 +519,88 @@ func (k *nbdFrontend) recover(want []api.Spec) {
 	}
 }
 
-func (k *nbdFrontend) recoverOneLocked(nl *nbdnl.Client, s api.Spec) error {
+// abandonLocked detaches the recorded device of a memory volume instead
+// of recovering it: the volume starts empty, so its data is gone.
+// NBD_CMD_DISCONNECT makes the kernel fail the requests queued and waiting
+// for a reconnect (EIO), and any later I/O; see Devices.memoryLost.
+func (k *nbdFrontend) abandonLocked(nl nbdNetlink, s api.Spec, backend string) {
+	att := s.Attachment
+	st, err := nl.Status(att.Index)
+	b := k.deviceBackend(att.Index)
+	live := err == nil && st.Connected && (b == "" || b == backend)
+	if live {
+		if err := nl.Disconnect(att.Index); err != nil {
+			// Its sockets are dead: I/O still fails, once the
+			// dead-connection timeout runs out.
+			k.log.Error("disconnecting the kernel device of a memory volume", "volume", s.Name, "device", att.Device, "err", err)
+		}
+	}
+	k.d.memoryLost(s.Name, att.Device, live)
+}
+
+// recoverOneLocked re-attaches a recorded device and returns the
+// attachment as it now is: a device connected anew gets this daemon's
+// backend id.
+func (k *nbdFrontend) recoverOneLocked(nl nbdNetlink, s api.Spec) (*api.Attachment, error) {
 	v, err := k.d.vols.Get(s.Name)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	att := s.Attachment
-	ka := k.newAttach(v)
-	ka.index = att.Index
+	att := *s.Attachment
 	st, err := nl.Status(att.Index)
 	if err == nil && st.Connected {
-		if b := deviceBackend(att.Index); b != "" && b != backendPrefix+s.Name {
-			return fmt.Errorf("%s now belongs to %q", att.Device, b)
+		backend := recordedBackend(s)
+		if b := k.deviceBackend(att.Index); b != "" && b != backend {
+			return nil, fmt.Errorf("%s now belongs to %q", att.Device, b)
 		}
-		if err := k.reconfigureLocked(ka, att.Connections); err != nil {
+		ka := k.newAttach(v, backend)
+		ka.index = att.Index
+		if err := k.reconfigureLocked(ka, att.Connections, recoverTries); err != nil {
 			ka.cancel()
-			return err
+			return nil, err
 		}
 		k.attached[s.Name] = ka
 		// The kernel kept the device's read-ahead; setting it now would
 		// wait for the requests still queued on the dead sockets.
 		k.setLive(s.Name, att.Index)
 		k.log.Info("reattached live device", "volume", s.Name, "device", att.Device, "connections", att.Connections)
-		return nil
+		return &att, nil
 	}
+	ka := k.newAttach(v, k.ownPrefix()+s.Name)
+	ka.index = att.Index
 	if _, err := k.connect(nl, ka, att.Index, att.Connections); err != nil {
-		return err
+		return nil, err
 	}
-	if err := setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
+	if err := k.setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
 		k.log.Warn("reconnect: read-ahead not set for io_profile", "volume", s.Name, "err", err)
 	}
 	k.setLive(s.Name, att.Index)
 	k.attached[s.Name] = ka
+	att.Backend = ka.backend
 	k.log.Info("reconnected device", "volume", s.Name, "device", att.Device)
-	return nil
+	return &att, nil
 }
 
 // deviceBackend reads the backend id the kernel shows for /dev/nbdN.
-func deviceBackend(idx int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/sys/block/nbd%d/backend", idx))
+func (k *nbdFrontend) deviceBackend(idx int) string {
+	b, err := os.ReadFile(filepath.Join(k.opts.sysBlock, fmt.Sprintf("nbd%d", idx), "backend"))
 	if err != nil {
 		return ""
 	}
 	return strings.TrimSpace(string(b))
 }
 
-// ourNBDDevices lists connected nbd devices whose backend id marks them as
-// blockd's.
-func ourNBDDevices() map[int]string {
+// ourNBDDevices lists the nbd devices whose backend id marks them as this
+// daemon's (ownPrefix), by index.
+func (k *nbdFrontend) ourNBDDevices() map[int]string {
 	out := map[int]string{}
-	ms, _ := filepath.Glob("/sys/block/nbd*/backend")
+	ms, _ := filepath.Glob(filepath.Join(k.opts.sysBlock, "nbd*", "backend"))
 	for _, p := range ms {
 		idx, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(filepath.Dir(p)), "nbd"))
 		if err != nil {
 			continue
 		}
-		if b := deviceBackend(idx); strings.HasPrefix(b, backendPrefix) {
+		if b := k.deviceBackend(idx); strings.HasPrefix(b, k.ownPrefix()) {
 			out[idx] = b
 		}
 	}
@@ -442,34 +629,37 @@ func (k *nbdFrontend) clearLive(name string) {
 // own goroutine, owned by the frontend (close waits).
 func (k *nbdFrontend) profileChanged(name string, eff profile.Profile) {
 	k.liveMu.Lock()
-	defer k.liveMu.Unlock()
 	idx, ok := k.live[name]
-	if !ok || k.closed {
+	k.liveMu.Unlock()
+	if !ok {
 		return
 	}
-	k.bg.Add(1)
-	go func() {
-		defer k.bg.Done()
-		if err := setReadAhead(idx, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	k.goBackground(func() {
+		if err := k.setReadAhead(idx, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			k.log.Warn("io_profile changed but read-ahead was not", "volume", name, "err", err)
 		}
-	}()
+	})
 }
 
 // setReadAhead sets the kernel read-ahead of /dev/nbdIDX to suit the
 // volume's effective profile (sequential 4 MiB, random 16 KiB, others
 // 128 KiB).
-func setReadAhead(idx int, p profile.Profile) error {
-	path := fmt.Sprintf("/sys/block/nbd%d/queue/read_ahead_kb", idx)
+func (k *nbdFrontend) setReadAhead(idx int, p profile.Profile) error {
+	path := filepath.Join(k.opts.sysBlock, fmt.Sprintf("nbd%d", idx), "queue", "read_ahead_kb")
 	if err := os.WriteFile(path, fmt.Appendf(nil, "%d\n", profile.ReadAheadKB(p)), 0o644); err != nil {
 		return fmt.Errorf("set read-ahead: %w", err)
 	}
 	return nil
 }
 
+// beginClose starts no more background work and wakes the socket
+// replacements that wait, so that they end.
 func (k *nbdFrontend) beginClose() {
 	k.liveMu.Lock()
-	k.closed = true
+	if !k.closed {
+		k.closed = true
+		close(k.stopping)
+	}
 	clear(k.live)
 	k.liveMu.Unlock()
 }
@@ -485,6 +675,7 @@ func (k *nbdFrontend) close() {
 		as = append(as, ka)
 	}
 	nl := k.nl
+	k.nl = nil
 	k.d.mu.Unlock()
 	for _, ka := range as {
 		ka.cancel()
@@ -495,9 +686,10 @@ func (k *nbdFrontend) close() {
 	}
 }
 
-// waitBackground waits for socket replacements and read-ahead updates. A
-// read-ahead write waits for the device's queue to drain: do not let one
-// stuck behind a dead device hold up shutdown for long.
+// waitBackground waits for socket replacements (which end at once once
+// beginClose ran) and read-ahead updates. A read-ahead write waits for the
+// device's queue to drain: do not let one stuck behind a dead device hold
+// up shutdown for long.
 func (k *nbdFrontend) waitBackground() {
 	done := make(chan struct{})
 	go func() { k.bg.Wait(); close(done) }()

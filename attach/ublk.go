@@ -4,32 +4,43 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"log/slog"
 	"os"
 
 	"github.com/blockd/blockd/api"
-	"github.com/blockd/blockd/kernel/module"
 	"github.com/blockd/blockd/ublk"
 	"github.com/blockd/blockd/volume"
 )
 
 // ublkFrontend owns the ublk devices of attached volumes.
 type ublkFrontend struct {
-	d    *Devices
-	log  *slog.Logger
-	load func(string) error
+	d      *Devices
+	log    *slog.Logger
+	load   func(string) error
+	owner  uint32 // this daemon's tag on its devices (ublkOwner)
+	loaded func() bool
 
 	devs map[string]*ublk.Device // guarded by Devices.mu
 }
 
 func newUblk(d *Devices, opts Options) *ublkFrontend {
-	return &ublkFrontend{d: d, log: opts.Log, load: opts.LoadModule, devs: map[string]*ublk.Device{}}
+	return &ublkFrontend{d: d, log: opts.Log, load: opts.LoadModule, owner: ublkOwner(opts.DaemonID), loaded: opts.ublkLoaded, devs: map[string]*ublk.Device{}}
+}
+
+// ublkOwner is the tag a daemon's ublk devices carry (ublk.Config.Owner):
+// 32 bits of its id's hash, which tell it from the few other daemons on a
+// node.
+func ublkOwner(daemonID string) uint32 {
+	h := fnv.New32a()
+	h.Write([]byte(daemonID))
+	return h.Sum32()
 }
 
 func (k *ublkFrontend) config(v *volume.Volume, att *api.Attachment) ublk.Config {
 	return ublk.Config{
 		ID: -1, Queues: att.Queues, Depth: att.Depth, Size: v.Size(),
-		Handler: v, Logger: k.log, LoadModule: k.load, ReadOnly: v.ReadOnly(),
+		Handler: v, Logger: k.log, LoadModule: k.load, ReadOnly: v.ReadOnly(), Owner: k.owner,
 	}
 }
 
@@ -71,13 +82,17 @@ func (k *ublkFrontend) detach(v *volume.Volume, att *api.Attachment) error {
 // recovered is forgotten, and every ublk device of ours that is not
 // recovered is deleted: no orphans.
 func (k *ublkFrontend) recover(want []api.Spec) {
-	if len(want) == 0 && !module.Loaded("ublk_drv") {
+	if len(want) == 0 && !k.loaded() {
 		return // nothing recorded, and no driver that could hold orphans
 	}
 	keep := map[int]bool{}
 	for _, s := range want {
 		v, err := k.d.vols.Get(s.Name)
 		if err != nil {
+			continue
+		}
+		if v.InMemory() {
+			k.abandon(s)
 			continue
 		}
 		dev, err := ublk.Recover(context.Background(), s.Attachment.Index, k.config(v, s.Attachment))
@@ -90,12 +105,36 @@ func (k *ublkFrontend) recover(want []api.Spec) {
 		k.devs[s.Name] = dev
 		k.log.Info("recovered ublk device", "volume", s.Name, "device", dev.Path())
 	}
-	removed, err := ublk.Cleanup(func(i ublk.DevInfo) bool { return keep[int(i.DevID)] }, k.load)
+	removed, err := ublk.Cleanup(k.owner, func(i ublk.DevInfo) bool { return keep[int(i.DevID)] }, k.load)
 	if err != nil {
 		k.log.Warn("ublk cleanup", "err", err)
 	}
 	for _, id := range removed {
 		k.log.Warn("removed orphaned ublk device", "device", ublk.BlockPath(id))
+	}
+}
+
+// abandon removes the recorded device of a memory volume instead of
+// recovering it: the volume starts empty, so its data is gone. ublk.Abandon
+// stops the device, which fails the I/O that waited for a new server
+// (EIO), and deletes it; see Devices.memoryLost.
+func (k *ublkFrontend) abandon(s api.Spec) {
+	att := s.Attachment
+	err := ublk.Abandon(att.Index, k.owner, k.load)
+	switch {
+	case err == nil:
+		k.d.memoryLost(s.Name, att.Device, true)
+	case errors.Is(err, os.ErrNotExist):
+		k.d.memoryLost(s.Name, att.Device, false)
+	case errors.Is(err, ublk.ErrNotRecoverable):
+		// The id is another server's now: not ours to stop.
+		k.log.Warn("dropped the attachment of a memory volume at start: its device is no longer this daemon's", "volume", s.Name, "device", att.Device, "err", err)
+		k.d.forget(s.Name)
+	default:
+		// Cleanup tries again: the device is ours and no longer kept.
+		k.log.Error("removing the kernel device of a memory volume at start", "volume", s.Name, "device", att.Device, "err", err)
+		k.d.forget(s.Name)
+		k.d.vols.SetReason(s.Name, fmt.Sprintf("kernel device %s could not be removed at start (%v); a memory volume's data does not survive a restart", att.Device, err))
 	}
 }
 

@@ -131,7 +131,7 @@ func TestHelp(t *testing.T) {
 		{[]string{"volume", "--help"}, []string{"create", "delete", "resize", "set"}},
 		{[]string{"volume", "create", "--help"}, []string{"--size", "10GiB", "--iops-limit", "5k", "--engine", "--profile", "db_remote"}},
 		{[]string{"volume", "set", "--help"}, []string{"--burst", "seconds", "--bps-limit", "200MiB", "--weight", "--read-only"}},
-		{[]string{"serve", "--help"}, []string{"--state-dir", "--nbd-timeout", "--qos-capacity-iops", "50k", "--qos-capacity-bps", "--log-format"}},
+		{[]string{"serve", "--help"}, []string{"--state-dir", "--kernel-devices", "pure network NBD server", "--nbd-timeout", "--qos-capacity-iops", "50k", "--qos-capacity-bps", "--log-format"}},
 		{[]string{"attach", "-h"}, []string{"--frontend", "--connections"}},
 	} {
 		out, errs, code := run(t, "", tc.args...)

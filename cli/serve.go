@@ -25,6 +25,7 @@ func newServe() *cobra.Command {
 		qosIOPS, qosBPS, cacheMemory string
 		qosOn                        bool
 		probes, logFormat, logLevel  string
+		kernelDevices                bool
 		shutdownTimeout              time.Duration
 		procs                        int
 	)
@@ -33,7 +34,8 @@ func newServe() *cobra.Command {
 		Short: "Run the daemon",
 		Long: `Run the blockd daemon in the foreground: load the volumes in the state dir, serve
 them over NBD (TCP and a unix socket), re-attach the kernel devices recorded in
-their metadata, and answer the control API on STATE/blockd.sock (mode 0600).
+their metadata (unless --kernel-devices=false), and answer the control API on
+STATE/blockd.sock (mode 0600).
 
 One daemon per state dir. SIGTERM or SIGINT: stop accepting, let requests in
 flight finish and their replies go out, flush every volume, exit 0. Kernel
@@ -44,6 +46,7 @@ devices stay attached for the next daemon.`,
 				return usagef("--gomaxprocs %d: want 0 (automatic) or a positive count", procs)
 			}
 			cfg.QoSDisabled = !qosOn
+			cfg.Kernel.Disabled = !kernelDevices
 			var err error
 			if cfg.QoSCapacity.IOPS, err = units.ParseCount(qosIOPS); err != nil {
 				return usagef("--qos-capacity-iops: %v", err)
@@ -95,6 +98,8 @@ devices stay attached for the next daemon.`,
 	fs.StringVar(&cfg.NBDSocket, "nbd-socket", "", "unix `socket` for NBD clients (default STATE/nbd.sock; \"none\" disables)")
 	fs.StringVar(&cfg.APISocket, "api-socket", "", "control API `socket` to listen on (default STATE/blockd.sock, mode 0600)")
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:9810", "`address` of the Prometheus /metrics endpoint (\"\" disables)")
+	fs.BoolVar(&kernelDevices, "kernel-devices", true, "expose volumes as kernel block devices (attach; re-attach recorded devices at start; "+
+		"loads nbd/ublk_drv). --kernel-devices=false: no module loading, no recovery, attach refused: a pure network NBD server, e.g. in an unprivileged container")
 	fs.DurationVar(&cfg.Kernel.Timeout, "nbd-timeout", 30*time.Second, "kernel nbd per-request timeout (e.g. 30s); on expiry the socket is replaced and the request retried")
 	fs.DurationVar(&cfg.Kernel.DeadConnTimeout, "nbd-dead-conn-timeout", 2*time.Minute, "how long kernel nbd devices hold I/O while blockd restarts (e.g. 2m)")
 	fs.StringVar(&qosIOPS, "qos-capacity-iops", "0", "node requests per second (`iops`) that QoS reservations and weights divide, e.g. 50k (0: unlimited, then only caps act)")

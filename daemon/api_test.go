@@ -22,7 +22,9 @@ import (
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
 // startTestDaemon runs a daemon in this process on a fresh state dir, with
-// no TCP listeners and no probes, and returns it with its API client.
+// no TCP listeners, no probes and no kernel devices (it never loads a
+// module nor touches the host's nbd or ublk devices), and returns it with
+// its API client.
 func startTestDaemon(t *testing.T, cfg Config) (*Daemon, *api.Client) {
 	t.Helper()
 	if cfg.StateDir == "" {
@@ -30,6 +32,11 @@ func startTestDaemon(t *testing.T, cfg Config) (*Daemon, *api.Client) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = quietLog()
+	}
+	cfg.Kernel.Disabled = true
+	cfg.Kernel.LoadModule = func(name string) error {
+		t.Errorf("kernel devices are off, yet the daemon loaded module %s", name)
+		return errors.New("test: no modules")
 	}
 	d, err := Start(cfg)
 	if err != nil {

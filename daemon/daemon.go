@@ -123,6 +123,10 @@ func (d *Daemon) start() (err error) {
 	if d.lock, err = lockStateDir(cfg.StateDir); err != nil {
 		return err
 	}
+	if cfg.Kernel.DaemonID, err = daemonID(cfg.StateDir); err != nil {
+		return err
+	}
+	d.cfg.Kernel.DaemonID = cfg.Kernel.DaemonID
 
 	d.reg = prometheus.NewRegistry()
 	d.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -158,10 +162,14 @@ func (d *Daemon) start() (err error) {
 	d.nbd = nbd.NewServer(nbdExports{d.volumes}, nbd.Options{Logger: d.log})
 	d.devices = attach.New(d.nbd, d.volumes, cfg.Kernel)
 	d.profileHook.Store(d.devices)
-	if err := cfg.Kernel.LoadModule("nbd"); err != nil {
-		d.log.Warn("kernel nbd driver unavailable: attach will fail, network NBD works", "err", err)
+	if cfg.Kernel.Disabled {
+		d.log.Info("kernel devices off (--kernel-devices=false): no module loading, no recovery of attached devices, attach refused")
+	} else {
+		if err := cfg.Kernel.LoadModule("nbd"); err != nil {
+			d.log.Warn("kernel nbd driver unavailable: attach will fail, network NBD works", "err", err)
+		}
+		d.devices.Recover()
 	}
-	d.devices.Recover()
 	d.startProbes()
 	if cfg.NBDListen != "" {
 		ln, err := net.Listen("tcp", cfg.NBDListen)

@@ -48,12 +48,21 @@ func freePort(t *testing.T) string {
 	return ln.Addr().String()
 }
 
+// serveCmd is `blockd serve` on dir with flags, as this test binary. These
+// tests serve volumes over the network only: --kernel-devices=false keeps
+// the daemon from loading modules or recovering (and cleaning up) the
+// host's nbd and ublk devices.
+func serveCmd(dir string, flags ...string) *exec.Cmd {
+	cmd := exec.Command(os.Args[0], append([]string{"serve", "--state-dir", dir, "--kernel-devices=false"}, flags...)...)
+	cmd.Env = append(os.Environ(), "BLOCKD_TEST_AS_DAEMON=1")
+	return cmd
+}
+
 // startDaemon runs `blockd serve` on dir and waits until its API answers.
 func startDaemon(t *testing.T, dir, nbdAddr string) *daemonProc {
 	t.Helper()
 	d := &daemonProc{t: t, dir: dir, nbdAddr: nbdAddr, sock: filepath.Join(dir, "blockd.sock"), log: &bytes.Buffer{}}
-	d.cmd = exec.Command(os.Args[0], "serve", "--state-dir", dir, "--nbd-listen", nbdAddr, "--metrics-listen", "")
-	d.cmd.Env = append(os.Environ(), "BLOCKD_TEST_AS_DAEMON=1")
+	d.cmd = serveCmd(dir, "--nbd-listen", nbdAddr, "--metrics-listen", "")
 	d.cmd.Stdout = d.log
 	d.cmd.Stderr = d.log
 	if err := d.cmd.Start(); err != nil {
@@ -206,9 +215,7 @@ func TestSIGTERMDrainsAndExitsZero(t *testing.T) {
 func TestSecondDaemonRefused(t *testing.T) {
 	dir := t.TempDir()
 	startDaemon(t, dir, freePort(t))
-	cmd := exec.Command(os.Args[0], "serve", "--state-dir", dir, "--nbd-listen", freePort(t), "--metrics-listen", "")
-	cmd.Env = append(os.Environ(), "BLOCKD_TEST_AS_DAEMON=1")
-	out, err := cmd.CombinedOutput()
+	out, err := serveCmd(dir, "--nbd-listen", freePort(t), "--metrics-listen", "").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "in use by another blockd") {
 		t.Fatalf("second daemon on the same state dir: %v\n%s", err, out)
 	}
@@ -219,8 +226,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	dir := t.TempDir()
 	metricsAddr := freePort(t)
 	d := &daemonProc{t: t, dir: dir, nbdAddr: freePort(t), sock: filepath.Join(dir, "blockd.sock"), log: &bytes.Buffer{}}
-	d.cmd = exec.Command(os.Args[0], "serve", "--state-dir", dir, "--nbd-listen", d.nbdAddr, "--metrics-listen", metricsAddr)
-	d.cmd.Env = append(os.Environ(), "BLOCKD_TEST_AS_DAEMON=1")
+	d.cmd = serveCmd(dir, "--nbd-listen", d.nbdAddr, "--metrics-listen", metricsAddr)
 	d.cmd.Stderr = d.log
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -272,9 +278,7 @@ func TestMetricsEndpoint(t *testing.T) {
 // TestServeProcs: --gomaxprocs sets the scheduler slots, the log says how
 // many there are, and a negative count is refused.
 func TestServeProcs(t *testing.T) {
-	bad := exec.Command(os.Args[0], "serve", "--gomaxprocs", "-1", "--state-dir", t.TempDir())
-	bad.Env = append(os.Environ(), "BLOCKD_TEST_AS_DAEMON=1")
-	if out, err := bad.CombinedOutput(); err == nil || !strings.Contains(string(out), "--gomaxprocs -1") {
+	if out, err := serveCmd(t.TempDir(), "--gomaxprocs", "-1").CombinedOutput(); err == nil || !strings.Contains(string(out), "--gomaxprocs -1") {
 		t.Fatalf("serve --gomaxprocs -1: %v\n%s", err, out)
 	}
 
@@ -285,8 +289,7 @@ func TestServeProcs(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(os.Args[0], "serve", "--state-dir", dir, "--nbd-listen", freePort(t), "--metrics-listen", "", "--gomaxprocs", "5")
-	cmd.Env = append(os.Environ(), "BLOCKD_TEST_AS_DAEMON=1")
+	cmd := serveCmd(dir, "--nbd-listen", freePort(t), "--metrics-listen", "", "--gomaxprocs", "5")
 	cmd.Stderr = logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -302,5 +305,30 @@ func TestServeProcs(t *testing.T) {
 	}
 	if !bytes.Contains(log, []byte(`msg="scheduler slots" gomaxprocs=5 cpus=`)) {
 		t.Fatalf("daemon log does not report --gomaxprocs 5:\n%s", log)
+	}
+}
+
+// TestKernelDevicesOff: `serve --kernel-devices=false` says so at start,
+// refuses attach and detach with a message that names the flag, and
+// serves the volume over NBD all the same.
+func TestKernelDevicesOff(t *testing.T) {
+	need(t, "qemu-io")
+	d := startDaemon(t, t.TempDir(), freePort(t))
+	if _, err := d.client().CreateVolume(api.Spec{Name: "k", Size: 16 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range []func(string) (api.Volume, error){
+		func(n string) (api.Volume, error) { return d.client().Attach(n, api.AttachRequest{}) },
+		func(n string) (api.Volume, error) { return d.client().Detach(n) },
+	} {
+		_, err := op("k")
+		if !api.IsCode(err, api.CodeUnavailable) || !strings.Contains(err.Error(), "--kernel-devices=false") {
+			t.Errorf("attach/detach without kernel devices: %v, want unavailable naming --kernel-devices=false", err)
+		}
+	}
+	qemuIO(t, d.uri("k"), "write -P 7 0 64k", "read -P 7 0 64k")
+	d.kill9() // the log is complete once the process is reaped
+	if !strings.Contains(d.log.String(), "kernel devices off") {
+		t.Errorf("daemon log does not say kernel devices are off:\n%s", d.log)
 	}
 }

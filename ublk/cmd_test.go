@@ -26,6 +26,7 @@ func TestOpcodeEncodings(t *testing.T) {
 		{"START_USER_RECOVERY", cmdStartRecovery, 0xc0207510},
 		{"END_USER_RECOVERY", cmdEndRecovery, 0xc0207511},
 		{"GET_FEATURES", cmdGetFeatures, 0x80207513},
+		{"DEL_DEV_ASYNC", cmdDelDevAsync, 0x80207514},
 		{"FETCH_REQ", ioFetchReq, 0xc0107520},
 		{"COMMIT_AND_FETCH_REQ", ioCommitAndFetch, 0xc0107521},
 	} {
@@ -54,7 +55,7 @@ func TestDescWindow(t *testing.T) {
 func TestStructRoundTrips(t *testing.T) {
 	in := DevInfo{NrHwQueues: 2, QueueDepth: 128, State: StateQuiesced, MaxIOBufBytes: 1 << 19,
 		DevID: 7, DaemonPID: 1234, Flags: FlagUserRecovery | FlagCmdIoctlEncode,
-		ServerFlags: serverMagic, OwnerUID: 1, OwnerGID: 2}
+		ServerFlags: serverFlags(0xdeadbeef), OwnerUID: 1, OwnerGID: 2}
 	b := make([]byte, devInfoSize)
 	in.put(b)
 	var out DevInfo

@@ -17,9 +17,38 @@ import (
 // ControlPath is the ublk control device.
 const ControlPath = "/dev/ublk-control"
 
-// serverMagic marks devices created by blockd in DevInfo.ServerFlags, so
-// that a restarted daemon can tell its devices from other ublk servers'.
-const serverMagic uint64 = 0x626c6f636b640001 // "blockd" + version 1
+// DevInfo.ServerFlags mark the devices blockd creates, so that a restarted
+// daemon can tell its own devices from other ublk servers' and from other
+// blockd daemons' on the same node.
+const (
+	// serverMagicV1 marked blockd's devices before they named their
+	// owner. Such a device is still recovered when a daemon's registry
+	// records it, but never cleaned up: whose it is cannot be told.
+	serverMagicV1 uint64 = 0x626c6f636b640001 // "blockd" + version 1
+	// serverMagicV2 is "blk" + version 2 in the high 32 bits; the low 32
+	// bits are the owner tag (Config.Owner).
+	serverMagicV2 uint64 = 0x626c6b02 << 32
+	magicMask     uint64 = 0xffffffff << 32
+)
+
+// serverFlags is the mark of a device created for owner.
+func serverFlags(owner uint32) uint64 { return serverMagicV2 | uint64(owner) }
+
+// IsBlockd reports whether a device was created by blockd, by any daemon.
+func IsBlockd(i DevInfo) bool {
+	return i.ServerFlags == serverMagicV1 || i.ServerFlags&magicMask == serverMagicV2
+}
+
+// OwnedBy reports whether a device was created by the daemon whose tag is
+// owner.
+func OwnedBy(i DevInfo, owner uint32) bool { return i.ServerFlags == serverFlags(owner) }
+
+// mayTakeOver reports whether the daemon owner may recover (or remove) a
+// device its registry records: one it created, or one of blockd's from
+// before devices named their owner.
+func mayTakeOver(i DevInfo, owner uint32) bool {
+	return OwnedBy(i, owner) || i.ServerFlags == serverMagicV1
+}
 
 // Control issues ublk control commands on /dev/ublk-control through its
 // own small io_uring. It is safe for concurrent use; commands run one at a
@@ -205,9 +234,16 @@ func (c *Control) StartDev(id uint32, pid int) error {
 // StopDev removes the block device; pending fetches complete with ABORT.
 func (c *Control) StopDev(id uint32) error { return c.simple("stop dev", cmdStopDev, id, 0) }
 
-// DelDev deletes a stopped device. The kernel waits until /dev/ublkcN is
-// closed.
+// DelDev deletes a stopped device. The kernel waits until the device is
+// released: /dev/ublkcN closed and the last opener of /dev/ublkbN gone.
 func (c *Control) DelDev(id uint32) error { return c.simple("del dev", cmdDelDev, id, 0) }
+
+// DelDevAsync is DelDev without the wait (kernel 6.9+; older ones answer
+// EOPNOTSUPP): the block and character devices go at once, the id stays
+// taken until the last opener closes the disk.
+func (c *Control) DelDevAsync(id uint32) error {
+	return c.simple("del dev async", cmdDelDevAsync, id, 0)
+}
 
 // StartUserRecovery prepares a quiesced device for a new server; it fails
 // with EBUSY while the old server still holds /dev/ublkcN.

@@ -25,8 +25,9 @@
 // request; the mapping is only populated where requests touch it.
 //
 // Devices are created with UBLK_F_USER_RECOVERY|UBLK_F_USER_RECOVERY_REISSUE
-// and marked in ublksrv_flags, so a restarted daemon can Recover them
-// without I/O errors and Cleanup the ones it no longer wants.
+// and marked in ublksrv_flags with their daemon's tag (Config.Owner), so a
+// restarted daemon can Recover them without I/O errors and Cleanup the
+// ones it no longer wants, and never touches another daemon's.
 package ublk
 
 import (
@@ -73,6 +74,11 @@ type Config struct {
 	LoadModule func(name string) error
 	// ReadOnly marks the block device read-only.
 	ReadOnly bool
+	// Owner tags the device (in its ServerFlags) as created by one
+	// daemon among several on the node: Recover takes over only devices
+	// with this tag (or untagged ones of older blockd), and
+	// Cleanup(owner, ...) deletes only devices with it.
+	Owner uint32
 }
 
 func (c *Config) defaults() error {
@@ -160,7 +166,7 @@ func Attach(ctx context.Context, cfg Config) (*Device, error) {
 		want = FlagUserRecovery | FlagUserRecoveryReissue
 	}
 	info := DevInfo{NrHwQueues: uint16(cfg.Queues), QueueDepth: uint16(cfg.Depth),
-		MaxIOBufBytes: uint32(cfg.MaxIO), DevID: uint32(cfg.ID), Flags: want, ServerFlags: serverMagic}
+		MaxIOBufBytes: uint32(cfg.MaxIO), DevID: uint32(cfg.ID), Flags: want, ServerFlags: serverFlags(cfg.Owner)}
 	if cfg.ID < 0 {
 		info.DevID = ^uint32(0)
 	}
@@ -175,7 +181,7 @@ func Attach(ctx context.Context, cfg Config) (*Device, error) {
 		ctrl.Close()
 		return nil, err
 	}
-	if info.ServerFlags != serverMagic {
+	if info.ServerFlags != serverFlags(cfg.Owner) {
 		return fail(fmt.Errorf("ublk add dev: server flags not kept (%#x)", info.ServerFlags))
 	}
 	maxIO := int(info.MaxIOBufBytes) / 4096 * 4096
@@ -310,12 +316,13 @@ func (d *Device) shutdown(stopped bool) {
 
 // Detach removes the device: STOP_DEV (the kernel finishes in-flight
 // requests through the queues), then the queue goroutines and workers
-// exit, every fd and mapping is released, and DEL_DEV deletes it.
+// exit, every fd and mapping is released, and the device is deleted
+// without waiting for openers of the disk (deleteDev).
 func (d *Device) Detach() error {
 	d.closeOnce.Do(func() {
 		serr := d.ctrl.StopDev(d.id)
 		d.shutdown(serr == nil)
-		derr := d.ctrl.DelDev(d.id)
+		derr := deleteDev(d.ctrl, d.id)
 		d.closeErr = errors.Join(serr, derr, d.ctrl.Close())
 		d.log.Info("ublk device detached", "dev", d.Path(), "err", d.closeErr)
 	})
@@ -392,8 +399,11 @@ func recoverDev(ctx context.Context, ctrl *Control, id uint32, cfg Config) (*Dev
 		if err != nil {
 			return nil, err
 		}
-		if info.ServerFlags != serverMagic || info.Flags&FlagUserRecovery == 0 {
-			return nil, fmt.Errorf("%w: flags %#x server flags %#x", ErrNotRecoverable, info.Flags, info.ServerFlags)
+		if err := checkTakeOver(info, cfg.Owner); err != nil {
+			return nil, err
+		}
+		if info.Flags&FlagUserRecovery == 0 {
+			return nil, fmt.Errorf("%w: flags %#x", ErrNotRecoverable, info.Flags)
 		}
 		if info.State == StateDead {
 			return nil, fmt.Errorf("%w: device not started", ErrNotRecoverable)
@@ -435,6 +445,18 @@ func recoverDev(ctx context.Context, ctrl *Control, id uint32, cfg Config) (*Dev
 	}
 	d.log.Info("ublk device recovered", "dev", d.Path(), "queues", info.NrHwQueues, "depth", info.QueueDepth)
 	return d, nil
+}
+
+// checkTakeOver returns ErrNotRecoverable unless the daemon owner may
+// take device info over.
+func checkTakeOver(info DevInfo, owner uint32) error {
+	switch {
+	case mayTakeOver(info, owner):
+		return nil
+	case IsBlockd(info):
+		return fmt.Errorf("%w: another blockd daemon's device (server flags %#x, ours %#x)", ErrNotRecoverable, info.ServerFlags, serverFlags(owner))
+	}
+	return fmt.Errorf("%w: not a blockd device (server flags %#x)", ErrNotRecoverable, info.ServerFlags)
 }
 
 // processAlive reports whether pid is a running process. A zombie is dead:
@@ -499,7 +521,15 @@ func deviceIDs() ([]int, error) {
 }
 
 // Remove stops and deletes device id, which no process may be serving.
+// I/O waiting on it, and later I/O on files still open on it, fails; it
+// does not wait for those files to close (deleteDev).
 func Remove(id int, load func(string) error) error {
+	return withControl(load, func(ctrl *Control) error { return remove(ctrl, uint32(id)) })
+}
+
+// withControl runs f with a control of its own; load as for OpenControl
+// (nil: module.Load).
+func withControl(load func(string) error, f func(*Control) error) error {
 	if load == nil {
 		load = module.Load
 	}
@@ -508,22 +538,93 @@ func Remove(id int, load func(string) error) error {
 		return err
 	}
 	defer ctrl.Close()
-	return remove(ctrl, uint32(id))
+	return f(ctrl)
+}
+
+// Abandon removes device id, recorded by the daemon owner, instead of
+// recovering it: its data is gone (a memory volume after a restart), so
+// the I/O that waits for a new server must fail rather than be served
+// from an empty volume. STOP_DEV first: the kernel fails the requests it
+// queued while no server ran (EIO) and removes the block device, so later
+// I/O on files still open on it fails too; then the device is deleted
+// without waiting for those files (deleteDev). A device that is not the
+// owner's, or that a live process serves, is left alone (ErrNotRecoverable);
+// one that does not exist is os.ErrNotExist.
+func Abandon(id int, owner uint32, load func(string) error) error {
+	return withControl(load, func(ctrl *Control) error {
+		info, err := ctrl.DevInfo(uint32(id))
+		if errors.Is(err, unix.ENODEV) {
+			return fmt.Errorf("ublk abandon %d: %w", id, os.ErrNotExist)
+		}
+		if err != nil {
+			return err
+		}
+		if err := checkTakeOver(info, owner); err != nil {
+			return fmt.Errorf("ublk abandon %d: %w", id, err)
+		}
+		if servedByOther(info) {
+			return fmt.Errorf("ublk abandon %d: %w: server pid %d is alive", id, ErrNotRecoverable, info.DaemonPID)
+		}
+		return remove(ctrl, uint32(id))
+	})
+}
+
+// servedByOther reports whether a live process other than this one serves
+// the device.
+func servedByOther(info DevInfo) bool {
+	return info.State == StateLive && info.DaemonPID != int32(os.Getpid()) && processAlive(int(info.DaemonPID))
 }
 
 func remove(ctrl *Control, id uint32) error {
 	serr := ctrl.StopDev(id)
-	if err := ctrl.DelDev(id); err != nil {
+	if err := deleteDev(ctrl, id); err != nil {
 		return errors.Join(serr, err)
 	}
 	return nil
 }
 
-// Cleanup deletes every blockd device (marked in ServerFlags) that keep
-// rejects and no live process serves: call it at daemon start, after
-// recovering the devices the registry still wants, with keep reporting
-// those. It returns the ids removed.
-func Cleanup(keep func(DevInfo) bool, load func(string) error) ([]int, error) {
+// delDevWait bounds the wait of a DEL_DEV on kernels without
+// DEL_DEV_ASYNC.
+const delDevWait = 5 * time.Second
+
+// deleteDev deletes a stopped device without waiting for the last opener
+// of its disk: a mounted filesystem or an application's open file would
+// otherwise hold DEL_DEV, and whoever issued it, until closed. The block
+// and character devices are gone when it returns; the kernel frees the id
+// once the last opener closes. Kernels before 6.9 lack DEL_DEV_ASYNC: there
+// DEL_DEV runs on its own control for at most delDevWait and finishes in
+// the background (its goroutine ends when the kernel completes it, or with
+// the process).
+func deleteDev(ctrl *Control, id uint32) error {
+	err := ctrl.DelDevAsync(id)
+	if !errors.Is(err, unix.EOPNOTSUPP) {
+		return err
+	}
+	own, err := OpenControl(nil)
+	if err != nil {
+		return err
+	}
+	done := make(chan error, 1)
+	go func() { // owner: none; see above
+		err := own.DelDev(id)
+		own.Close()
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(delDevWait):
+		return nil // stopped and unlinked; the kernel frees the id at the last close
+	}
+}
+
+// Cleanup deletes every device of the daemon owner (marked with its tag in
+// ServerFlags) that keep rejects and no live process serves: call it at
+// daemon start, after recovering the devices the registry still wants,
+// with keep reporting those. Devices of other daemons, and untagged ones
+// of older blockd (whose they are cannot be told), are left alone. It
+// returns the ids removed.
+func Cleanup(owner uint32, keep func(DevInfo) bool, load func(string) error) ([]int, error) {
 	if load == nil {
 		load = module.Load
 	}
@@ -539,11 +640,8 @@ func Cleanup(keep func(DevInfo) bool, load func(string) error) ([]int, error) {
 	var removed []int
 	var errs []error
 	for _, info := range infos {
-		if info.ServerFlags != serverMagic || keep(info) {
+		if !cleanupWants(info, owner, keep) {
 			continue
-		}
-		if info.State == StateLive && info.DaemonPID != int32(os.Getpid()) && processAlive(int(info.DaemonPID)) {
-			continue // another live blockd serves it
 		}
 		if err := remove(ctrl, info.DevID); err != nil {
 			errs = append(errs, err)
@@ -552,4 +650,9 @@ func Cleanup(keep func(DevInfo) bool, load func(string) error) ([]int, error) {
 		removed = append(removed, int(info.DevID))
 	}
 	return removed, errors.Join(errs...)
+}
+
+// cleanupWants reports whether Cleanup removes device info.
+func cleanupWants(info DevInfo, owner uint32, keep func(DevInfo) bool) bool {
+	return OwnedBy(info, owner) && !keep(info) && !servedByOther(info)
 }

@@ -21,23 +21,25 @@ func Example() {
 		log.Fatal(err)
 	}
 	h := pipeline.Chain(ioengine.Handler(eng) /* qos, profile, ... stages */)
-	cfg := ublk.Config{ID: -1, Size: eng.Size(), Handler: h, Logger: slog.Default(), LoadModule: module.Load}
+	// Owner tags the devices as this daemon's (of several on the node).
+	const owner = 0x2a
+	cfg := ublk.Config{ID: -1, Size: eng.Size(), Handler: h, Logger: slog.Default(), LoadModule: module.Load, Owner: owner}
 
 	recorded := map[int]bool{3: true} // ublk ids in the volume registry
 	for id := range recorded {
 		dev, err := ublk.Recover(ctx, id, cfg)
 		if err != nil {
-			// errors.Is(err, ublk.ErrNotRecoverable): not blockd's, never
-			// started, or another live server has it. The registry forgets
-			// the id, Cleanup removes the device if it is blockd's, and the
-			// volume is attached afresh.
+			// errors.Is(err, ublk.ErrNotRecoverable): not this daemon's,
+			// never started, or another live server has it. The registry
+			// forgets the id, Cleanup removes the device if it is this
+			// daemon's, and the volume is attached afresh.
 			log.Print(err)
 			delete(recorded, id)
 			continue
 		}
 		_ = dev // serve on
 	}
-	if _, err := ublk.Cleanup(func(i ublk.DevInfo) bool { return recorded[int(i.DevID)] }, module.Load); err != nil {
+	if _, err := ublk.Cleanup(owner, func(i ublk.DevInfo) bool { return recorded[int(i.DevID)] }, module.Load); err != nil {
 		log.Print(err)
 	}
 

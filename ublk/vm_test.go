@@ -190,16 +190,7 @@ func TestVMExt4(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	const size = 512 << 20
-	mem, err := ioengine.NewMemory(size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mem.Close()
-	dev, err := Attach(context.Background(), Config{ID: -1, Queues: 2, Depth: 32, Size: size, Handler: ioengine.Handler(mem)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	dev := memoryDevice(t, 512<<20, Config{ID: -1, Queues: 2, Depth: 32})
 	defer dev.Detach()
 	guest.Run(t, "/sbin/mke2fs", "-q", "-F", "-t", "ext4", dev.Path())
 	dir := guest.Mount(t, dev.Path(), "ext4")
@@ -223,41 +214,12 @@ func TestVMExt4(t *testing.T) {
 // same process, with a read issued during the gap: it must wait, not fail.
 func TestVMReleaseRecover(t *testing.T) {
 	requireUblk(t)
-	const size = 64 << 20
-	mem, err := ioengine.NewMemory(size)
+	mem, err := ioengine.NewMemory(64 << 20)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer mem.Close()
-	cfg := Config{ID: -1, Queues: 2, Depth: 8, Size: size, Handler: ioengine.Handler(mem)}
-	dev, err := Attach(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := dev.ID()
-	// On failure, removing the device fails the pending I/O instead of
-	// leaving the process stuck in it.
-	t.Cleanup(func() { Remove(id, nil) })
-	f, err := os.OpenFile(dev.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	w := alignedBuf(t, 64<<10)
-	rand.Read(w)
-	if _, err := f.WriteAt(w, 1<<20); err != nil {
-		t.Fatal(err)
-	}
-	if err := dev.Release(); err != nil {
-		t.Fatal(err)
-	}
-	r := alignedBuf(t, 64<<10)
-	done := make(chan error, 1)
-	go func() {
-		_, err := f.ReadAt(r, 1<<20)
-		done <- err
-	}()
-	waitBlocked(t, 1)
+	id, f, w, r, done := releasedWithPendingRead(t, Config{ID: -1, Queues: 2, Depth: 8, Size: mem.Size(), Handler: ioengine.Handler(mem)})
 	dev2, err := Recover(context.Background(), id, Config{Handler: ioengine.Handler(mem)})
 	if err != nil {
 		out, _ := guest.Exec("dmesg")
@@ -281,6 +243,61 @@ func TestVMReleaseRecover(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitGone(t, dev2.Path())
+}
+
+// memoryDevice attaches a device of size bytes with cfg, served from a new
+// memory engine that is closed at cleanup.
+func memoryDevice(t *testing.T, size int64, cfg Config) *Device {
+	t.Helper()
+	mem, err := ioengine.NewMemory(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mem.Close() })
+	cfg.Size, cfg.Handler = size, ioengine.Handler(mem)
+	dev, err := Attach(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dev
+}
+
+// releasedWithPendingRead attaches a device with cfg, writes 64 KiB of
+// random data at 1 MiB through an O_DIRECT file, releases the device (it
+// is quiesced, as after its server died) and reads that block back: the
+// read waits. It returns the device id, the open file (closed at cleanup),
+// the data written, the read's buffer and its result. Should the test
+// fail, removing the device at cleanup fails the read instead of leaving
+// the process stuck in it.
+func releasedWithPendingRead(t *testing.T, cfg Config) (id int, f *os.File, w, r []byte, done chan error) {
+	t.Helper()
+	dev, err := Attach(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id = dev.ID()
+	t.Cleanup(func() { Remove(id, nil) })
+	f, err = os.OpenFile(dev.Path(), os.O_RDWR|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	w = alignedBuf(t, 64<<10)
+	rand.Read(w)
+	if _, err := f.WriteAt(w, 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := dev.Release(); err != nil {
+		t.Fatal(err)
+	}
+	r = alignedBuf(t, 64<<10)
+	done = make(chan error, 1)
+	go func() { // owner: the test; exits when the read returns
+		_, err := f.ReadAt(r, 1<<20)
+		done <- err
+	}()
+	waitBlocked(t, 1)
+	return id, f, w, r, done
 }
 
 // childDaemon serves a file-backed device until killed: mode "attach"
@@ -396,7 +413,7 @@ func TestVMKillRecover(t *testing.T) {
 	child2.Wait()
 	var removed []int
 	for i := 0; i < 100; i++ {
-		removed, err = Cleanup(func(DevInfo) bool { return false }, nil)
+		removed, err = Cleanup(0, func(DevInfo) bool { return false }, nil)
 		if err == nil && len(removed) > 0 {
 			break
 		}
@@ -450,4 +467,105 @@ func TestVMRequestAllocs(t *testing.T) {
 	if err := dev.Detach(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestVMAbandon: a quiesced device whose data is gone is abandoned while an
+// application holds it open with a read waiting: the read fails (EIO),
+// Abandon does not wait for the application to close it, the device nodes
+// go, and later I/O on the open file finds a disk of size 0. Another
+// owner's Abandon leaves the device alone.
+func TestVMAbandon(t *testing.T) {
+	requireUblk(t)
+	const owner = 7
+	mem, err := ioengine.NewMemory(64 << 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	id, f, w, r, done := releasedWithPendingRead(t, Config{ID: -1, Queues: 1, Depth: 8, Size: mem.Size(), Handler: ioengine.Handler(mem), Owner: owner})
+	path := BlockPath(id)
+
+	if err := Abandon(id, owner+1, nil); !errors.Is(err, ErrNotRecoverable) {
+		t.Fatalf("Abandon by another owner: %v, want ErrNotRecoverable", err)
+	}
+	t0 := time.Now()
+	if err := Abandon(id, owner, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("Abandon returned after %v with the disk open", time.Since(t0).Round(time.Millisecond))
+	select {
+	case err := <-done:
+		if !errors.Is(err, syscall.EIO) {
+			t.Fatalf("the read that waited: %v, want EIO", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read that waited is still blocked 10s after Abandon")
+	}
+	waitGone(t, path)
+	waitGone(t, CharPath(id))
+	if n, err := f.ReadAt(r, 1<<20); n != 0 || err != io.EOF {
+		t.Errorf("a read on the open file after Abandon: %d bytes, %v; want EOF (size 0)", n, err)
+	}
+	if _, err := f.WriteAt(w, 1<<20); !errors.Is(err, syscall.ENOSPC) {
+		t.Errorf("a write on the open file after Abandon: %v, want ENOSPC (size 0)", err)
+	}
+	// The kernel keeps the deleted device (its id) until the last close;
+	// abandoning it again meanwhile is a no-op.
+	if err := Abandon(id, owner, nil); err != nil {
+		t.Errorf("Abandon again while the disk is open: %v", err)
+	}
+	f.Close()
+	for i := 0; ; i++ {
+		err := Abandon(id, owner, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			break
+		}
+		if i == 100 {
+			t.Fatalf("Abandon after the last close: %v, want os.ErrNotExist", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestVMDelDevWaitsForOpeners documents why blockd deletes devices with
+// DEL_DEV_ASYNC: the plain DEL_DEV of a stopped device returns only once
+// the last opener of its disk closes it.
+func TestVMDelDevWaitsForOpeners(t *testing.T) {
+	requireUblk(t)
+	dev := memoryDevice(t, 16<<20, Config{ID: -1, Queues: 1, Depth: 8})
+	id := dev.ID()
+	f, err := os.OpenFile(dev.Path(), os.O_RDONLY, 0)
+	if err != nil {
+		dev.Detach()
+		t.Fatal(err)
+	}
+	if err := dev.Release(); err != nil {
+		t.Fatal(err)
+	}
+	ctrl, err := OpenControl(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctrl.Close()
+	if err := ctrl.StopDev(uint32(id)); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- ctrl.DelDev(uint32(id)) }() // owner: this test; exits when DEL_DEV completes
+	select {
+	case err := <-done:
+		f.Close()
+		t.Fatalf("DEL_DEV returned (%v) while the disk was open; blockd's delete can use it again", err)
+	case <-time.After(time.Second):
+	}
+	f.Close()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("DEL_DEV still waiting 10s after the last opener closed the disk")
+	}
+	waitGone(t, CharPath(id))
 }

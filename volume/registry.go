@@ -163,7 +163,7 @@ func Open(opts Options) (*Registry, error) {
 	return m, nil
 }
 
-// isTempFile reports whether n is a temp file of writeFileAtomic.
+// isTempFile reports whether n is a temp file of WriteFileAtomic.
 func isTempFile(n string) bool {
 	return strings.HasPrefix(n, ".") && strings.Contains(n, ".json.tmp-")
 }
@@ -365,7 +365,7 @@ func (m *Registry) persist(s api.Spec) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(m.metaDir(), s.Name+".json", append(b, '\n'))
+	return WriteFileAtomic(m.metaDir(), s.Name+".json", append(b, '\n'))
 }
 
 // Create makes a new volume. It returns once the volume's metadata is

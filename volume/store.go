@@ -6,10 +6,12 @@ import (
 	"path/filepath"
 )
 
-// writeFileAtomic replaces dir/name with data so that after a crash the
+// WriteFileAtomic replaces dir/name with data so that after a crash the
 // file holds either the old or the new contents, never a mix: write a temp
-// file, fsync it, rename it over the target, fsync the directory.
-func writeFileAtomic(dir, name string, data []byte) error {
+// file (.NAME.tmp-*, mode 0600), fsync it, rename it over the target, fsync
+// the directory. The daemon keeps its other state files (its id) the same
+// way.
+func WriteFileAtomic(dir, name string, data []byte) error {
 	tmp, err := os.CreateTemp(dir, "."+name+".tmp-*")
 	if err != nil {
 		return err

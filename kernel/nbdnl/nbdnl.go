@@ -166,18 +166,23 @@ type Client struct {
 }
 
 // Dial opens a netlink connection and resolves the nbd family.
-func Dial() (*Client, error) {
+func Dial() (*Client, error) { return dialFamily(familyName) }
+
+// dialFamily is Dial of the generic netlink family called name, so that
+// tests can check the ErrNoFamily mapping with a family that cannot exist
+// instead of asking the host for nbd (which may autoload the module).
+func dialFamily(name string) (*Client, error) {
 	c, err := genetlink.Dial(nil)
 	if err != nil {
 		return nil, fmt.Errorf("nbd netlink dial: %w", err)
 	}
-	f, err := c.GetFamily(familyName)
+	f, err := c.GetFamily(name)
 	if err != nil {
 		c.Close()
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("nbd netlink dial: %w", ErrNoFamily)
+			return nil, fmt.Errorf("nbd netlink dial: family %q: %w", name, ErrNoFamily)
 		}
-		return nil, fmt.Errorf("nbd netlink dial: get family: %w", err)
+		return nil, fmt.Errorf("nbd netlink dial: get family %q: %w", name, err)
 	}
 	return &Client{c: c, family: f}, nil
 }

@@ -86,13 +86,7 @@ func TestNBDExt4(t *testing.T) {
 	c := loadNBD(t)
 	loadExt4(t)
 	const size = 512 << 20
-	e, err := ioengine.NewMemory(size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kern, srv := socketPairs(t, 2)
-	r := serve(e, srv)
-	defer r.stop()
+	kern, r := serveMemory(t, size, 2)
 
 	idx, err := c.Connect(nbdnl.Config{
 		Index:       nbdnl.AnyIndex,
@@ -276,13 +270,7 @@ func alignedBuf(n int) []byte {
 func TestNBDDiscardAndWriteZeroes(t *testing.T) {
 	c := loadNBD(t)
 	const size = 64 << 20
-	e, err := ioengine.NewMemory(size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	kern, srv := socketPairs(t, 1)
-	r := serve(e, srv)
-	defer r.stop()
+	kern, r := serveMemory(t, size, 1)
 	idx, err := c.Connect(nbdnl.Config{
 		Index: nbdnl.AnyIndex, Socks: kern, SizeBytes: size, BlockSize: 4096,
 		ServerFlags: nbdnl.FlagsDefault, Timeout: 60 * time.Second,

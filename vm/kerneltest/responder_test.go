@@ -125,3 +125,18 @@ func closeAll(fs []*os.File) {
 		f.Close()
 	}
 }
+
+// serveMemory serves a new memory engine of size bytes over conns socket
+// pairs until the test ends; it returns the kernel ends (for
+// nbdnl.Config.Socks; close them after Connect) and the responder.
+func serveMemory(t testing.TB, size int64, conns int) ([]*os.File, *responder) {
+	t.Helper()
+	e, err := ioengine.NewMemory(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kern, srv := socketPairs(t, conns)
+	r := serve(e, srv)
+	t.Cleanup(r.stop)
+	return kern, r
+}

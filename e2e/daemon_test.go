@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -35,7 +36,7 @@ type daemonProc struct {
 	dir     string
 	nbdAddr string
 	sock    string
-	log     *bytes.Buffer
+	log     *syncBuffer
 }
 
 func freePort(t *testing.T) string {
@@ -61,7 +62,7 @@ func serveCmd(dir string, flags ...string) *exec.Cmd {
 // startDaemon runs `blockd serve` on dir and waits until its API answers.
 func startDaemon(t *testing.T, dir, nbdAddr string) *daemonProc {
 	t.Helper()
-	d := &daemonProc{t: t, dir: dir, nbdAddr: nbdAddr, sock: filepath.Join(dir, "blockd.sock"), log: &bytes.Buffer{}}
+	d := &daemonProc{t: t, dir: dir, nbdAddr: nbdAddr, sock: filepath.Join(dir, "blockd.sock"), log: &syncBuffer{}}
 	d.cmd = serveCmd(dir, "--nbd-listen", nbdAddr, "--metrics-listen", "")
 	d.cmd.Stdout = d.log
 	d.cmd.Stderr = d.log
@@ -225,7 +226,7 @@ func TestMetricsEndpoint(t *testing.T) {
 	need(t, "qemu-io")
 	dir := t.TempDir()
 	metricsAddr := freePort(t)
-	d := &daemonProc{t: t, dir: dir, nbdAddr: freePort(t), sock: filepath.Join(dir, "blockd.sock"), log: &bytes.Buffer{}}
+	d := &daemonProc{t: t, dir: dir, nbdAddr: freePort(t), sock: filepath.Join(dir, "blockd.sock"), log: &syncBuffer{}}
 	d.cmd = serveCmd(dir, "--nbd-listen", d.nbdAddr, "--metrics-listen", metricsAddr)
 	d.cmd.Stderr = d.log
 	if err := d.cmd.Start(); err != nil {
@@ -331,4 +332,23 @@ func TestKernelDevicesOff(t *testing.T) {
 	if !strings.Contains(d.log.String(), "kernel devices off") {
 		t.Errorf("daemon log does not say kernel devices are off:\n%s", d.log)
 	}
+}
+
+// syncBuffer is a bytes.Buffer the daemon's output goroutine writes while
+// the test reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }

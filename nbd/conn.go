@@ -238,20 +238,24 @@ func (c *conn) transmit(parent context.Context) error {
 	c.workers.Wait()
 	close(c.replies)
 	<-writerDone
+	kept := 0
 	for i := range c.slots {
 		if b := c.slots[i].buf; b != nil {
 			putBuf(b)
 			c.slots[i].buf = nil
+			kept++
 		}
+	}
+	if testHookKept != nil {
+		testHookKept(kept)
 	}
 
 	switch {
-	case rerr == nil, errors.Is(rerr, io.EOF):
-		return nil
-	case c.stopping.Load():
-		if c.aborted.Load() {
-			return ErrServerClosed
-		}
+	case c.aborted.Load():
+		// Close, Disconnect or the caller's context cut it short, even
+		// if the reader saw the closed socket as an end of file first.
+		return ErrServerClosed
+	case rerr == nil, errors.Is(rerr, io.EOF), c.stopping.Load():
 		return nil
 	}
 	return rerr
@@ -366,6 +370,10 @@ func (c *conn) readLoop() error {
 		c.dispatch(s)
 	}
 }
+
+// testHookKept, set only by tests before any server starts, is told how
+// many slots kept a buffer when a connection ended.
+var testHookKept func(int)
 
 // testHookPayload, set only by tests before any server starts, runs when
 // the reader starts on a write payload.

@@ -36,13 +36,11 @@ func (t *Transport) newClientConn(p *peer, qc *quic.Conn) (*clientConn, error) {
 			cc.streams[i].Store(ms)
 		}
 	}
-	// One goroutine a connection notices its end, forgets it, and logs why.
-	if !t.spawn(cc.watch) {
-		return nil, ErrClosed
-	}
 	return cc, nil
 }
 
+// watch waits for the connection's end, forgets it and logs why; one runs
+// per connection once it is established.
 func (cc *clientConn) watch() {
 	<-cc.qc.Context().Done()
 	cc.t.untrack(cc.qc)
@@ -346,11 +344,18 @@ func (ms *muxStream) writeLoop() {
 }
 
 // writeFrame writes one frame. A failed write leaves at most part of the
-// frame on the stream, which the peer never acts on.
+// frame on the stream, which the peer never acts on. A small payload is
+// copied behind the header and written with it: two writes would wake
+// quic-go's sender twice and often cost a packet of its own for the
+// header.
 func writeFrame(s *quic.Stream, codec *frameCodec, id uint64, h *Header, payload []byte) error {
 	b, err := codec.encode(id, h, len(payload))
 	if err != nil {
 		return err
+	}
+	if len(payload) <= coalesceMax {
+		b = codec.appendPayload(payload)
+		payload = nil
 	}
 	if _, err := s.Write(b); err != nil {
 		return err

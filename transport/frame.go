@@ -64,7 +64,7 @@ var codecs = sync.Pool{New: func() any { return newFrameCodec() }}
 
 func newFrameCodec() *frameCodec {
 	c := &frameCodec{}
-	c.out.b = make([]byte, 0, prefixLen+maxHeaderLen)
+	c.out.b = make([]byte, 0, prefixLen+maxHeaderLen+coalesceMax)
 	c.enc = msgpack.NewEncoder(&c.out)
 	c.dec = msgpack.NewDecoder(&c.in)
 	return c
@@ -89,6 +89,17 @@ func (c *frameCodec) encode(id uint64, h *Header, payloadLen int) ([]byte, error
 	binary.BigEndian.PutUint32(b[4:], uint32(payloadLen))
 	binary.BigEndian.PutUint64(b[8:], id)
 	return b, nil
+}
+
+// coalesceMax is the largest payload that encode's buffer takes in (see
+// writeFrame).
+const coalesceMax = 16 << 10
+
+// appendPayload appends p to the frame that encode returned and returns
+// the whole.
+func (c *frameCodec) appendPayload(p []byte) []byte {
+	c.out.b = append(c.out.b, p...)
+	return c.out.b
 }
 
 // readHeader reads a frame's prefix and header from r into h and returns
@@ -120,10 +131,11 @@ func (c *frameCodec) readHeader(r io.Reader, h *Header, maxPayload int) (id uint
 	return id, int(plen), nil
 }
 
-// decodeHeader decodes exactly b into h.
+// decodeHeader decodes exactly b into h; on error h is unchanged.
 func (c *frameCodec) decodeHeader(b []byte, h *Header) error {
 	c.in.Reset(b)
-	vol, err := decodeHeader(c.dec, h, c.name[:])
+	var v Header
+	vol, err := decodeHeader(c.dec, &v, c.name[:])
 	if err != nil {
 		if !errors.Is(err, errHeader) {
 			err = fmt.Errorf("%w: %w", errHeader, err)
@@ -133,7 +145,8 @@ func (c *frameCodec) decodeHeader(b []byte, h *Header) error {
 	if c.in.Len() != 0 {
 		return fmt.Errorf("%d bytes after the header: %w", c.in.Len(), errFrame)
 	}
-	h.Volume = c.intern(vol)
+	v.Volume = c.intern(vol)
+	*h = v
 	return nil
 }
 

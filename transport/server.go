@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/bits"
 	"sync"
 	"sync/atomic"
 
@@ -23,6 +24,7 @@ type serverConn struct {
 	peer    string
 	ctx     context.Context // ends with the connection
 	work    chan *request   // hands requests to idle workers
+	free    chan *request   // idle requests
 	workers atomic.Int32
 }
 
@@ -40,15 +42,55 @@ func (st *serverStream) release() {
 	}
 }
 
+// A request keeps a payload buffer of up to keepPayload bytes across uses,
+// and its connection keeps idle requests in a free list (which, unlike a
+// sync.Pool, no garbage collection empties), so that serving small
+// requests allocates nothing at all. A larger payload borrows a buffer of
+// the shared size-class pools for the one request.
 type request struct {
-	st   *serverStream
-	id   uint64
-	hdr  Header
-	resp Header
-	buf  *payloadBuf
+	st      *serverStream
+	id      uint64
+	hdr     Header
+	resp    Header
+	payload []byte      // this request's payload, in own or big
+	own     []byte      // kept across uses
+	big     *payloadBuf // borrowed for this request
 }
 
-var requests = sync.Pool{New: func() any { return new(request) }}
+const keepPayload = 64 << 10
+
+func (r *request) setPayload(n int) {
+	switch {
+	case n <= cap(r.own):
+		r.payload = r.own[:n]
+	case n <= keepPayload:
+		r.own = make([]byte, max(1<<bits.Len(uint(n-1)), 1<<minBufShift))
+		r.payload = r.own[:n]
+	default:
+		r.big = getPayload(n)
+		r.payload = r.big.b
+	}
+}
+
+func (sc *serverConn) getRequest() *request {
+	select {
+	case r := <-sc.free:
+		return r
+	default:
+		return new(request)
+	}
+}
+
+func (sc *serverConn) putRequest(r *request) {
+	if r.big != nil {
+		putPayload(r.big)
+	}
+	*r = request{own: r.own}
+	select {
+	case sc.free <- r:
+	default:
+	}
+}
 
 func (t *Transport) acceptLoop() {
 	for {
@@ -74,7 +116,8 @@ func (t *Transport) accept(qc *quic.Conn) {
 		w.peer.Store(&name)
 		w.accepted.Store(true)
 	}
-	sc := &serverConn{t: t, qc: qc, peer: name, ctx: qc.Context(), work: make(chan *request)}
+	sc := &serverConn{t: t, qc: qc, peer: name, ctx: qc.Context(), work: make(chan *request),
+		free: make(chan *request, t.cfg.MaxInFlight+t.cfg.Streams)}
 	if !t.track(qc) || !t.spawn(sc.acceptStreams) {
 		t.untrack(qc)
 		qc.CloseWithError(codeShutdown, "node shutting down")
@@ -106,18 +149,16 @@ func (sc *serverConn) serveStream(s *quic.Stream) {
 	st.refs.Store(1)
 	defer st.release()
 	for {
-		req := requests.Get().(*request)
+		req := sc.getRequest()
 		id, n, err := codec.readHeader(s, &req.hdr, sc.t.cfg.MaxPayload)
 		if err == nil {
-			req.buf = getPayload(n)
-			if _, err = io.ReadFull(s, req.buf.b); err != nil {
-				putPayload(req.buf)
+			req.setPayload(n)
+			if _, err = io.ReadFull(s, req.payload); err != nil {
 				err = noEOF(err)
 			}
 		}
 		if err != nil {
-			*req = request{}
-			requests.Put(req)
+			sc.putRequest(req)
 			sc.streamError(s, err)
 			return
 		}
@@ -193,13 +234,7 @@ func (sc *serverConn) worker(req *request) {
 
 func (sc *serverConn) drop(req *request) {
 	req.st.release()
-	sc.recycle(req)
-}
-
-func (sc *serverConn) recycle(req *request) {
-	putPayload(req.buf)
-	*req = request{}
-	requests.Put(req)
+	sc.putRequest(req)
 }
 
 // serve answers one request and recycles it.
@@ -211,32 +246,29 @@ func (sc *serverConn) serve(codec *frameCodec, req *request) {
 		req.resp = Header{Type: TypePing}
 	} else {
 		req.resp = Header{}
-		out, err = t.cfg.Handler.ServeMessage(sc.ctx, sc.peer, &req.hdr, req.buf.b, &req.resp)
+		out, err = t.cfg.Handler.ServeMessage(sc.ctx, sc.peer, &req.hdr, req.payload, &req.resp)
 	}
 	send := out
 	if len(send) > t.cfg.MaxPayload {
 		err = errors.Join(err, fmt.Errorf("response payload of %d bytes, limit %d", len(send), t.cfg.MaxPayload))
 		send = nil
 	}
-	if err != nil {
-		if req.resp.Status == StatusOK {
-			req.resp.Status = StatusHandlerError
+	// An error with a Status is the handler's answer; one without is a
+	// failure it did not classify, logged unless the connection is closing.
+	if err != nil && req.resp.Status == StatusOK {
+		req.resp.Status = StatusHandlerError
+		if sc.ctx.Err() == nil {
+			t.logLimited(slog.LevelWarn, "transport: handler failed", "peer", sc.peer, "type", req.hdr.Type, "volume", req.hdr.Volume, "err", err)
 		}
-		t.logLimited(slog.LevelWarn, "transport: handler failed", "peer", sc.peer, "type", req.hdr.Type, "volume", req.hdr.Volume, "status", req.resp.Status, "err", err)
 	}
-	b, err := codec.encode(req.id, &req.resp, len(send))
-	if err != nil {
-		t.logLimited(slog.LevelWarn, "transport: handler's response header", "peer", sc.peer, "err", err)
+	if len(req.resp.Volume) > MaxVolumeLen {
+		t.logLimited(slog.LevelWarn, "transport: handler's response names a volume too long", "peer", sc.peer, "bytes", len(req.resp.Volume))
 		req.resp = Header{Type: req.hdr.Type, Status: StatusHandlerError}
 		send = nil
-		b, _ = codec.encode(req.id, &req.resp, 0)
 	}
 	st := req.st
 	st.wmu.Lock()
-	_, err = st.s.Write(b)
-	if err == nil && len(send) > 0 {
-		_, err = st.s.Write(send)
-	}
+	err = writeFrame(st.s, codec, req.id, &req.resp, send)
 	if err == nil && req.id == 0 {
 		st.s.Close()
 	}
@@ -244,5 +276,5 @@ func (sc *serverConn) serve(codec *frameCodec, req *request) {
 	if t.release != nil && len(out) > 0 {
 		t.release.ReleaseResponse(out)
 	}
-	sc.recycle(req)
+	sc.putRequest(req)
 }

@@ -23,7 +23,12 @@ func certNames(c *x509.Certificate) []string {
 	if c.Subject.CommonName != "" {
 		names = append(names, c.Subject.CommonName)
 	}
-	return append(names, c.DNSNames...)
+	for _, n := range c.DNSNames {
+		if n != c.Subject.CommonName {
+			names = append(names, n)
+		}
+	}
+	return names
 }
 
 // serverTLS is the listener's TLS configuration: TLS 1.3, mutual TLS
@@ -75,8 +80,13 @@ func (t *Transport) peerName(c *x509.Certificate) (string, bool) {
 // VerifyConnection; InsecureSkipVerify only turns the built-in check off.
 func (t *Transport) clientTLS(peer string) *tls.Config {
 	return &tls.Config{
-		MinVersion:         tls.VersionTLS13,
-		Certificates:       []tls.Certificate{t.cfg.Cert},
+		MinVersion: tls.VersionTLS13,
+		// Present the node certificate even when the server's list of
+		// acceptable CAs does not name its issuer (crypto/tls would then
+		// send none), so that the server logs the true reason of a refusal.
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return &t.cfg.Cert, nil
+		},
 		RootCAs:            t.cfg.CA,
 		NextProtos:         []string{ALPN},
 		ServerName:         peer,

@@ -457,6 +457,9 @@ func (t *Transport) dial(p *peer, d *dialing) {
 	ctx, cancel := context.WithTimeout(t.ctx, t.cfg.DialTimeout)
 	defer cancel()
 	cc, err := t.dialPeer(ctx, p)
+	if err != nil && errors.Is(err, context.DeadlineExceeded) {
+		err = fmt.Errorf("no answer within %v: %w", t.cfg.DialTimeout, err)
+	}
 	if err != nil {
 		kind := kindOf(err, t.isClosed())
 		if kind != ErrRefused && kind != ErrClosed {
@@ -498,7 +501,13 @@ func (t *Transport) dialPeer(ctx context.Context, p *peer) (*clientConn, error) 
 		var resp Header
 		_, err = cc.call(ctx, &Header{Type: TypePing}, nil, &resp, nil)
 	}
+	if err == nil && !t.spawn(cc.watch) {
+		err = ErrClosed
+	}
 	if err != nil {
+		if qc.Context().Err() != nil {
+			err = context.Cause(qc.Context()) // say why the connection died, not what noticed
+		}
 		qc.CloseWithError(codeShutdown, "connection attempt failed")
 		t.untrack(qc)
 		return nil, err

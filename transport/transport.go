@@ -213,6 +213,12 @@ func New(cfg Config) (*Transport, error) {
 			udp.Close()
 			return nil, fmt.Errorf("transport: listen: %w", err)
 		}
+		// quic-go queues datagrams that are not QUIC only once someone has
+		// asked for them: ask now, so that none arriving before the
+		// goroutine below runs goes unlogged.
+		done, cancel := context.WithCancel(context.Background())
+		cancel()
+		t.qt.ReadNonQUICPacket(done, nil)
 		t.spawn(t.acceptLoop)
 		t.spawn(t.dropNonQUIC)
 	}

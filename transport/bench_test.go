@@ -60,48 +60,36 @@ func TestCallAllocs(t *testing.T) {
 	}
 	defer func(rate int) { runtime.MemProfileRate = rate }(runtime.MemProfileRate)
 	runtime.MemProfileRate = 1
-	for _, m := range modes {
-		t.Run(m.name, func(t *testing.T) {
-			a, _, _, _ := pair(t, m.streamPerCall, smallReply)
-			ctx := context.Background()
-			c := newCallLoop(a, 4096)
-			call := func() {
-				if err := c.call(ctx); err != nil {
-					t.Fatal(err)
-				}
-			}
-			for range 2000 { // warm up pools, flow-control windows, codecs
-				call()
-			}
-			const runs = 2000
-			before := ownAllocs()
-			allocs := testing.AllocsPerRun(runs, call)
-			own := ownAllocs()
-			t.Logf("%.1f allocations per call on both sides, quic-go included", allocs)
-			for site, n := range own {
-				if n -= before[site]; n > 0 && !m.streamPerCall {
-					t.Errorf("transport code allocated %d times in %d calls at:\n%s", n, runs+1, site)
-				}
-			}
-			limit := maxAllocsPerCall
-			if m.streamPerCall {
-				limit = maxAllocsPerStreamCall
-			}
-			if allocs > limit && !raceEnabled {
-				t.Errorf("%.1f allocations per call, want at most %v", allocs, limit)
-			}
-		})
+	a, _, _, _ := pair(t, smallReply)
+	ctx := context.Background()
+	c := newCallLoop(a, 4096)
+	call := func() {
+		if err := c.call(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 2000 { // warm up pools, flow-control windows, codecs
+		call()
+	}
+	const runs = 2000
+	before := ownAllocs()
+	allocs := testing.AllocsPerRun(runs, call)
+	own := ownAllocs()
+	t.Logf("%.1f allocations per call on both sides, quic-go included", allocs)
+	for site, n := range own {
+		if n -= before[site]; n > 0 {
+			t.Errorf("transport code allocated %d times in %d calls at:\n%s", n, runs+1, site)
+		}
+	}
+	if allocs > maxAllocsPerCall && !raceEnabled {
+		t.Errorf("%.1f allocations per call, want at most %v", allocs, maxAllocsPerCall)
 	}
 }
 
-// The bounds of TestCallAllocs on all allocations of a call, both sides in
-// one process: what quic-go v0.65 needs (measured: 25 with multiplexed
-// streams, 86 with a stream per call), plus a margin for retransmissions
-// and acknowledgements that land differently.
-const (
-	maxAllocsPerCall       = 35.0
-	maxAllocsPerStreamCall = 110.0
-)
+// maxAllocsPerCall bounds all allocations of a call in TestCallAllocs,
+// both sides in one process: what quic-go v0.65 needs (measured: 25), plus
+// a margin for retransmissions and acknowledgements that land differently.
+const maxAllocsPerCall = 35.0
 
 // ownAllocs returns, per allocation site in the transport's own code (or
 // in msgpack called from it), the number of allocations made there so far
@@ -151,20 +139,16 @@ func ownAllocs() map[string]int64 {
 // calls/s, MB/s of request payload, allocations and CPU time (user +
 // system, both ends) per call.
 func BenchmarkCall(b *testing.B) {
-	for _, m := range modes {
-		for _, tc := range []struct {
-			name        string
-			size, procs int
-		}{{"4KiB-c1", 4096, 1}, {"4KiB-c32", 4096, 32}, {"1MiB-c8", 1 << 20, 8}} {
-			b.Run(m.name+"/"+tc.name, func(b *testing.B) {
-				benchCalls(b, m.streamPerCall, tc.size, tc.procs)
-			})
-		}
+	for _, tc := range []struct {
+		name        string
+		size, procs int
+	}{{"4KiB-c1", 4096, 1}, {"4KiB-c32", 4096, 32}, {"1MiB-c8", 1 << 20, 8}} {
+		b.Run(tc.name, func(b *testing.B) { benchCalls(b, tc.size, tc.procs) })
 	}
 }
 
-func benchCalls(b *testing.B, streamPerCall bool, size, procs int) {
-	a, srv, _, _ := pair(b, streamPerCall, smallReply)
+func benchCalls(b *testing.B, size, procs int) {
+	a, srv, _, _ := pair(b, smallReply)
 	defer srv.Close() // now, not after every round of b.N
 	defer a.Close()
 	ctx := context.Background()

@@ -13,8 +13,7 @@ import (
 )
 
 // clientConn is the connection this node dialed to one peer. Calls go on
-// Config.Streams multiplexed streams (a dead one is replaced on next use),
-// or each on a stream of its own with Config.StreamPerCall.
+// Config.Streams multiplexed streams; a dead one is replaced on next use.
 type clientConn struct {
 	t       *Transport
 	p       *peer
@@ -25,16 +24,13 @@ type clientConn struct {
 }
 
 func (t *Transport) newClientConn(p *peer, qc *quic.Conn) (*clientConn, error) {
-	cc := &clientConn{t: t, p: p, qc: qc}
-	if !t.cfg.StreamPerCall {
-		cc.streams = make([]atomic.Pointer[muxStream], t.cfg.Streams)
-		for i := range cc.streams {
-			ms, err := cc.openMux()
-			if err != nil {
-				return nil, err
-			}
-			cc.streams[i].Store(ms)
+	cc := &clientConn{t: t, p: p, qc: qc, streams: make([]atomic.Pointer[muxStream], t.cfg.Streams)}
+	for i := range cc.streams {
+		ms, err := cc.openMux()
+		if err != nil {
+			return nil, err
 		}
+		cc.streams[i].Store(ms)
 	}
 	return cc, nil
 }
@@ -57,9 +53,6 @@ func (cc *clientConn) watch() {
 // call makes one call on this connection and fills resp; a Status other
 // than StatusOK is the caller's to report.
 func (cc *clientConn) call(ctx context.Context, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
-	if cc.t.cfg.StreamPerCall {
-		return cc.callStream(ctx, req, payload, resp, respBuf)
-	}
 	ms, err := cc.pick()
 	if err != nil {
 		return nil, err
@@ -443,65 +436,4 @@ func discard(r io.Reader, n int) error {
 		}
 	}
 	return nil
-}
-
-// callStream makes a call on a stream of its own: write the request, close
-// the sending side, read the response and the end of the stream.
-func (cc *clientConn) callStream(ctx context.Context, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
-	s, err := cc.qc.OpenStreamSync(ctx)
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		return nil, notSent(err)
-	}
-	stop := context.AfterFunc(ctx, func() {
-		s.CancelWrite(codeCanceled)
-		s.CancelRead(codeCanceled)
-	})
-	codec := getCodec()
-	out, err := cc.roundTrip(s, codec, req, payload, resp, respBuf)
-	putCodec(codec)
-	if stopped := stop(); err != nil {
-		if !stopped || ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		s.CancelWrite(codeCanceled)
-		s.CancelRead(codeCanceled)
-		return nil, err
-	}
-	return out, nil
-}
-
-func (cc *clientConn) roundTrip(s *quic.Stream, codec *frameCodec, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
-	if err := writeFrame(s, codec, 0, req, payload); err != nil {
-		return nil, notSent(err)
-	}
-	if err := s.Close(); err != nil {
-		return nil, notSent(err)
-	}
-	id, n, err := codec.readHeader(s, resp, cc.t.cfg.MaxPayload)
-	if err != nil {
-		return nil, noEOF(err)
-	}
-	if id != 0 {
-		return nil, fmt.Errorf("response id %#x on a single-call stream: %w", id, errFrame)
-	}
-	out := respBuf
-	if cap(out) < n {
-		out = make([]byte, n)
-	}
-	out = out[:n]
-	if _, err := io.ReadFull(s, out); err != nil {
-		return nil, noEOF(err)
-	}
-	// The peer closes its side right after the response.
-	var one [1]byte
-	if m, err := s.Read(one[:]); m != 0 || err != io.EOF {
-		if err == nil || err == io.EOF {
-			err = fmt.Errorf("data after the response: %w", errFrame)
-		}
-		return nil, err
-	}
-	return out, nil
 }

@@ -19,9 +19,7 @@ import (
 //	offset 8  u64 big endian  call id
 //	offset 16 header, then payload
 //
-// Call id 0 marks a stream that carries exactly one call (the request, then
-// the response, then both sides close); any other id is a call on a
-// multiplexed stream, and its response carries the same id.
+// A response carries the id of its request; ids are never 0.
 const prefixLen = 16
 
 var (

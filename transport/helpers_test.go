@@ -164,25 +164,16 @@ func (e *echo) count() map[string]int {
 	return maps.Clone(e.calls)
 }
 
-// pair starts node b serving h and node a that calls it, in the given
-// mode; a is also a configured peer of b.
-func pair(t testing.TB, streamPerCall bool, h Handler) (a, b *Transport, acfg, bcfg Config) {
+// pair starts node b serving h and node a that calls it; a is also a
+// configured peer of b.
+func pair(t testing.TB, h Handler) (a, b *Transport, acfg, bcfg Config) {
 	t.Helper()
 	bcfg = testConfig(t, "b", map[string]string{"a": "127.0.0.1:1"}, h)
-	bcfg.StreamPerCall = streamPerCall
 	b = start(t, bcfg)
-	acfg = testConfig(t, "a", map[string]string{"b": b.Addr().String()}, nil)
-	acfg.StreamPerCall = streamPerCall
-	acfg.Listen = "127.0.0.1:0"
-	acfg.Handler = &echo{}
+	acfg = testConfig(t, "a", map[string]string{"b": b.Addr().String()}, &echo{})
 	a = start(t, acfg)
 	return a, b, acfg, bcfg
 }
-
-var modes = []struct {
-	name          string
-	streamPerCall bool
-}{{"mux", false}, {"stream", true}}
 
 func payloadOf(n int, seed byte) []byte {
 	p := make([]byte, n)

@@ -17,7 +17,7 @@ import (
 // handler, and the node keeps serving.
 func TestNotQUIC(t *testing.T) {
 	h := &echo{}
-	a, b, _, bcfg := pair(t, false, h)
+	a, b, _, bcfg := pair(t, h)
 	addr := b.Addr().String()
 
 	if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
@@ -62,54 +62,52 @@ func TestNotQUIC(t *testing.T) {
 // the stateless reset ends the old connection at its first packet, well
 // before the idle timeout.
 func TestPeerRestart(t *testing.T) {
-	for _, m := range modes {
-		for _, crash := range []bool{false, true} {
-			name := m.name + "/close"
-			if crash {
-				name = m.name + "/crash"
-			}
-			t.Run(name, func(t *testing.T) {
-				h := &echo{}
-				a, b, acfg, bcfg := pair(t, m.streamPerCall, h)
-				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-				defer cancel()
-				var resp Header
-				if _, err := a.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil); err != nil {
-					t.Fatal(err)
-				}
-				if err := b.close(!crash); err != nil {
-					t.Fatal(err)
-				}
-				if !crash {
-					// CONNECTION_CLOSE is on its way; a call racing it
-					// could be sent on the closing connection.
-					recorderOf(acfg).waitLog(t, "connection lost", "node shutting down")
-				}
-				bcfg.Listen = b.Addr().String()
-				start(t, bcfg)
-
-				begin := time.Now()
-				_, err := a.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil)
-				if crash && err != nil {
-					// The request went out on the old connection; the reset
-					// killed it: ErrConnLost, and the next call reconnects.
-					var sr *quic.StatelessResetError
-					if !errors.Is(err, ErrConnLost) || !errors.As(err, &sr) {
-						t.Fatalf("first call after the crash: %v, want ErrConnLost by a stateless reset", err)
-					}
-					_, err = a.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil)
-				}
-				if err != nil {
-					t.Fatalf("call after the restart: %v", err)
-				}
-				if d := time.Since(begin); d > 5*time.Second {
-					t.Errorf("reconnecting took %v", d)
-				}
-				if n := h.count()["a"]; n != 2 {
-					t.Errorf("handler saw %d calls, want 2", n)
-				}
-			})
+	for _, crash := range []bool{false, true} {
+		name := "close"
+		if crash {
+			name = "crash"
 		}
+		t.Run(name, func(t *testing.T) {
+			h := &echo{}
+			a, b, acfg, bcfg := pair(t, h)
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			var resp Header
+			if _, err := a.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := b.close(!crash); err != nil {
+				t.Fatal(err)
+			}
+			if !crash {
+				// CONNECTION_CLOSE is on its way; a call racing it
+				// could be sent on the closing connection.
+				recorderOf(acfg).waitLog(t, "connection lost", "node shutting down")
+			}
+			bcfg.Listen = b.Addr().String()
+			start(t, bcfg)
+
+			begin := time.Now()
+			_, err := a.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil)
+			if crash && err != nil {
+				// The request went out on the old connection; the reset
+				// killed it: ErrConnLost, and the next call reconnects.
+				var sr *quic.StatelessResetError
+				if !errors.Is(err, ErrConnLost) || !errors.As(err, &sr) {
+					t.Fatalf("first call after the crash: %v, want ErrConnLost by a stateless reset", err)
+				}
+				_, err = a.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil)
+			}
+			if err != nil {
+				t.Fatalf("call after the restart: %v", err)
+			}
+			if d := time.Since(begin); d > 5*time.Second {
+				t.Errorf("reconnecting took %v", d)
+			}
+			if n := h.count()["a"]; n != 2 {
+				t.Errorf("handler saw %d calls, want 2", n)
+			}
+		})
 	}
 }
 
@@ -141,53 +139,51 @@ func (bl *blocker) ServeMessage(ctx context.Context, peer string, req *Header, p
 // TestCloseInFlight: closing either end with calls in flight returns
 // promptly, fails the calls, and leaves no goroutine and no fd behind.
 func TestCloseInFlight(t *testing.T) {
-	for _, m := range modes {
-		for _, side := range []string{"caller", "callee"} {
-			t.Run(m.name+"/"+side, func(t *testing.T) {
-				goroutines, fds := runtime.NumGoroutine(), openFDs(t)
-				func() {
-					bl := newBlocker()
-					a, b, _, _ := pair(t, m.streamPerCall, bl)
-					ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-					defer cancel()
-					const n = 8
-					errs := make(chan error, n)
-					for range n {
-						go func() {
-							var resp Header
-							_, err := a.Call(ctx, "b", &Header{Type: 1}, make([]byte, 4096), &resp, nil)
-							errs <- err
-						}()
-					}
-					for range n {
-						<-bl.arrived
-					}
-					closing := a
-					want := ErrClosed
-					if side == "callee" {
-						closing, want = b, ErrConnLost
-					}
-					begin := time.Now()
-					if err := closing.Close(); err != nil {
-						t.Fatal(err)
-					}
-					for range n {
-						if err := <-errs; !errors.Is(err, want) {
-							t.Errorf("call in flight: %v, want %v", err, want)
-						}
-					}
-					if d := time.Since(begin); d > 2*time.Second {
-						t.Errorf("Close and the failing calls took %v", d)
-					}
-					a.Close()
-					b.Close()
-				}()
-				goroutinesSettle(t, goroutines)
-				if n := openFDs(t); n > fds {
-					t.Errorf("%d fds open, %d before", n, fds)
+	for _, side := range []string{"caller", "callee"} {
+		t.Run(side, func(t *testing.T) {
+			goroutines, fds := runtime.NumGoroutine(), openFDs(t)
+			func() {
+				bl := newBlocker()
+				a, b, _, _ := pair(t, bl)
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				const n = 8
+				errs := make(chan error, n)
+				for range n {
+					go func() {
+						var resp Header
+						_, err := a.Call(ctx, "b", &Header{Type: 1}, make([]byte, 4096), &resp, nil)
+						errs <- err
+					}()
 				}
-			})
-		}
+				for range n {
+					<-bl.arrived
+				}
+				closing := a
+				want := ErrClosed
+				if side == "callee" {
+					closing, want = b, ErrConnLost
+				}
+				begin := time.Now()
+				if err := closing.Close(); err != nil {
+					t.Fatal(err)
+				}
+				for range n {
+					if err := <-errs; !errors.Is(err, want) {
+						t.Errorf("call in flight: %v, want %v", err, want)
+					}
+				}
+				if d := time.Since(begin); d > 2*time.Second {
+					t.Errorf("Close and the failing calls took %v", d)
+				}
+				a.Close()
+				b.Close()
+			}()
+			goroutinesSettle(t, goroutines)
+			if n := openFDs(t); n > fds {
+				t.Errorf("%d fds open, %d before", n, fds)
+			}
+		})
 	}
 }
 
@@ -235,39 +231,35 @@ func TestUnreachable(t *testing.T) {
 // fails with ErrTimeout; the connection stays usable, and the late
 // response is dropped.
 func TestCallTimeout(t *testing.T) {
-	for _, m := range modes {
-		t.Run(m.name, func(t *testing.T) {
-			bl := newBlocker()
-			a, _, _, _ := pair(t, m.streamPerCall, bl)
-			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-			defer cancel()
-			var resp Header
-			begin := time.Now()
-			_, err := a.Call(ctx, "b", &Header{Type: 1, Seq: 1}, []byte("slow"), &resp, nil)
-			if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
-				t.Fatalf("call: %v, want ErrTimeout", err)
-			}
-			if d := time.Since(begin); d > time.Second {
-				t.Errorf("timed out after %v", d)
-			}
-			<-bl.arrived
-			close(bl.release) // the late response arrives now
+	bl := newBlocker()
+	a, _, _, _ := pair(t, bl)
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	var resp Header
+	begin := time.Now()
+	_, err := a.Call(ctx, "b", &Header{Type: 1, Seq: 1}, []byte("slow"), &resp, nil)
+	if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("call: %v, want ErrTimeout", err)
+	}
+	if d := time.Since(begin); d > time.Second {
+		t.Errorf("timed out after %v", d)
+	}
+	<-bl.arrived
+	close(bl.release) // the late response arrives now
 
-			ctx2, cancel2 := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel2()
-			var wg sync.WaitGroup
-			for i := range 2 * callsPerStream {
-				wg.Go(func() {
-					var resp Header
-					out, err := a.Call(ctx2, "b", &Header{Type: 1, Seq: uint64(100 + i)}, []byte("fast"), &resp, nil)
-					if err != nil || resp.Seq != uint64(100+i) || string(out) != "fast" {
-						t.Errorf("call %d after the timeout: %v, seq %d, %q", i, err, resp.Seq, out)
-					}
-				})
+	ctx2, cancel2 := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel2()
+	var wg sync.WaitGroup
+	for i := range 2 * callsPerStream {
+		wg.Go(func() {
+			var resp Header
+			out, err := a.Call(ctx2, "b", &Header{Type: 1, Seq: uint64(100 + i)}, []byte("fast"), &resp, nil)
+			if err != nil || resp.Seq != uint64(100+i) || string(out) != "fast" {
+				t.Errorf("call %d after the timeout: %v, seq %d, %q", i, err, resp.Seq, out)
 			}
-			wg.Wait()
 		})
 	}
+	wg.Wait()
 }
 
 // TestPayloadLimits: an oversized request fails before it is sent; a
@@ -311,6 +303,7 @@ func TestPayloadLimits(t *testing.T) {
 		{[]byte{0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, "header length 4096"},
 		{[]byte{0, 0, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0x90}, "payload of 65537 bytes"},
 		{[]byte{0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xc1}, "malformed header"},
+		{append([]byte{0, 0, 0, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, 0x9a, 1, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0x90), "call id 0"},
 	} {
 		s, err := qc.OpenStreamSync(ctx)
 		if err != nil {
@@ -332,7 +325,7 @@ func TestPayloadLimits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := writeFrame(s, codec, 0, &Header{Type: 1, Seq: 5}, []byte("ok")); err != nil {
+	if err := writeFrame(s, codec, 1, &Header{Type: 1, Seq: 5}, []byte("ok")); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
@@ -359,7 +352,7 @@ func (r *releaser) ReleaseResponse(p []byte) {
 
 func TestResponseReleaser(t *testing.T) {
 	h := &releaser{}
-	a, _, _, _ := pair(t, false, h)
+	a, _, _, _ := pair(t, h)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for i := range 5 {

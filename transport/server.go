@@ -14,9 +14,8 @@ import (
 )
 
 // serverConn serves one incoming connection: a goroutine per stream reads
-// requests; a request on a single-call stream is served by that goroutine,
-// one on a multiplexed stream by a worker, so that its stream's next
-// requests are read meanwhile. Workers are started as needed, up to
+// requests and hands each to a worker, so that the stream's next requests
+// are read meanwhile. Workers are started as needed, up to
 // Config.MaxInFlight, and live as long as the connection.
 type serverConn struct {
 	t       *Transport
@@ -162,22 +161,14 @@ func (sc *serverConn) serveStream(s *quic.Stream) {
 			sc.streamError(s, err)
 			return
 		}
+		if id == 0 {
+			sc.putRequest(req)
+			sc.streamError(s, fmt.Errorf("call id 0: %w", errFrame))
+			return
+		}
 		req.st, req.id = st, id
-		if id != 0 {
-			st.refs.Add(1)
-			sc.dispatch(req)
-			continue
-		}
-		// A single-call stream: answer, close, and expect its end.
-		sc.serve(codec, req)
-		var h Header
-		if _, _, err := codec.readHeader(s, &h, 0); err != io.EOF {
-			if err == nil {
-				err = fmt.Errorf("second frame on a single-call stream: %w", errFrame)
-			}
-			sc.streamError(s, err)
-		}
-		return
+		st.refs.Add(1)
+		sc.dispatch(req)
 	}
 }
 
@@ -268,10 +259,7 @@ func (sc *serverConn) serve(codec *frameCodec, req *request) {
 	}
 	st := req.st
 	st.wmu.Lock()
-	err = writeFrame(st.s, codec, req.id, &req.resp, send)
-	if err == nil && req.id == 0 {
-		st.s.Close()
-	}
+	writeFrame(st.s, codec, req.id, &req.resp, send) // fails only with the stream or connection
 	st.wmu.Unlock()
 	if t.release != nil && len(out) > 0 {
 		t.release.ReleaseResponse(out)

@@ -160,7 +160,7 @@ func rawCall(ctx context.Context, t *testing.T, addr net.Addr, tlsConf *tls.Conf
 		return err
 	}
 	codec := newFrameCodec()
-	if err := writeFrame(s, codec, 0, &Header{Type: 1}, []byte("x")); err != nil {
+	if err := writeFrame(s, codec, 1, &Header{Type: 1}, []byte("x")); err != nil {
 		return err
 	}
 	s.Close()

@@ -65,10 +65,6 @@ type Config struct {
 	// MaxInFlight bounds the requests one incoming connection has in its
 	// Handler at once (and the streams it may open); default 256.
 	MaxInFlight int
-	// StreamPerCall carries every call on its own QUIC stream instead of
-	// on a few multiplexed streams; see the package documentation for
-	// what it costs.
-	StreamPerCall bool
 	// Streams is the number of multiplexed streams per outgoing
 	// connection; default 4.
 	Streams int

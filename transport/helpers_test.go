@@ -22,13 +22,23 @@ var (
 	certCache = map[string]tls.Certificate{}
 )
 
-func mustCA(t testing.TB) *CA {
+func mustCA(t testing.TB) *CA { return caOf(t, testCA) }
+
+func caOf(t testing.TB, once func() (*CA, error)) *CA {
 	t.Helper()
-	ca, err := testCA()
+	ca, err := once()
 	if err != nil {
 		t.Fatal(err)
 	}
 	return ca
+}
+
+// call makes one call to peer "b" with a deadline of 10s.
+func call(tr *Transport, req *Header, payload []byte) (resp Header, out []byte, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	out, err = tr.Call(ctx, "b", req, payload, &resp, nil)
+	return resp, out, err
 }
 
 func nodeCert(t testing.TB, name string) tls.Certificate {

@@ -46,10 +46,7 @@ func TestNotQUIC(t *testing.T) {
 	}
 	recorderOf(bcfg).waitLog(t, "not QUIC", "16030100")
 
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	var resp Header
-	if _, err := a.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil); err != nil {
+	if _, _, err := call(a, &Header{Type: 1}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if n := h.count(); len(n) != 1 || n["a"] != 1 {
@@ -353,11 +350,8 @@ func (r *releaser) ReleaseResponse(p []byte) {
 func TestResponseReleaser(t *testing.T) {
 	h := &releaser{}
 	a, _, _, _ := pair(t, h)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
 	for i := range 5 {
-		var resp Header
-		if _, err := a.Call(ctx, "b", &Header{Type: 1}, make([]byte, i), &resp, nil); err != nil {
+		if _, _, err := call(a, &Header{Type: 1}, make([]byte, i)); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -25,14 +25,7 @@ import (
 // otherCA is a CA the cluster does not trust.
 var otherCAOnce = sync.OnceValues(func() (*CA, error) { return GenerateCA("someone else's CA", time.Hour) })
 
-func otherCA(t testing.TB) *CA {
-	t.Helper()
-	ca, err := otherCAOnce()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ca
-}
+func otherCA(t testing.TB) *CA { return caOf(t, otherCAOnce) }
 
 func issue(t testing.TB, ca *CA, name string) tls.Certificate {
 	t.Helper()
@@ -85,10 +78,7 @@ func TestRefused(t *testing.T) {
 			acfg.Peers = map[string]string{"b": b.Addr().String()}
 			a := start(t, acfg)
 
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			var resp Header
-			_, err := a.Call(ctx, "b", &Header{Type: 1}, []byte("write"), &resp, nil)
+			_, _, err := call(a, &Header{Type: 1}, []byte("write"))
 			if !errors.Is(err, ErrRefused) {
 				t.Fatalf("call: %v, want ErrRefused", err)
 			}
@@ -181,10 +171,7 @@ func TestAcceptAnyNode(t *testing.T) {
 	ccfg := testConfig(t, "c", map[string]string{"b": b.Addr().String()}, nil)
 	ccfg.Listen = ""
 	c := start(t, ccfg)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	var resp Header
-	if _, err := c.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil); err != nil {
+	if _, _, err := call(c, &Header{Type: 1}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if len(seen) != 1 || <-seen != "c" {
@@ -222,10 +209,7 @@ func TestCommonNameOnly(t *testing.T) {
 	acfg := testConfig(t, "a", map[string]string{"b": b.Addr().String()}, nil)
 	acfg.Listen, acfg.Cert = "", cnOnly("a")
 	a := start(t, acfg)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	var resp Header
-	if _, err := a.Call(ctx, "b", &Header{Type: 1}, nil, &resp, nil); err != nil {
+	if _, _, err := call(a, &Header{Type: 1}, nil); err != nil {
 		t.Fatal(err)
 	}
 	if n := h.count(); n["a"] != 1 {

@@ -201,6 +201,7 @@ func (ms *muxStream) call(ctx context.Context, req *Header, payload []byte, resp
 	ms.mu.Unlock()
 	ms.sendq <- c
 
+	canceled := false
 	select {
 	case <-c.done:
 	case <-ctx.Done():
@@ -208,11 +209,15 @@ func (ms *muxStream) call(ctx context.Context, req *Header, payload []byte, resp
 			return nil, ctx.Err()
 		}
 		<-c.done
+		canceled = true
 	}
 	ms.mu.Lock()
 	out, err := c.out, c.err
 	ms.freeLocked(c)
 	ms.mu.Unlock()
+	if err != nil && canceled {
+		err = ctx.Err() // the reset that abandon caused is not the story
+	}
 	return out, err
 }
 

@@ -361,3 +361,67 @@ func TestResponseReleaser(t *testing.T) {
 		t.Errorf("%d responses released, want 4", h.released)
 	}
 }
+
+// TestCancelMidWrite: a call whose context ends while its request is held
+// up by flow control (the peer has stopped reading) returns promptly with
+// ErrTimeout; its stream is reset, so the peer never sees that request,
+// and the connection carries the next calls on a new stream.
+func TestCancelMidWrite(t *testing.T) {
+	var (
+		mu   sync.Mutex
+		seen = map[uint8]int{}
+	)
+	release := make(chan struct{})
+	h := HandlerFunc(func(ctx context.Context, peer string, req *Header, payload []byte, resp *Header) ([]byte, error) {
+		mu.Lock()
+		seen[req.Type]++
+		mu.Unlock()
+		if req.Type == 1 {
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		}
+		return nil, nil
+	})
+	bcfg := testConfig(t, "b", map[string]string{"a": "127.0.0.1:1"}, h)
+	bcfg.MaxInFlight = 1 // one worker: the stream's reader stops at the second request
+	b := start(t, bcfg)
+	acfg := testConfig(t, "a", map[string]string{"b": b.Addr().String()}, nil)
+	acfg.Listen, acfg.Streams = "", 1
+	a := start(t, acfg)
+
+	errs := make(chan error, 2)
+	for _, typ := range []uint8{1, 2} { // 1 holds the worker, 2 holds the reader
+		go func() {
+			_, _, err := call(a, &Header{Type: typ}, nil)
+			errs <- err
+		}()
+		time.Sleep(50 * time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	begin := time.Now()
+	var resp Header
+	_, err := a.Call(ctx, "b", &Header{Type: 3}, make([]byte, 32<<20), &resp, nil)
+	if !errors.Is(err, ErrTimeout) {
+		t.Errorf("call held up by flow control: %v, want ErrTimeout", err)
+	}
+	if d := time.Since(begin); d > 2*time.Second {
+		t.Errorf("it returned after %v", d)
+	}
+	close(release)
+	for range 2 {
+		if err := <-errs; !errors.Is(err, ErrConnLost) {
+			t.Errorf("call on the reset stream: %v, want ErrConnLost", err)
+		}
+	}
+	if _, _, err := call(a, &Header{Type: 4}, []byte("next")); err != nil {
+		t.Fatalf("call after the reset: %v", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if seen[3] != 0 || seen[4] != 1 {
+		t.Errorf("handler saw %v: the half-written request must never arrive", seen)
+	}
+}

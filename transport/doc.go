@@ -87,9 +87,11 @@
 //
 //   - A dead or silent peer (crash without restart, SIGSTOP, partition)
 //     surfaces only when a call's context ends (ErrTimeout) or after
-//     Config.IdleTimeout without a packet (ErrConnLost; default 15 s,
-//     keep-alives every 3 s keep idle connections open). Give every call a
-//     deadline: DRBD's 6 s is a reasonable start.
+//     Config.IdleTimeout without a packet (ErrConnLost wrapping
+//     *quic.IdleTimeoutError; default 15 s, and a connection uses the
+//     smaller of its two ends' settings; keep-alives every 3 s keep idle
+//     connections open). Give every call a deadline: DRBD's 6 s is a
+//     reasonable start.
 //   - A peer that restarts on the same address with the same
 //     ResetKeySecret answers the old connection's next packet with a
 //     stateless reset: the call in flight fails at once with ErrConnLost

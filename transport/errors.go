@@ -9,10 +9,13 @@ import (
 	"github.com/quic-go/quic-go"
 )
 
-// The kinds of Call failure; an *Error's Kind is one of them or a context
-// error, and errors.Is sees both the kind and the cause.
+// The kinds of Call failure: an *Error's Kind is one of them, and
+// errors.Is sees both the kind and the cause (a context error, a quic-go
+// error such as *quic.StatelessResetError).
 var (
-	ErrClosed      = errors.New("transport closed")
+	// ErrClosed: this transport was closed (before or during the call).
+	ErrClosed = errors.New("transport closed")
+	// ErrUnknownPeer: the peer is not in Config.Peers.
 	ErrUnknownPeer = errors.New("unknown peer")
 	// ErrUnreachable: no connection could be made (no answer within the
 	// dial timeout or the caller's deadline, an address that does not
@@ -34,11 +37,11 @@ var (
 	ErrTooLarge = errors.New("payload too large")
 )
 
-// Error is a failed Call: the peer, the kind of failure and its cause.
+// Error is a failed Call.
 type Error struct {
-	Peer string
-	Kind error
-	Err  error
+	Peer string // the peer called
+	Kind error  // ErrUnreachable, ErrRefused, ErrTimeout, ...
+	Err  error  // the cause
 }
 
 func (e *Error) Error() string {

@@ -301,6 +301,7 @@ func TestPayloadLimits(t *testing.T) {
 		{[]byte{0, 0, 0, 1, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0x90}, "payload of 65537 bytes"},
 		{[]byte{0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xc1}, "malformed header"},
 		{append([]byte{0, 0, 0, 11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, 0x9a, 1, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0x90), "call id 0"},
+		{append([]byte{0, 0, 0, 11, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1}, 0x9a, 1, 0xa0, 0, 0, 0, 0, 0, 0, 0, 0x90, 'x'), "unexpected EOF"},
 	} {
 		s, err := qc.OpenStreamSync(ctx)
 		if err != nil {
@@ -309,13 +310,13 @@ func TestPayloadLimits(t *testing.T) {
 		if _, err := s.Write(bad.frame); err != nil {
 			t.Fatal(err)
 		}
+		s.Close() // a truncated frame ends here
 		var h Header
 		_, _, err = codec.readHeader(s, &h, 1<<20)
 		var se *quic.StreamError
 		if !errors.As(err, &se) || se.ErrorCode != codeProtocol {
 			t.Errorf("frame %x: read %v, want a reset with codeProtocol", bad.frame, err)
 		}
-		s.CancelWrite(0)
 		recorderOf(bcfg).waitLog(t, "malformed request", bad.log)
 	}
 	s, err := qc.OpenStreamSync(ctx)
@@ -423,5 +424,33 @@ func TestCancelMidWrite(t *testing.T) {
 	defer mu.Unlock()
 	if seen[3] != 0 || seen[4] != 1 {
 		t.Errorf("handler saw %v: the half-written request must never arrive", seen)
+	}
+}
+
+// TestSilentPeer: a peer that vanishes without a word (its process gone,
+// nothing answering on its port) fails the calls in flight with
+// ErrConnLost after the idle timeout, not before, and not never.
+func TestSilentPeer(t *testing.T) {
+	h := &echo{}
+	bcfg := testConfig(t, "b", map[string]string{"a": "127.0.0.1:1"}, h)
+	b := start(t, bcfg)
+	acfg := testConfig(t, "a", map[string]string{"b": b.Addr().String()}, nil)
+	acfg.Listen, acfg.IdleTimeout = "", time.Second
+	a := start(t, acfg)
+	if _, _, err := call(a, &Header{Type: 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.close(false); err != nil {
+		t.Fatal(err)
+	}
+	begin := time.Now()
+	_, _, err := call(a, &Header{Type: 1}, nil)
+	d := time.Since(begin)
+	var idle *quic.IdleTimeoutError
+	if !errors.Is(err, ErrConnLost) || !errors.As(err, &idle) {
+		t.Errorf("call to a vanished peer: %v, want ErrConnLost by the idle timeout", err)
+	}
+	if d < 500*time.Millisecond || d > 5*time.Second {
+		t.Errorf("it failed after %v, want about the idle timeout (1s)", d)
 	}
 }

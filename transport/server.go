@@ -172,14 +172,15 @@ func (sc *serverConn) serveStream(s *quic.Stream) {
 	}
 }
 
-// streamError ends a stream whose reading failed: the caller closed it or
-// the connection ended (nothing to say), or it sent a malformed frame
-// (logged; the stream is reset and the connection lives on).
+// streamError ends a stream whose reading failed: the caller closed or
+// reset it or the connection ended (nothing to say), or it sent a
+// malformed, oversized or truncated frame (logged; the stream is reset and
+// the connection lives on).
 func (sc *serverConn) streamError(s *quic.Stream, err error) {
 	if err == io.EOF {
 		return
 	}
-	if errors.Is(err, errFrame) || errors.Is(err, errTooLarge) {
+	if errors.Is(err, errFrame) || errors.Is(err, errTooLarge) || err == io.ErrUnexpectedEOF {
 		sc.t.logLimited(slog.LevelWarn, "transport: malformed request, stream reset", "peer", sc.peer, "err", err)
 		s.CancelRead(codeProtocol)
 		s.CancelWrite(codeProtocol)

@@ -108,7 +108,10 @@
 //     and QUIC flow control holds the caller. quic-go's flow-control
 //     windows start at 512 KiB per stream and grow to 6 MiB per stream and
 //     15 MiB per connection, so a peer that stops reading stalls writers
-//     after about that much.
+//     after about that much. The other way round, a calling peer can hold
+//     up to MaxInFlight requests of MaxPayload bytes of this node's memory
+//     (256 x 32 MiB by default): size MaxPayload to the largest message
+//     replication really sends.
 //   - One connection is one quic-go goroutine per side doing all packet
 //     work: on this VM that is about 250-450 MB/s per peer pair. Resync
 //     throughput beyond that needs the replication layer to spread work

@@ -68,7 +68,23 @@ func TestCallAllocs(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	for range 2000 { // warm up pools, flow-control windows, codecs
+	// Warm up: flow-control windows, free lists, and workers enough that a
+	// request arriving while the last one's worker is still finishing
+	// finds another idle (8 callers at once start 8).
+	var wg sync.WaitGroup
+	for range 8 {
+		l := newCallLoop(a, 4096)
+		wg.Go(func() {
+			for range 200 {
+				if err := l.call(ctx); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for range 1000 {
 		call()
 	}
 	const runs = 2000

@@ -14,6 +14,9 @@ import (
 	"time"
 )
 
+// Tests listen on loopback only, dial-only transports included.
+func init() { dialOnlyAddr = "127.0.0.1:0" }
+
 // One CA and one certificate per node name for the whole test binary:
 // key generation is the slow part of a test.
 var (

@@ -143,6 +143,10 @@ type Transport struct {
 	wg      sync.WaitGroup          // every goroutine the transport starts
 }
 
+// dialOnlyAddr is where the socket of a transport without Listen binds:
+// an ephemeral port on every interface (the tests use loopback).
+var dialOnlyAddr = ":0"
+
 // peer is one configured node and the connection this node dialed to it.
 type peer struct {
 	name string
@@ -175,7 +179,7 @@ func New(cfg Config) (*Transport, error) {
 
 	bind := cfg.Listen
 	if bind == "" {
-		bind = ":0"
+		bind = dialOnlyAddr
 	}
 	ua, err := net.ResolveUDPAddr("udp", bind)
 	if err != nil {

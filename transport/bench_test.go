@@ -44,7 +44,9 @@ func newCallLoop(tr *Transport, size int) *callLoop {
 func (c *callLoop) call(ctx context.Context) error {
 	c.req.Seq++
 	c.req.Offset += int64(len(c.payload))
-	_, err := c.tr.Call(ctx, "b", &c.req, c.payload, &c.resp, c.respBuf)
+	// With a timeout, as replication calls: the timeout must cost no
+	// allocation either.
+	_, err := c.tr.CallTimeout(ctx, "b", 10*time.Second, &c.req, c.payload, &c.resp, c.respBuf)
 	return err
 }
 

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/quic-go/quic-go"
 )
@@ -52,12 +53,12 @@ func (cc *clientConn) watch() {
 
 // call makes one call on this connection and fills resp; a Status other
 // than StatusOK is the caller's to report.
-func (cc *clientConn) call(ctx context.Context, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
+func (cc *clientConn) call(ctx context.Context, timeout time.Duration, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
 	ms, err := cc.pick()
 	if err != nil {
 		return nil, err
 	}
-	return ms.call(ctx, req, payload, resp, respBuf)
+	return ms.call(ctx, timeout, req, payload, resp, respBuf)
 }
 
 // pick returns the next live multiplexed stream, round robin, replacing a
@@ -165,6 +166,9 @@ type muxCall struct {
 	respBuf []byte
 	out     []byte
 	err     error
+	// timer bounds a call made with a timeout: one per slot, reset for
+	// each call, so a timeout costs no allocation.
+	timer *time.Timer
 }
 
 func (c *muxCall) id() uint64 { return c.gen<<16 | uint64(c.idx) }
@@ -178,9 +182,17 @@ func (ms *muxStream) failed() bool {
 	}
 }
 
-func (ms *muxStream) call(ctx context.Context, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
+func (ms *muxStream) call(ctx context.Context, timeout time.Duration, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
 	var idx uint16
+	var expired <-chan time.Time // a wait for a free slot counts against the timeout
+	if timeout > 0 && len(ms.free) == 0 {
+		t := time.NewTimer(timeout)
+		defer t.Stop()
+		expired = t.C
+	}
 	select {
+	case <-expired:
+		return nil, notSent(context.DeadlineExceeded)
 	case idx = <-ms.free:
 	case <-ms.dead:
 		return nil, notSent(ms.failure())
@@ -199,14 +211,30 @@ func (ms *muxStream) call(ctx context.Context, req *Header, payload []byte, resp
 	c.req, c.payload, c.resp, c.respBuf = req, payload, resp, respBuf
 	c.state = slotQueued
 	ms.mu.Unlock()
+	var deadline <-chan time.Time
+	if timeout > 0 {
+		if c.timer == nil {
+			c.timer = time.NewTimer(timeout)
+		} else {
+			c.timer.Reset(timeout)
+		}
+		deadline = c.timer.C
+		defer c.timer.Stop()
+	}
 	ms.sendq <- c
 
 	canceled := false
+	var cause error
 	select {
 	case <-c.done:
 	case <-ctx.Done():
+		cause = ctx.Err()
+	case <-deadline:
+		cause = context.DeadlineExceeded
+	}
+	if cause != nil {
 		if ms.abandon(c) {
-			return nil, ctx.Err()
+			return nil, cause
 		}
 		<-c.done
 		canceled = true
@@ -216,7 +244,7 @@ func (ms *muxStream) call(ctx context.Context, req *Header, payload []byte, resp
 	ms.freeLocked(c)
 	ms.mu.Unlock()
 	if err != nil && canceled {
-		err = ctx.Err() // the reset that abandon caused is not the story
+		err = cause // the reset that abandon caused is not the story
 	}
 	return out, err
 }

@@ -228,13 +228,24 @@ func TestUnreachable(t *testing.T) {
 // fails with ErrTimeout; the connection stays usable, and the late
 // response is dropped.
 func TestCallTimeout(t *testing.T) {
+	for _, how := range []string{"context", "CallTimeout"} {
+		t.Run(how, func(t *testing.T) { testCallTimeout(t, how == "CallTimeout") })
+	}
+}
+
+func testCallTimeout(t *testing.T, callTimeout bool) {
 	bl := newBlocker()
 	a, _, _, _ := pair(t, bl)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
 	var resp Header
 	begin := time.Now()
-	_, err := a.Call(ctx, "b", &Header{Type: 1, Seq: 1}, []byte("slow"), &resp, nil)
+	var err error
+	if callTimeout {
+		_, err = a.CallTimeout(context.Background(), "b", 200*time.Millisecond, &Header{Type: 1, Seq: 1}, []byte("slow"), &resp, nil)
+	} else {
+		_, err = a.Call(ctx, "b", &Header{Type: 1, Seq: 1}, []byte("slow"), &resp, nil)
+	}
 	if !errors.Is(err, ErrTimeout) || !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("call: %v, want ErrTimeout", err)
 	}

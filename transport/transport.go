@@ -392,6 +392,13 @@ func (t *Transport) isClosed() bool { return t.ctx.Err() != nil }
 // failed (ErrUnreachable, ErrRefused, ErrTimeout, ErrConnLost, ErrProtocol,
 // ErrClosed, ErrUnknownPeer, ErrTooLarge). Calls run concurrently.
 func (t *Transport) Call(ctx context.Context, peer string, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
+	return t.CallTimeout(ctx, peer, 0, req, payload, resp, respBuf)
+}
+
+// CallTimeout is Call bounded by timeout as well as by ctx (0: by ctx
+// only). Unlike a context.WithTimeout per call, it costs no allocation:
+// the replication layer puts a deadline on every write it sends.
+func (t *Transport) CallTimeout(ctx context.Context, peer string, timeout time.Duration, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
 	p := t.peers[peer]
 	switch {
 	case p == nil:
@@ -404,11 +411,11 @@ func (t *Transport) Call(ctx context.Context, peer string, req *Header, payload 
 	var err error
 	for range callAttempts {
 		var cc *clientConn
-		if cc, err = t.connect(ctx, p); err != nil {
+		if cc, err = t.connect(ctx, timeout, p); err != nil {
 			return nil, err
 		}
 		var out []byte
-		out, err = cc.call(ctx, req, payload, resp, respBuf)
+		out, err = cc.call(ctx, timeout, req, payload, resp, respBuf)
 		if err == nil {
 			if resp.Status != StatusOK {
 				return out, &StatusError{Peer: peer, Type: resp.Type, Status: resp.Status}
@@ -435,7 +442,7 @@ func (t *Transport) Ping(ctx context.Context, peer string) (time.Duration, error
 // Concurrent callers share one attempt, which runs on its own goroutine
 // with DialTimeout, so a caller whose context ends leaves it running for
 // the others.
-func (t *Transport) connect(ctx context.Context, p *peer) (*clientConn, error) {
+func (t *Transport) connect(ctx context.Context, timeout time.Duration, p *peer) (*clientConn, error) {
 	p.mu.Lock()
 	if cc := p.cur; cc != nil && cc.qc.Context().Err() == nil {
 		p.mu.Unlock()
@@ -451,11 +458,19 @@ func (t *Transport) connect(ctx context.Context, p *peer) (*clientConn, error) {
 		p.dial = d
 	}
 	p.mu.Unlock()
+	var expired <-chan time.Time
+	if timeout > 0 {
+		t := time.NewTimer(timeout) // only while a dial is under way
+		defer t.Stop()
+		expired = t.C
+	}
 	select {
 	case <-d.done:
 		return d.cc, d.err
 	case <-ctx.Done():
 		return nil, &Error{Peer: p.name, Kind: ErrUnreachable, Err: fmt.Errorf("no connection yet: %w", context.Cause(ctx))}
+	case <-expired:
+		return nil, &Error{Peer: p.name, Kind: ErrUnreachable, Err: fmt.Errorf("no connection within %s", timeout)}
 	}
 }
 
@@ -505,7 +520,7 @@ func (t *Transport) dialPeer(ctx context.Context, p *peer) (*clientConn, error) 
 	cc, err := t.newClientConn(p, qc)
 	if err == nil {
 		var resp Header
-		_, err = cc.call(ctx, &Header{Type: TypePing}, nil, &resp, nil)
+		_, err = cc.call(ctx, 0, &Header{Type: TypePing}, nil, &resp, nil)
 	}
 	if err == nil && !t.spawn(cc.watch) {
 		err = ErrClosed

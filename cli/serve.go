@@ -5,10 +5,12 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"syscall"
 	"time"
 
@@ -17,6 +19,7 @@ import (
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/daemon"
 	"github.com/blockd/blockd/units"
+	"github.com/blockd/blockd/volume"
 )
 
 func newServe() *cobra.Command {
@@ -26,6 +29,8 @@ func newServe() *cobra.Command {
 		qosOn                        bool
 		probes, logFormat, logLevel  string
 		kernelDevices                bool
+		peers                        []string
+		resyncRate, resyncMinRate    string
 		shutdownTimeout              time.Duration
 		procs                        int
 	)
@@ -66,6 +71,11 @@ devices stay attached for the next daemon.`,
 					cfg.CacheMemory = -1
 				}
 			}
+			if len(peers) > 0 || cfg.Replication.Node != "" {
+				if err := replicationFlags(&cfg.Replication, peers, resyncRate, resyncMinRate); err != nil {
+					return err
+				}
+			}
 			if cfg.Logger, err = newLogger(cmd.ErrOrStderr(), logFormat, logLevel); err != nil {
 				return err
 			}
@@ -100,6 +110,16 @@ devices stay attached for the next daemon.`,
 	fs.StringVar(&cfg.MetricsListen, "metrics-listen", "127.0.0.1:9810", "`address` of the Prometheus /metrics endpoint (\"\" disables)")
 	fs.BoolVar(&kernelDevices, "kernel-devices", true, "expose volumes as kernel block devices (attach; re-attach recorded devices at start; "+
 		"loads nbd/ublk_drv). --kernel-devices=false: no module loading, no recovery, attach refused: a pure network NBD server, e.g. in an unprivileged container")
+	fs.StringVar(&cfg.Replication.Node, "node", "", "this node's `name` for replication (its certificate's CN or DNS SAN); empty: no replication")
+	fs.StringVar(&cfg.Replication.Listen, "repl-listen", ":10810", "UDP `address` peers reach this node's replication on")
+	fs.StringArrayVar(&peers, "peer", nil, "a peer node, `NAME=HOST:PORT` (repeat for each)")
+	fs.StringVar(&cfg.Replication.CAFile, "tls-ca", "", "the cluster CA certificate (PEM `file`) peers' certificates must chain to")
+	fs.StringVar(&cfg.Replication.CertFile, "tls-cert", "", "this node's certificate (PEM `file`), naming --node")
+	fs.StringVar(&cfg.Replication.KeyFile, "tls-key", "", "this node's private key (PEM `file`)")
+	fs.DurationVar(&cfg.Replication.Timeout, "repl-timeout", 5*time.Second, "how long a replica may take to answer before it leaves the in-sync set, while another in-sync copy remains")
+	fs.DurationVar(&cfg.Replication.LastTimeout, "repl-last-timeout", 15*time.Second, "the same for the last in-sync replica")
+	fs.StringVar(&resyncRate, "resync-rate", "100MiB", "most bytes per second all resyncs of this node copy together (`rate`; 0: no cap)")
+	fs.StringVar(&resyncMinRate, "resync-min-rate", "20MiB", "the resync rate while application I/O is running (`rate`; 0: no lowering)")
 	fs.DurationVar(&cfg.Kernel.Timeout, "nbd-timeout", 30*time.Second, "kernel nbd per-request timeout (e.g. 30s); on expiry the socket is replaced and the request retried")
 	fs.DurationVar(&cfg.Kernel.DeadConnTimeout, "nbd-dead-conn-timeout", 2*time.Minute, "how long kernel nbd devices hold I/O while blockd restarts (e.g. 2m)")
 	fs.StringVar(&qosIOPS, "qos-capacity-iops", "0", "node requests per second (`iops`) that QoS reservations and weights divide, e.g. 50k (0: unlimited, then only caps act)")
@@ -121,6 +141,47 @@ devices stay attached for the next daemon.`,
 		cmd.RegisterFlagCompletionFunc(flag, cobra.FixedCompletions(vals, cobra.ShellCompDirectiveNoFileComp))
 	}
 	return cmd
+}
+
+// replicationFlags checks the replication flags and fills rc.
+func replicationFlags(rc *daemon.ReplicationConfig, peers []string, rate, minRate string) error {
+	if rc.Node == "" {
+		return usagef("--peer needs --node (this node's name)")
+	}
+	if !volume.ValidName(rc.Node) {
+		return usagef("--node %q: want a name of a-z, 0-9, '.', '_', '-'", rc.Node)
+	}
+	rc.Peers = map[string]string{}
+	for _, p := range peers {
+		name, addr, ok := strings.Cut(p, "=")
+		if !ok || !volume.ValidName(name) || addr == "" {
+			return usagef("--peer %q: want NAME=HOST:PORT", p)
+		}
+		if name == rc.Node {
+			return usagef("--peer %q names this node", p)
+		}
+		if _, dup := rc.Peers[name]; dup {
+			return usagef("--peer %s given twice", name)
+		}
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return usagef("--peer %q: %v", p, err)
+		}
+		rc.Peers[name] = addr
+	}
+	if rc.CAFile == "" || rc.CertFile == "" || rc.KeyFile == "" {
+		return usagef("replication needs --tls-ca, --tls-cert and --tls-key (peers authenticate each other with the cluster CA)")
+	}
+	var err error
+	if rc.ResyncRate, err = units.ParseRate(rate); err != nil {
+		return usagef("--resync-rate: %v", err)
+	}
+	if rc.ResyncMinRate, err = units.ParseRate(minRate); err != nil {
+		return usagef("--resync-min-rate: %v", err)
+	}
+	if rc.Timeout <= 0 || rc.LastTimeout < rc.Timeout {
+		return usagef("--repl-timeout %s, --repl-last-timeout %s: want positive, the last at least as long", rc.Timeout, rc.LastTimeout)
+	}
+	return nil
 }
 
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {

@@ -31,6 +31,8 @@ import (
 	"github.com/blockd/blockd/probe"
 	"github.com/blockd/blockd/profile"
 	"github.com/blockd/blockd/qos"
+	"github.com/blockd/blockd/replication"
+	"github.com/blockd/blockd/transport"
 	"github.com/blockd/blockd/units"
 	"github.com/blockd/blockd/volume"
 )
@@ -53,6 +55,8 @@ type Config struct {
 	ProbeDevices  string       // ProbeDevicesOurs (default) or ProbeDevicesAll
 	QoSDisabled   bool         // no QoS stage at all
 	QoSCapacity   qos.Capacity // what reservations and weights divide
+	// Replication joins the daemon to its peers (Node empty: none).
+	Replication ReplicationConfig
 	// CacheMemory bounds the memory of every volume's prefetch cache and
 	// write-back buffer together (0: DefaultCacheMemory; < 0: no limit).
 	CacheMemory int64
@@ -66,14 +70,16 @@ type Daemon struct {
 	log  *slog.Logger
 	lock *os.File // flock on STATE/blockd.lock: one daemon per state dir
 
-	reg     *prometheus.Registry
-	qos     *qos.Node
-	volumes *volume.Registry
-	nbd     *nbd.Server
-	devices *attach.Devices
-	probe   *probe.Probe // nil when off or unavailable
-	api     *http.Server
-	metrics *http.Server
+	reg         *prometheus.Registry
+	qos         *qos.Node
+	transport   *transport.Transport // nil without replication
+	replHandler *replHandler
+	volumes     *volume.Registry
+	nbd         *nbd.Server
+	devices     *attach.Devices
+	probe       *probe.Probe // nil when off or unavailable
+	api         *http.Server
+	metrics     *http.Server
 
 	profileHook atomic.Pointer[attach.Devices] // devices, once they exist
 	probeStop   context.CancelFunc
@@ -140,6 +146,16 @@ func (d *Daemon) start() (err error) {
 	d.reg.MustRegister(metrics.CacheBudget(budget))
 	d.log.Info("cache memory", "limit", limitText(budget.Stats().Limit))
 	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos, CacheBudget: budget}
+	var replNode *replication.Node
+	if cfg.Replication.Node != "" {
+		if err := d.startTransport(); err != nil {
+			return err
+		}
+		replNode = d.replicationNode()
+		volOpts.Replication = replNode
+		volOpts.OnFenced = d.fenced
+		d.reg.MustRegister(metrics.Replication(d.replicatedVolumes))
+	}
 	// Volumes open before the kernel frontends exist (those need the
 	// volumes); a profile change reaches the devices once they do.
 	volOpts.OnProfileChange = func(vol string, eff profile.Profile) {
@@ -157,6 +173,9 @@ func (d *Daemon) start() (err error) {
 	}
 	if d.volumes, err = volume.Open(volOpts); err != nil {
 		return err
+	}
+	if replNode != nil {
+		d.replHandler.svc.Store(replication.NewService(replNode.Name, d.volumes, replNode.Log))
 	}
 
 	d.nbd = nbd.NewServer(nbdExports{d.volumes}, nbd.Options{Logger: d.log})
@@ -266,6 +285,10 @@ func (d *Daemon) stop(ctx context.Context) error {
 	d.wg.Wait()
 	if d.volumes != nil {
 		errs = append(errs, d.volumes.Close())
+	}
+	if d.transport != nil {
+		// After the volumes: their last flush reaches the replicas.
+		errs = append(errs, d.transport.Close())
 	}
 	if d.qos != nil {
 		d.qos.Close()

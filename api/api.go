@@ -127,6 +127,10 @@ type ReplicaStatus struct {
 	RateBytes     int64   `json:"rate_bytes_per_second,omitempty"`
 	ETASeconds    float64 `json:"eta_seconds,omitempty"`
 	LastError     string  `json:"last_error,omitempty"`
+	// CopiedBytes is what resyncs sent this replica since the daemon
+	// started; ComparedBytes what they compared by checksum.
+	CopiedBytes   int64 `json:"resync_copied_bytes"`
+	ComparedBytes int64 `json:"resync_compared_bytes"`
 }
 
 // Attachment records that a volume is exposed as a kernel block device. It

@@ -1,6 +1,7 @@
 package replication
 
 import (
+	"context"
 	"encoding/json"
 	"sync"
 	"sync/atomic"
@@ -70,6 +71,18 @@ func (p *peer) loop() {
 	defer p.r.wg.Done()
 	r := p.r
 	backoff := time.Duration(0)
+	if p.state.Load() == peerInSync {
+		// Ask at start whether a newer owner exists: an owner that was
+		// replaced while it was down learns it here, before a client
+		// reads its stale copy for long. (Asking, not opening: a new
+		// volume's replicas are being created meanwhile.)
+		ctx, cancel := context.WithTimeout(r.ctx, r.n.Timeout)
+		st, err := r.n.State(ctx, p.node, r.name)
+		cancel()
+		if err == nil && st.Has && st.Epoch > r.epoch {
+			r.fence(&StatusError{Status: StatusStaleEpoch, Epoch: st.Epoch})
+		}
+	}
 	for {
 		if p.state.Load() == peerInSync {
 			select {
@@ -203,7 +216,7 @@ func (r *Replicator) inSyncLocked(p *peer) (bool, error) {
 }
 
 func (p *peer) status() api.ReplicaStatus {
-	st := api.ReplicaStatus{Node: p.node, State: peerStateNames[p.state.Load()]}
+	st := api.ReplicaStatus{Node: p.node, State: peerStateNames[p.state.Load()], CopiedBytes: p.copied.Load(), ComparedBytes: p.checked.Load()}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if st.State != api.ReplicaInSync {

@@ -73,11 +73,14 @@ func (m *Registry) placeReplicas(s *api.Spec) error {
 			return api.Errorf(api.CodeInvalid, "repl %d needs %d other nodes; this daemon has %d peers", s.Repl, s.Repl-1, len(peers))
 		}
 		free := map[string]int64{}
+		var why []string
 		for _, p := range peers {
 			free[p] = -1
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 			if b, err := n.FreeBytes(ctx, p); err == nil {
 				free[p] = b
+			} else {
+				why = append(why, p+": "+err.Error())
 			}
 			cancel()
 		}
@@ -85,7 +88,7 @@ func (m *Registry) placeReplicas(s *api.Spec) error {
 		sort.SliceStable(cands, func(i, j int) bool { return free[cands[i]] > free[cands[j]] })
 		for _, p := range cands[:s.Repl-1] {
 			if free[p] < 0 {
-				return api.Errorf(api.CodeUnavailable, "repl %d: only %d peers answer; name the nodes with --nodes or bring the peers up", s.Repl, countAnswering(free))
+				return api.Errorf(api.CodeUnavailable, "repl %d: only %d of %d peers answer (%s)", s.Repl, countAnswering(free), len(peers), strings.Join(why, "; "))
 			}
 			nodes = append(nodes, p)
 		}

@@ -138,6 +138,7 @@ type Devices struct {
 	off  bool // Options.Disabled
 	nbd  *nbdFrontend
 	ublk *ublkFrontend
+	ra   *readAhead
 
 	mu      sync.Mutex // serializes attach, detach and recovery
 	closing bool
@@ -147,7 +148,7 @@ type Devices struct {
 // srv.
 func New(srv *nbd.Server, vols Volumes, opts Options) *Devices {
 	opts.defaults()
-	d := &Devices{vols: vols, log: opts.Log, off: opts.Disabled}
+	d := &Devices{vols: vols, log: opts.Log, off: opts.Disabled, ra: newReadAhead(opts.sysBlock, opts.Log)}
 	d.nbd = newNBD(d, srv, opts)
 	d.ublk = newUblk(d, opts)
 	return d
@@ -249,10 +250,10 @@ func (d *Devices) Recover() {
 	d.ublk.recover(d.vols.AttachedWith(api.FrontendUblk))
 }
 
-// ProfileChanged makes an attached nbd device's read-ahead follow its
+// ProfileChanged makes an attached device's read-ahead follow its
 // volume's effective io_profile.
 func (d *Devices) ProfileChanged(name string, eff profile.Profile) {
-	d.nbd.profileChanged(name, eff)
+	d.ra.changed(name, eff)
 }
 
 // BeginClose stops attaches and socket replacement; call it before the nbd
@@ -263,6 +264,7 @@ func (d *Devices) BeginClose() {
 	d.mu.Unlock()
 	d.nbd.beginClose()
 	d.ublk.beginClose()
+	d.ra.close()
 }
 
 // Close stops serving kernel devices without removing them: the kernel

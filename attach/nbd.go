@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"net"
 	"os"
@@ -20,7 +19,6 @@ import (
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/kernel/nbdnl"
 	"github.com/blockd/blockd/nbd"
-	"github.com/blockd/blockd/profile"
 	"github.com/blockd/blockd/volume"
 )
 
@@ -101,9 +99,8 @@ type nbdFrontend struct {
 	nl       nbdNetlink
 	attached map[string]*kattach
 
-	liveMu sync.Mutex // guards live and closed; never held across I/O
-	live   map[string]int
-	closed bool // no new background work
+	liveMu sync.Mutex // guards closed; never held across I/O
+	closed bool       // no new background work
 }
 
 // kattach is one attached volume's live state.
@@ -132,7 +129,7 @@ type ksock struct {
 
 func newNBD(d *Devices, srv *nbd.Server, opts Options) *nbdFrontend {
 	return &nbdFrontend{d: d, opts: opts, srv: srv, log: opts.Log, stopping: make(chan struct{}),
-		attached: map[string]*kattach{}, live: map[string]int{}}
+		attached: map[string]*kattach{}}
 }
 
 // goBackground runs f on a goroutine owned by the frontend (close waits
@@ -267,8 +264,8 @@ func (k *nbdFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Atta
 	}
 	ka.index = idx
 	k.attached[name] = ka
-	k.setLive(name, idx)
-	if err := k.setReadAhead(idx, v.EffectiveProfile()); err != nil {
+	k.d.ra.serve(name, nbdDev(idx))
+	if err := k.d.ra.set(nbdDev(idx), v.EffectiveProfile()); err != nil {
 		k.log.Warn("attach: read-ahead not set for io_profile", "volume", name, "err", err)
 	}
 	return &api.Attachment{Frontend: api.FrontendNBD, Device: nbdnl.DevicePath(idx), Index: idx, Connections: conns, Backend: ka.backend}, nil
@@ -448,7 +445,7 @@ func (k *nbdFrontend) detach(v *volume.Volume, att *api.Attachment) error {
 	if ka != nil {
 		ka.detaching = true
 	}
-	k.clearLive(name)
+	k.d.ra.stop(name)
 	if err := nl.Disconnect(att.Index); err != nil && !errors.Is(err, nbdnl.ErrNoDevice) {
 		return fmt.Errorf("detach %s: %w", name, err)
 	}
@@ -562,7 +559,7 @@ func (k *nbdFrontend) recoverOneLocked(nl nbdNetlink, s api.Spec) (*api.Attachme
 		k.attached[s.Name] = ka
 		// The kernel kept the device's read-ahead; setting it now would
 		// wait for the requests still queued on the dead sockets.
-		k.setLive(s.Name, att.Index)
+		k.d.ra.serve(s.Name, nbdDev(att.Index))
 		k.log.Info("reattached live device", "volume", s.Name, "device", att.Device, "connections", att.Connections)
 		return &att, nil
 	}
@@ -571,10 +568,10 @@ func (k *nbdFrontend) recoverOneLocked(nl nbdNetlink, s api.Spec) (*api.Attachme
 	if _, err := k.connect(nl, ka, att.Index, att.Connections); err != nil {
 		return nil, err
 	}
-	if err := k.setReadAhead(att.Index, v.EffectiveProfile()); err != nil {
+	if err := k.d.ra.set(nbdDev(att.Index), v.EffectiveProfile()); err != nil {
 		k.log.Warn("reconnect: read-ahead not set for io_profile", "volume", s.Name, "err", err)
 	}
-	k.setLive(s.Name, att.Index)
+	k.d.ra.serve(s.Name, nbdDev(att.Index))
 	k.attached[s.Name] = ka
 	att.Backend = ka.backend
 	k.log.Info("reconnected device", "volume", s.Name, "device", att.Device)
@@ -607,50 +604,8 @@ func (k *nbdFrontend) ourNBDDevices() map[int]string {
 	return out
 }
 
-// setLive records that this daemon serves name's device /dev/nbdIDX, so
-// that read-ahead may follow its io_profile.
-func (k *nbdFrontend) setLive(name string, idx int) {
-	k.liveMu.Lock()
-	k.live[name] = idx
-	k.liveMu.Unlock()
-}
-
-func (k *nbdFrontend) clearLive(name string) {
-	k.liveMu.Lock()
-	delete(k.live, name)
-	k.liveMu.Unlock()
-}
-
-// profileChanged sets the read-ahead of name's device, if this daemon
-// serves one. Writing the sysfs attribute freezes the queue (6.12), which
-// waits for requests in flight: on a device whose sockets died with the
-// previous daemon that wait ends only after the device is reconnected, so
-// the write must never sit on the path that reconnects it. It runs on its
-// own goroutine, owned by the frontend (close waits).
-func (k *nbdFrontend) profileChanged(name string, eff profile.Profile) {
-	k.liveMu.Lock()
-	idx, ok := k.live[name]
-	k.liveMu.Unlock()
-	if !ok {
-		return
-	}
-	k.goBackground(func() {
-		if err := k.setReadAhead(idx, eff); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			k.log.Warn("io_profile changed but read-ahead was not", "volume", name, "err", err)
-		}
-	})
-}
-
-// setReadAhead sets the kernel read-ahead of /dev/nbdIDX to suit the
-// volume's effective profile (sequential 4 MiB, random 16 KiB, others
-// 128 KiB).
-func (k *nbdFrontend) setReadAhead(idx int, p profile.Profile) error {
-	path := filepath.Join(k.opts.sysBlock, fmt.Sprintf("nbd%d", idx), "queue", "read_ahead_kb")
-	if err := os.WriteFile(path, fmt.Appendf(nil, "%d\n", profile.ReadAheadKB(p)), 0o644); err != nil {
-		return fmt.Errorf("set read-ahead: %w", err)
-	}
-	return nil
-}
+// nbdDev is the kernel's name of /dev/nbdIDX.
+func nbdDev(idx int) string { return fmt.Sprintf("nbd%d", idx) }
 
 // beginClose starts no more background work and wakes the socket
 // replacements that wait, so that they end.
@@ -660,7 +615,6 @@ func (k *nbdFrontend) beginClose() {
 		k.closed = true
 		close(k.stopping)
 	}
-	clear(k.live)
 	k.liveMu.Unlock()
 }
 

@@ -59,12 +59,20 @@ func (k *ublkFrontend) attach(v *volume.Volume, req api.AttachRequest) (*api.Att
 	att.Device, att.Index = dev.Path(), dev.ID()
 	att.Queues, att.Depth = int(info.NrHwQueues), int(info.QueueDepth)
 	k.devs[name] = dev
+	k.d.ra.serve(name, ublkDev(dev.ID()))
+	if err := k.d.ra.set(ublkDev(dev.ID()), v.EffectiveProfile()); err != nil {
+		k.log.Warn("attach: read-ahead not set for io_profile", "volume", name, "err", err)
+	}
 	return att, nil
 }
+
+// ublkDev is the kernel's name of /dev/ublkbID.
+func ublkDev(id int) string { return fmt.Sprintf("ublkb%d", id) }
 
 // detach stops and deletes a volume's ublk device.
 func (k *ublkFrontend) detach(v *volume.Volume, att *api.Attachment) error {
 	name := v.Name()
+	k.d.ra.stop(name)
 	if dev := k.devs[name]; dev != nil {
 		if err := dev.Detach(); err != nil {
 			return fmt.Errorf("detach %s: %w", name, err)
@@ -103,6 +111,9 @@ func (k *ublkFrontend) recover(want []api.Spec) {
 		}
 		keep[dev.ID()] = true
 		k.devs[s.Name] = dev
+		// The kernel kept the device's read-ahead; a profile change
+		// from now on reaches it.
+		k.d.ra.serve(s.Name, ublkDev(dev.ID()))
 		k.log.Info("recovered ublk device", "volume", s.Name, "device", dev.Path())
 	}
 	removed, err := ublk.Cleanup(k.owner, func(i ublk.DevInfo) bool { return keep[int(i.DevID)] }, k.load)

@@ -39,10 +39,20 @@ func readAheadKB(t *testing.T, dev string) string {
 
 // Attaching a volume sets the kernel read-ahead its io_profile wants
 // (sequential 4096 KiB, random 16 KiB, others 128 KiB), and a live
-// profile change of an attached volume moves it.
+// profile change of an attached volume moves it: over nbd and over ublk.
 func TestProfileReadAhead(t *testing.T) {
 	guest.RequireVM(t)
 	loadNBD(t)
+	testProfileReadAhead(t, "nbd", "/dev/nbd", "--connections", "1")
+}
+
+func TestProfileReadAheadUblk(t *testing.T) {
+	guest.RequireVM(t)
+	requireUblk(t)
+	testProfileReadAhead(t, "ublk", "/dev/ublkb", "--frontend", "ublk", "--queues", "1")
+}
+
+func testProfileReadAhead(t *testing.T, frontend, devPrefix string, attachArgs ...string) {
 	if _, err := os.Stat("/usr/bin/blockd"); err != nil {
 		t.Fatalf("blockd is not in the guest (make test-kernel puts it there): %v", err)
 	}
@@ -75,10 +85,10 @@ func TestProfileReadAhead(t *testing.T) {
 		{"sequential", "4096"}, {"random", "16"}, {"db", "128"},
 	} {
 		blockdCLI(t, sock, "volume", "create", tc.profile, "--size", "64MiB", "--engine", "memory", "--profile", tc.profile)
-		out := blockdCLI(t, sock, "attach", tc.profile, "--connections", "1")
+		out := blockdCLI(t, sock, append([]string{"attach", tc.profile}, attachArgs...)...)
 		dev := strings.Fields(out)[len(strings.Fields(out))-1]
-		if !strings.HasPrefix(dev, "/dev/nbd") {
-			t.Fatalf("attach printed %q, want a /dev/nbdN", out)
+		if !strings.HasPrefix(dev, devPrefix) {
+			t.Fatalf("attach printed %q, want a %sN", out, devPrefix)
 		}
 		devs[tc.profile] = dev
 		if got := readAheadKB(t, dev); got != tc.want {
@@ -92,5 +102,5 @@ func TestProfileReadAhead(t *testing.T) {
 	for name := range devs {
 		blockdCLI(t, sock, "detach", name)
 	}
-	fmt.Fprintln(os.Stderr, "read-ahead per profile checked on", devs)
+	fmt.Fprintln(os.Stderr, frontend, "read-ahead per profile checked on", devs)
 }

@@ -24,7 +24,7 @@ import (
 // NBD unix socket (the file system is shared), its API through its API
 // socket.
 type testCluster struct {
-	t     *testing.T
+	t     testing.TB
 	lab   *netlab.Lab
 	nodes []*clusterNode
 	certs string
@@ -41,11 +41,13 @@ type clusterNode struct {
 	cmd  *exec.Cmd
 	log  *syncBuffer
 	args []string // extra serve flags of this node
+	// peerAddr overrides where this node reaches a peer (a relay).
+	peerAddr map[string]string
 }
 
 const replPort = "10810"
 
-func newTestCluster(t *testing.T, n int, flags ...string) *testCluster {
+func newTestCluster(t testing.TB, n int, flags ...string) *testCluster {
 	t.Helper()
 	c := &testCluster{t: t, lab: netlab.New(t, n, netlab.Options{}), certs: t.TempDir(), flags: flags}
 	ca, err := transport.GenerateCA("blockd-test-ca", time.Hour)
@@ -87,7 +89,7 @@ func newTestCluster(t *testing.T, n int, flags ...string) *testCluster {
 	return c
 }
 
-func writeFile(t *testing.T, path string, b []byte) {
+func writeFile(t testing.TB, path string, b []byte) {
 	t.Helper()
 	if err := os.WriteFile(path, b, 0o600); err != nil {
 		t.Fatal(err)
@@ -144,7 +146,11 @@ func (n *clusterNode) command() *exec.Cmd {
 		"--tls-cert", filepath.Join(n.c.certs, n.name+".crt"), "--tls-key", filepath.Join(n.c.certs, n.name+".key")}
 	for _, o := range n.c.nodes {
 		if o != n {
-			args = append(args, "--peer", o.name+"="+o.ip()+":"+replPort)
+			addr := o.ip() + ":" + replPort
+			if a := n.peerAddr[o.name]; a != "" {
+				addr = a
+			}
+			args = append(args, "--peer", o.name+"="+addr)
 		}
 	}
 	args = append(append(args, n.c.flags...), n.args...)

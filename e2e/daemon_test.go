@@ -108,7 +108,7 @@ func (d *daemonProc) client() *api.Client { return api.NewClient(d.sock) }
 
 func (d *daemonProc) uri(vol string) string { return "nbd://" + d.nbdAddr + "/" + vol }
 
-func need(t *testing.T, tools ...string) {
+func need(t testing.TB, tools ...string) {
 	t.Helper()
 	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {

@@ -3,3 +3,10 @@
 # namespaces; iproute2 builds them. With CI=true a missing tool fails the
 # tests instead of skipping them.
 APT_PACKAGES += nftables iproute2
+
+# `make bench-repl`: replication benchmark (repl 1/2/3, a 200µs relay,
+# resync rate), nodes in network namespaces; root. See e2e/bench_repl_test.go.
+BENCH_REPL_RUNTIME ?= 5
+.PHONY: bench-repl
+bench-repl:
+	cd e2e && BENCH_REPL_RUNTIME=$(BENCH_REPL_RUNTIME) BENCH_OUT=$(CURDIR)/bench/results $(GO) test -run '^$$' -bench '^BenchmarkRepl$$' -benchtime 1x -timeout 20m .

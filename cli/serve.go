@@ -129,6 +129,7 @@ devices stay attached for the next daemon.`,
 	fs.BoolVar(&qosOn, "qos", true, "apply per-volume QoS (--qos=false removes the stage)")
 	fs.StringVar(&probes, "probes", "on", "per-pod block I/O accounting with eBPF: on or off (without BPF permission the daemon logs why and runs without)")
 	fs.StringVar(&cfg.ProbeDevices, "probe-devices", daemon.ProbeDevicesOurs, "devices the probes account: ours (attached volumes) or all")
+	fs.BoolVar(&cfg.Pprof, "pprof", false, "serve Go's CPU, heap and goroutine profiles at /debug/pprof/ on the metrics address")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	fs.DurationVar(&shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long SIGTERM waits for requests in flight")

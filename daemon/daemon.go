@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -57,6 +58,9 @@ type Config struct {
 	QoSCapacity   qos.Capacity // what reservations and weights divide
 	// Replication joins the daemon to its peers (Node empty: none).
 	Replication ReplicationConfig
+	// Pprof serves Go's profiles at /debug/pprof/ on the metrics
+	// listener.
+	Pprof bool
 	// CacheMemory bounds the memory of every volume's prefetch cache and
 	// write-back buffer together (0: DefaultCacheMemory; < 0: no limit).
 	CacheMemory int64
@@ -223,6 +227,11 @@ func (d *Daemon) start() (err error) {
 		}
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(d.reg, promhttp.HandlerOpts{}))
+		if cfg.Pprof {
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		}
 		d.metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		d.goServe("metrics", func() error { return d.metrics.Serve(ln) })
 		d.log.Info("metrics", "url", "http://"+ln.Addr().String()+"/metrics")

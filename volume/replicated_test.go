@@ -186,3 +186,33 @@ func TestPromoteAndFenceOldOwner(t *testing.T) {
 		t.Fatalf("promote while the owner answers: %v, want a conflict", err)
 	}
 }
+
+// Every profile's writes reach the replicas. db writes a non-replicated
+// file volume's data through the page cache, straight to the engine: for
+// a replicated volume that would pass the replication stage by.
+func TestReplicatedWritesEveryProfile(t *testing.T) {
+	net := repltest.NewNet()
+	ns := startNodes(t, net, "a", "b")
+	a, b := ns["a"], ns["b"]
+	for _, p := range []string{"db", "sequential", "journal", "none", "random", "auto"} {
+		name := "v-" + p
+		if _, err := a.reg.Create(api.Spec{Name: name, Size: 4 << 20, Repl: 2, Profile: p}); err != nil {
+			t.Fatal(err)
+		}
+		v, _ := a.reg.Get(name)
+		data := bytes.Repeat([]byte(p[:1]), 4096)
+		if err := rw(t, v, pipeline.OpWrite, 0, data); err != nil {
+			t.Fatal(err)
+		}
+		if err := rw(t, v, pipeline.OpFlush, 0, nil); err != nil {
+			t.Fatal(err)
+		}
+		rv, err := b.reg.Volume(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := readCopy(t, rv, 0, 4096); !bytes.Equal(got, data) {
+			t.Errorf("profile %s: a flushed write did not reach the replica", p)
+		}
+	}
+}

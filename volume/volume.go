@@ -104,6 +104,11 @@ func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
 }
 
 // Inline implements nbd.Inliner: the requests that wait for nothing, so
+// the NBD reader may run them itself (on a replicated volume, writes wait
+// for the replicas: only reads and what the profile stage keeps in its own
+// memory qualify).
+//
+// In detail: the requests that wait for nothing, so
 // the NBD reader may run them itself. On a memory volume those are reads
 // and plain writes (the profile stage neither buffers nor group-commits
 // them, the engine is RAM); on a file volume, what the profile stage says
@@ -114,6 +119,11 @@ func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
 // would hold back, FUA writes (group commit may wait), flushes and the
 // rest go to workers.
 func (v *Volume) Inline(r *pipeline.Request) bool {
+	if v.repl != nil && v.inMemory && r.Op != pipeline.OpRead {
+		// A replicated write waits for the replicas' answers: on the
+		// reader it would hold up every request behind it.
+		return false
+	}
 	if !v.inMemory {
 		// A file volume: only what the profile stage answers from its
 		// own memory or the page cache.

@@ -44,9 +44,10 @@ func newCallLoop(tr *Transport, size int) *callLoop {
 func (c *callLoop) call(ctx context.Context) error {
 	c.req.Seq++
 	c.req.Offset += int64(len(c.payload))
-	// With a timeout, as replication calls: the timeout must cost no
-	// allocation either.
-	_, err := c.tr.CallTimeout(ctx, "b", 10*time.Second, &c.req, c.payload, &c.resp, c.respBuf)
+	// Started, then waited for, with a timeout, as replication calls:
+	// neither may cost an allocation.
+	pd := c.tr.Start(ctx, "b", 10*time.Second, &c.req, c.payload, &c.resp, c.respBuf)
+	_, err := pd.Wait()
 	return err
 }
 

@@ -169,6 +169,7 @@ type muxCall struct {
 	// timer bounds a call made with a timeout: one per slot, reset for
 	// each call, so a timeout costs no allocation.
 	timer *time.Timer
+	timed bool // the current call runs against timer
 }
 
 func (c *muxCall) id() uint64 { return c.gen<<16 | uint64(c.idx) }
@@ -183,6 +184,17 @@ func (ms *muxStream) failed() bool {
 }
 
 func (ms *muxStream) call(ctx context.Context, timeout time.Duration, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
+	c, err := ms.start(ctx, timeout, req, payload, resp, respBuf)
+	if err != nil {
+		return nil, err
+	}
+	return ms.wait(ctx, c)
+}
+
+// start takes a slot for the call and queues its request for the writer;
+// wait collects the answer. Between them the caller may do other work (the
+// replication layer writes its local copy meanwhile).
+func (ms *muxStream) start(ctx context.Context, timeout time.Duration, req *Header, payload []byte, resp *Header, respBuf []byte) (*muxCall, error) {
 	var idx uint16
 	var expired <-chan time.Time // a wait for a free slot counts against the timeout
 	if timeout > 0 && len(ms.free) == 0 {
@@ -210,19 +222,26 @@ func (ms *muxStream) call(ctx context.Context, timeout time.Duration, req *Heade
 	c.gen++
 	c.req, c.payload, c.resp, c.respBuf = req, payload, resp, respBuf
 	c.state = slotQueued
+	c.timed = timeout > 0
 	ms.mu.Unlock()
-	var deadline <-chan time.Time
-	if timeout > 0 {
+	if c.timed {
 		if c.timer == nil {
 			c.timer = time.NewTimer(timeout)
 		} else {
 			c.timer.Reset(timeout)
 		}
+	}
+	ms.sendq <- c
+	return c, nil
+}
+
+// wait waits for c's answer (or its timeout, or ctx) and frees its slot.
+func (ms *muxStream) wait(ctx context.Context, c *muxCall) ([]byte, error) {
+	var deadline <-chan time.Time
+	if c.timed {
 		deadline = c.timer.C
 		defer c.timer.Stop()
 	}
-	ms.sendq <- c
-
 	canceled := false
 	var cause error
 	select {

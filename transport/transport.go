@@ -429,6 +429,90 @@ func (t *Transport) CallTimeout(ctx context.Context, peer string, timeout time.D
 	return nil, callError(peer, err, t.isClosed())
 }
 
+// Pending is a call started by Start: its request is on its way while the
+// caller does other work; Wait collects the answer. A Pending is a value
+// (no allocation) and must be waited for exactly once.
+type Pending struct {
+	t        *Transport
+	ctx      context.Context
+	peer     string
+	timeout  time.Duration
+	req      *Header
+	payload  []byte
+	resp     *Header
+	respBuf  []byte
+	ms       *muxStream
+	c        *muxCall
+	err      error // the start failed
+	attempts int
+}
+
+// Start begins a call as CallTimeout does and returns at once, once its
+// request is queued to go out (or the attempt failed: Wait reports why).
+// payload, resp and respBuf belong to the call until Wait returns.
+func (t *Transport) Start(ctx context.Context, peer string, timeout time.Duration, req *Header, payload []byte, resp *Header, respBuf []byte) Pending {
+	pd := Pending{t: t, ctx: ctx, peer: peer, timeout: timeout, req: req, payload: payload, resp: resp, respBuf: respBuf}
+	pd.start()
+	return pd
+}
+
+func (pd *Pending) start() {
+	t := pd.t
+	pd.attempts++
+	p := t.peers[pd.peer]
+	switch {
+	case p == nil:
+		pd.err = &Error{Peer: pd.peer, Kind: ErrUnknownPeer, Err: ErrUnknownPeer}
+		return
+	case len(pd.payload) > t.cfg.MaxPayload:
+		pd.err = &Error{Peer: pd.peer, Kind: ErrTooLarge, Err: fmt.Errorf("%d bytes, limit %d", len(pd.payload), t.cfg.MaxPayload)}
+		return
+	case len(pd.req.Volume) > MaxVolumeLen:
+		pd.err = &Error{Peer: pd.peer, Kind: ErrTooLarge, Err: fmt.Errorf("volume name of %d bytes", len(pd.req.Volume))}
+		return
+	}
+	cc, err := t.connect(pd.ctx, pd.timeout, p)
+	if err != nil {
+		pd.err = err
+		return
+	}
+	ms, err := cc.pick()
+	if err != nil {
+		pd.err = err
+		return
+	}
+	pd.ms = ms
+	pd.c, pd.err = ms.start(pd.ctx, pd.timeout, pd.req, pd.payload, pd.resp, pd.respBuf)
+}
+
+// Wait waits for the answer of a started call, with Call's results and
+// errors. A request that certainly never left is started again, up to
+// three times in all.
+func (pd *Pending) Wait() ([]byte, error) {
+	for {
+		var out []byte
+		err := pd.err
+		if err == nil {
+			out, err = pd.ms.wait(pd.ctx, pd.c)
+		}
+		if err == nil {
+			if pd.resp.Status != StatusOK {
+				return out, &StatusError{Peer: pd.peer, Type: pd.resp.Type, Status: pd.resp.Status}
+			}
+			return out, nil
+		}
+		var te *Error
+		if errors.As(err, &te) { // already classified (connect, limits)
+			return nil, err
+		}
+		if !errors.Is(err, errNotSent) || pd.ctx.Err() != nil || pd.attempts >= callAttempts {
+			return nil, callError(pd.peer, err, pd.t.isClosed())
+		}
+		pd.err, pd.ms, pd.c = nil, nil, nil
+		pd.start()
+	}
+}
+
 // Ping makes a round trip to peer that the peer's transport answers
 // itself, and returns how long it took.
 func (t *Transport) Ping(ctx context.Context, peer string) (time.Duration, error) {

@@ -153,3 +153,27 @@ func TestConcurrentOutOfOrder(t *testing.T) {
 		t.Error(err)
 	}
 }
+
+// TestStartWait: calls started together are answered each to its own
+// caller, and a started call costs no more allocations than Call.
+func TestStartWait(t *testing.T) {
+	a, _, _, _ := pair(t, &echo{})
+	ctx := context.Background()
+	var reqs [8]Header
+	var resps [8]Header
+	var pds [8]Pending
+	for i := range pds {
+		reqs[i] = Header{Type: 1, Seq: uint64(i + 1)}
+		pds[i] = a.Start(ctx, "b", 5*time.Second, &reqs[i], payloadOf(100+i, byte(i)), &resps[i], nil)
+	}
+	for i := range pds {
+		out, err := pds[i].Wait()
+		if err != nil || resps[i].Seq != uint64(i+1) || !bytes.Equal(out, payloadOf(100+i, byte(i))) {
+			t.Fatalf("call %d: %v, seq %d, %d bytes", i, err, resps[i].Seq, len(out))
+		}
+	}
+	pd := a.Start(ctx, "nobody", time.Second, &reqs[0], nil, &resps[0], nil)
+	if _, err := pd.Wait(); !errors.Is(err, ErrUnknownPeer) {
+		t.Fatalf("start to an unknown peer: %v", err)
+	}
+}

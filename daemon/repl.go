@@ -145,6 +145,39 @@ func (n replNet) Call(ctx context.Context, peer string, timeout time.Duration, r
 	return out, nil
 }
 
+// pendingCall is a started call's transport state, pooled.
+type pendingCall struct {
+	hdr [2]transport.Header
+	pd  transport.Pending
+}
+
+var pendingCalls = sync.Pool{New: func() any { return new(pendingCall) }}
+
+// Send implements replication.Network: the request is queued to go out.
+func (n replNet) Send(ctx context.Context, peer string, timeout time.Duration, req *replication.Msg, payload []byte, t *replication.Ticket) {
+	pc := pendingCalls.Get().(*pendingCall)
+	toHeader(&pc.hdr[0], req)
+	pc.pd = n.t.Start(ctx, peer, timeout, &pc.hdr[0], payload, &pc.hdr[1], nil)
+	t.State = pc
+}
+
+// Receive implements replication.Network.
+func (n replNet) Receive(t *replication.Ticket, resp *replication.Msg) error {
+	pc := t.State.(*pendingCall)
+	t.State = nil
+	defer func() {
+		pc.pd = transport.Pending{}
+		pendingCalls.Put(pc)
+	}()
+	_, err := pc.pd.Wait()
+	var se *transport.StatusError
+	if err != nil && !(errors.As(err, &se) && se.Status < transport.StatusTransportBase) {
+		return err
+	}
+	toMsg(resp, &pc.hdr[1])
+	return nil
+}
+
 // replHandler serves the peers' messages with the replica service, once
 // there is one.
 type replHandler struct {

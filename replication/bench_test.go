@@ -20,6 +20,16 @@ func (n directNet) Call(ctx context.Context, peer string, _ time.Duration, req *
 	return n[peer].ServeMessage(ctx, "a", req, payload, resp)
 }
 
+// Send answers at once, into the ticket.
+func (n directNet) Send(ctx context.Context, peer string, _ time.Duration, req *replication.Msg, payload []byte, t *replication.Ticket) {
+	_, t.Err = n[peer].ServeMessage(ctx, "a", req, payload, &t.Resp)
+}
+
+func (n directNet) Receive(t *replication.Ticket, resp *replication.Msg) error {
+	*resp = t.Resp
+	return t.Err
+}
+
 // newDirect is an owner with replicas on directNet: repl = 1 + len(peers).
 func newDirect(tb testing.TB, peers ...string) pipeline.Handler {
 	net := directNet{}

@@ -138,17 +138,11 @@ type Replicator struct {
 type op struct {
 	msg     Msg
 	payload []byte
-	wg      sync.WaitGroup
 	n       int
 	targets [maxPeers]*peer
-	sends   [maxPeers]send
+	tickets [maxPeers]Ticket
+	resps   [maxPeers]Msg
 	res     [maxPeers]error
-}
-
-type send struct {
-	o       *op
-	k       int
-	timeout time.Duration
 }
 
 // alRegion is the activity log's extent: coarse, so that a workload's hot
@@ -184,7 +178,7 @@ func (n *Node) NewReplicator(cfg VolumeConfig) (*Replicator, error) {
 			r.closeFiles()
 			return nil, err
 		}
-		p := &peer{r: r, node: rep.Node, idx: i, bm: bm, compare: rep.Compare, queue: make(chan *send, 64), wake: make(chan struct{}, 1)}
+		p := &peer{r: r, node: rep.Node, idx: i, bm: bm, compare: rep.Compare, wake: make(chan struct{}, 1)}
 		if n.Latency != nil {
 			p.latency = n.Latency(r.name, rep.Node)
 		}
@@ -245,17 +239,13 @@ func cloneState(s api.Replication) api.Replication {
 	return s
 }
 
-// Stage is the pipeline stage; it starts the replicator's goroutines
-// (each replica's senders and its reconnect and resync loop).
+// Stage is the pipeline stage; it starts each replica's reconnect and
+// resync loop.
 func (r *Replicator) Stage() pipeline.Stage {
 	return func(next pipeline.Handler) pipeline.Handler {
 		r.next = next
 		r.ctx, r.cancel = context.WithCancel(context.Background())
 		for _, p := range r.peers {
-			for range cap(p.queue) / 2 {
-				r.wg.Add(1)
-				go p.sender()
-			}
 			r.wg.Add(1)
 			go p.loop()
 		}
@@ -312,6 +302,7 @@ func (r *Replicator) replicate(ctx context.Context, req *pipeline.Request) error
 		r.n.Resync.Busy()
 	}
 
+	var timeouts [maxPeers]time.Duration
 	r.mu.RLock()
 	inSync := 0
 	for _, p := range r.peers {
@@ -320,13 +311,13 @@ func (r *Replicator) replicate(ctx context.Context, req *pipeline.Request) error
 		}
 	}
 	for _, p := range r.peers {
-		switch p.state.Load() {
+		switch st := p.state.Load(); st {
 		case peerInSync, peerResyncing:
 			t := r.n.Timeout
-			if inSync == 1 && p.state.Load() == peerInSync {
+			if inSync == 1 && st == peerInSync {
 				t = r.n.LastTimeout
 			}
-			o.targets[o.n], o.sends[o.n] = p, send{o: o, k: o.n, timeout: t}
+			o.targets[o.n], timeouts[o.n] = p, t
 			o.n++
 		default:
 			if !flush {
@@ -337,14 +328,27 @@ func (r *Replicator) replicate(ctx context.Context, req *pipeline.Request) error
 			}
 		}
 	}
-	o.wg.Add(o.n)
-	for k := range o.n {
-		o.targets[k].queue <- &o.sends[k]
-	}
 	r.mu.RUnlock()
 
+	// The requests leave first, then the local engine does its part
+	// while they travel: the request costs the slower of the two, not
+	// their sum.
+	start := time.Now()
+	for k := range o.n {
+		r.n.Net.Send(r.ctx, o.targets[k].node, timeouts[k], &o.msg, o.payload, &o.tickets[k])
+	}
 	lerr := r.next.Handle(ctx, req)
-	o.wg.Wait()
+	for k := range o.n {
+		p := o.targets[k]
+		err := r.n.Net.Receive(&o.tickets[k], &o.resps[k])
+		if err == nil && o.resps[k].Status != StatusOK {
+			err = &StatusError{Status: o.resps[k].Status, Epoch: o.resps[k].Epoch}
+		}
+		if err == nil && p.latency != nil {
+			p.latency.Observe(time.Since(start).Seconds())
+		}
+		o.res[k] = err
+	}
 	var err error
 	for k := range o.n {
 		if e := o.res[k]; e != nil {
@@ -364,7 +368,7 @@ func (r *Replicator) replicate(ctx context.Context, req *pipeline.Request) error
 func (r *Replicator) putOp(o *op) {
 	o.payload = nil
 	for k := range o.n {
-		o.targets[k], o.res[k] = nil, nil
+		o.targets[k], o.res[k], o.tickets[k] = nil, nil, Ticket{}
 	}
 	o.n = 0
 	r.ops.Put(o)
@@ -488,9 +492,6 @@ func (r *Replicator) Close() error {
 	}
 	if r.cancel != nil {
 		r.cancel()
-		for _, p := range r.peers {
-			close(p.queue)
-		}
 		r.wg.Wait()
 	}
 	var errs []error

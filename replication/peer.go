@@ -21,7 +21,6 @@ type peer struct {
 	// checksums before it copies (guarded by r.mu).
 	compare bool
 
-	queue   chan *send    // requests for the senders
 	wake    chan struct{} // nudges loop
 	latency Observer      // nil: not recorded
 
@@ -43,25 +42,6 @@ func (p *peer) kick() {
 	select {
 	case p.wake <- struct{}{}:
 	default:
-	}
-}
-
-// sender carries requests to the replica until the queue closes.
-func (p *peer) sender() {
-	defer p.r.wg.Done()
-	var resp Msg
-	for s := range p.queue {
-		o := s.o
-		start := time.Now()
-		_, err := p.r.n.Net.Call(p.r.ctx, p.node, s.timeout, &o.msg, o.payload, &resp, nil)
-		if p.latency != nil && err == nil {
-			p.latency.Observe(time.Since(start).Seconds())
-		}
-		if err == nil && resp.Status != StatusOK {
-			err = &StatusError{Status: resp.Status, Epoch: resp.Epoch}
-		}
-		o.res[s.k] = err
-		o.wg.Done()
 	}
 }
 

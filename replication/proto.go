@@ -126,6 +126,21 @@ func IsStale(err error) bool {
 // refusal is an answer with a Status.
 type Network interface {
 	Call(ctx context.Context, peer string, timeout time.Duration, req *Msg, payload []byte, resp *Msg, respBuf []byte) ([]byte, error)
+	// Send starts a call whose answer Receive collects: between them the
+	// caller does other work (the owner writes its own copy while the
+	// request travels). req and payload must not change, and t belongs to
+	// the network, until Receive returns; every Send gets one Receive.
+	Send(ctx context.Context, peer string, timeout time.Duration, req *Msg, payload []byte, t *Ticket)
+	Receive(t *Ticket, resp *Msg) error
+}
+
+// Ticket is a call in flight between Network.Send and Network.Receive,
+// owned by the network meanwhile. It lives in the caller's memory, so a
+// call costs the network no allocation for it.
+type Ticket struct {
+	State any   // the network's own record of the call
+	Resp  Msg   // for networks that answer at once
+	Err   error // likewise
 }
 
 // Handler serves the messages a node receives (Service does).

@@ -86,3 +86,26 @@ func (e endpoint) Call(ctx context.Context, peer string, timeout time.Duration, 
 	out, err := h.ServeMessage(ctx, e.from, &r, p, resp)
 	return append(respBuf[:0], out...), err
 }
+
+type answer struct {
+	resp replication.Msg
+	err  error
+}
+
+// Send runs the call on a goroutine of its own; Receive waits for it.
+func (e endpoint) Send(ctx context.Context, peer string, timeout time.Duration, req *replication.Msg, payload []byte, t *replication.Ticket) {
+	ch := make(chan answer, 1)
+	t.State = ch
+	go func() { // ends when the call does (bounded by timeout)
+		var a answer
+		_, a.err = e.Call(ctx, peer, timeout, req, payload, &a.resp, nil)
+		ch <- a
+	}()
+}
+
+// Receive implements replication.Network.
+func (e endpoint) Receive(t *replication.Ticket, resp *replication.Msg) error {
+	a := <-t.State.(chan answer)
+	*resp = a.resp
+	return a.err
+}

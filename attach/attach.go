@@ -29,6 +29,9 @@ type Volumes interface {
 	SetAttachment(name string, att *api.Attachment) (api.Spec, error)
 	Detached(name string, att *api.Attachment) (api.Spec, error)
 	AttachedWith(frontend string) []api.Spec
+	// ResizeAttached grows a volume, attached or not (Devices.Resize
+	// grows the device after it).
+	ResizeAttached(name string, size int64) (api.Spec, error)
 	// SetReason records what the daemon did to a volume at start; the
 	// API shows it with the volume.
 	SetReason(name, reason string)
@@ -125,6 +128,10 @@ type frontend interface {
 	// attached with this frontend and removes devices of ours that no
 	// volume records.
 	recover(want []api.Spec)
+	// canResize says why an attached device cannot grow, before the
+	// volume does; resize grows it to size once the volume has.
+	canResize(v *volume.Volume, att *api.Attachment) error
+	resize(v *volume.Volume, att *api.Attachment, size int64) error
 	// beginClose stops attaches and background repairs.
 	beginClose()
 	// close stops serving without removing the devices.

@@ -36,6 +36,7 @@ type fakeNBD struct {
 	reconfs     []string
 	disconnects []int
 	backends    map[int]string // backend ids of Connect
+	resizes     []string       // Resize calls: "nbdN BACKEND SIZE"
 }
 
 func newFakeNBD() *fakeNBD {
@@ -90,6 +91,13 @@ func (f *fakeNBD) Disconnect(index int) error {
 		s.Close()
 	}
 	delete(f.socks, index)
+	return nil
+}
+
+func (f *fakeNBD) Resize(index int, backendID string, size uint64) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.resizes = append(f.resizes, fmt.Sprintf("nbd%d %s %d", index, backendID, size))
 	return nil
 }
 

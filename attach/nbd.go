@@ -80,6 +80,7 @@ type nbdNetlink interface {
 	Connect(cfg nbdnl.Config) (int, error)
 	ReconfigureBackend(index int, backendID string, socks []*os.File, timeout, deadConnTimeout time.Duration, clientFlags uint64) error
 	Disconnect(index int) error
+	Resize(index int, backendID string, size uint64) error
 	Status(index int) (nbdnl.DeviceStatus, error)
 	Close() error
 }

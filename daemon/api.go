@@ -105,7 +105,8 @@ func (d *Daemon) resize(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s, err := d.volumes.Resize(r.PathValue("name"), int64(req.Size))
+	// Through the kernel devices: an attached volume's device grows too.
+	s, err := d.devices.Resize(r.PathValue("name"), int64(req.Size))
 	if err != nil {
 		writeError(w, err)
 		return

@@ -45,6 +45,7 @@ var (
 	cmdEndRecovery   = iowr(0x11, ctrlCmdSize)
 	cmdGetFeatures   = ior(0x13, ctrlCmdSize)
 	cmdDelDevAsync   = ior(0x14, ctrlCmdSize) // 6.9+: DEL_DEV that does not wait for the disk's openers
+	cmdUpdateSize    = iowr(0x15, ctrlCmdSize) // with FlagUpdateSize (6.16+): the size of a live device, in sectors
 )
 
 // I/O command opcodes, issued on /dev/ublkcN.
@@ -62,6 +63,9 @@ const (
 	FlagUnprivileged        = 1 << 5
 	FlagCmdIoctlEncode      = 1 << 6
 	FlagUserCopy            = 1 << 7
+	// FlagUpdateSize: UPDATE_SIZE changes a live device's size. Newer
+	// than 6.12 (mainline 6.16): Debian's 6.12 driver does not offer it.
+	FlagUpdateSize = 1 << 10
 )
 
 // Device states (UBLK_S_DEV_*).

@@ -27,6 +27,7 @@ func TestOpcodeEncodings(t *testing.T) {
 		{"END_USER_RECOVERY", cmdEndRecovery, 0xc0207511},
 		{"GET_FEATURES", cmdGetFeatures, 0x80207513},
 		{"DEL_DEV_ASYNC", cmdDelDevAsync, 0x80207514},
+		{"UPDATE_SIZE", cmdUpdateSize, 0xc0207515},
 		{"FETCH_REQ", ioFetchReq, 0xc0107520},
 		{"COMMIT_AND_FETCH_REQ", ioCommitAndFetch, 0xc0107521},
 	} {

@@ -245,6 +245,12 @@ func (c *Control) DelDevAsync(id uint32) error {
 	return c.simple("del dev async", cmdDelDevAsync, id, 0)
 }
 
+// UpdateSize changes the size of a live device to sectors (512 bytes
+// each); drivers with FlagUpdateSize only.
+func (c *Control) UpdateSize(id uint32, sectors uint64) error {
+	return c.simple("update size", cmdUpdateSize, id, sectors)
+}
+
 // StartUserRecovery prepares a quiesced device for a new server; it fails
 // with EBUSY while the old server still holds /dev/ublkcN.
 func (c *Control) StartUserRecovery(id uint32) error {

@@ -329,6 +329,39 @@ func (d *Device) Detach() error {
 	return d.closeErr
 }
 
+// ErrResizeNotSupported is the answer of Resize on a driver without
+// FlagUpdateSize (every kernel up to 6.15, Debian's 6.12 included).
+var ErrResizeNotSupported = errors.New("this kernel's ublk driver cannot resize a live device " +
+	"(UBLK_F_UPDATE_SIZE needs Linux 6.16 or newer)")
+
+// Resize changes the size of the live device to size bytes (a multiple of
+// 4096), on drivers that offer FlagUpdateSize; the handler must already
+// serve the new size.
+func (d *Device) Resize(size int64) error {
+	if size <= 0 || size%4096 != 0 {
+		return fmt.Errorf("ublk resize: size %d not a positive multiple of 4096", size)
+	}
+	feats, err := d.ctrl.Features()
+	if err != nil || feats&FlagUpdateSize == 0 {
+		return ErrResizeNotSupported
+	}
+	return d.ctrl.UpdateSize(d.id, uint64(size)>>sectorShift)
+}
+
+// CanResize reports whether the driver can resize a live device (nil) or
+// ErrResizeNotSupported.
+func CanResize(load func(string) error) error {
+	ctrl, err := OpenControl(load)
+	if err != nil {
+		return err
+	}
+	defer ctrl.Close()
+	if feats, err := ctrl.Features(); err != nil || feats&FlagUpdateSize == 0 {
+		return ErrResizeNotSupported
+	}
+	return nil
+}
+
 // Release stops serving but leaves the device in the kernel, quiesced, for
 // a later Recover by this or another process: requests issued meanwhile
 // wait. Release and Detach are exclusive; the first one called wins.

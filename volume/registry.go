@@ -613,8 +613,20 @@ func (m *Registry) delete(name string, forOwner bool) error {
 }
 
 // Resize grows a volume. Shrinking is refused: it would destroy data that a
-// filesystem on the volume may still reference.
+// filesystem on the volume may still reference. An attached volume is
+// refused too: its kernel device would not follow (ResizeAttached is for
+// the code that grows the device after the volume).
 func (m *Registry) Resize(name string, size int64) (api.Spec, error) {
+	return m.resize(name, size, false)
+}
+
+// ResizeAttached is Resize for a volume that may be attached: the caller
+// grows the kernel device once the volume has grown (attach.Devices).
+func (m *Registry) ResizeAttached(name string, size int64) (api.Spec, error) {
+	return m.resize(name, size, true)
+}
+
+func (m *Registry) resize(name string, size int64, attachedOK bool) (api.Spec, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	v, err := m.healthyLocked(name)
@@ -622,7 +634,7 @@ func (m *Registry) Resize(name string, size int64) (api.Spec, error) {
 		return api.Spec{}, err
 	}
 	s := v.Spec()
-	if s.Attachment != nil && size != int64(s.Size) {
+	if s.Attachment != nil && size != int64(s.Size) && !attachedOK {
 		return api.Spec{}, api.Errorf(api.CodeConflict, "volume %s is attached as %s; detach it first (the kernel device cannot change size while attached)", name, s.Attachment.Device)
 	}
 	switch {

@@ -259,6 +259,35 @@ func encodeReconfigure(index int, backendID string, socks []*os.File, timeout, d
 	return ae.Encode()
 }
 
+// Resize changes the size of a connected device to size bytes
+// (NBD_CMD_RECONFIGURE with NBD_ATTR_SIZE_BYTES and no sockets): the
+// kernel's nbd_genl_reconfigure applies the size through
+// nbd_genl_size_set and tells the block layer, so a mounted filesystem
+// can grow into it. backendID as for ReconfigureBackend.
+func (c *Client) Resize(index int, backendID string, size uint64) error {
+	data, err := encodeResize(index, backendID, size)
+	if err != nil {
+		return fmt.Errorf("nbd resize %d: %w", index, err)
+	}
+	if _, err := c.execute(cmdReconfigure, data); err != nil {
+		return fmt.Errorf("nbd resize %d: %w", index, err)
+	}
+	return nil
+}
+
+func encodeResize(index int, backendID string, size uint64) ([]byte, error) {
+	if size == 0 {
+		return nil, errors.New("size 0")
+	}
+	ae := netlink.NewAttributeEncoder()
+	ae.Uint32(attrIndex, uint32(index))
+	if backendID != "" {
+		ae.String(attrBackendID, backendID)
+	}
+	ae.Uint64(attrSizeBytes, size)
+	return ae.Encode()
+}
+
 // Disconnect tears down the device's connections; queued and new I/O fail
 // and the size drops to zero.
 func (c *Client) Disconnect(index int) error {

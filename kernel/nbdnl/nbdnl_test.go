@@ -126,6 +126,41 @@ func TestEncodeReconfigureBackend(t *testing.T) {
 	}
 }
 
+func TestEncodeResize(t *testing.T) {
+	b, err := encodeResize(5, "blockd:d:v", 3<<30)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ad, err := netlink.NewAttributeDecoder(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[uint16]bool{}
+	var index uint32
+	var size uint64
+	var backend string
+	for ad.Next() {
+		seen[ad.Type()] = true
+		switch ad.Type() {
+		case attrIndex:
+			index = ad.Uint32()
+		case attrSizeBytes:
+			size = ad.Uint64()
+		case attrBackendID:
+			backend = ad.String()
+		}
+	}
+	if err := ad.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if index != 5 || size != 3<<30 || backend != "blockd:d:v" || seen[attrSockets] || len(seen) != 3 {
+		t.Errorf("resize attrs: index %d size %d backend %q seen %v", index, size, backend, seen)
+	}
+	if _, err := encodeResize(5, "", 0); err == nil {
+		t.Error("size 0 encoded")
+	}
+}
+
 func TestEncodeConnectRejects(t *testing.T) {
 	ss := socks(t, 2)
 	for name, cfg := range map[string]Config{

@@ -12,7 +12,7 @@
 //	POST   /v1/volumes/{name}/attach    AttachRequest -> Volume
 //	POST   /v1/volumes/{name}/detach    Volume
 //	GET    /v1/io/pods                  podio.Snapshot
-//	GET    /v1/health                   {"status": "ok"}
+//	GET    /v1/health                   Health
 //
 // A volume is created from the same JSON that `blockd volume get -o json`
 // prints (the fields the daemon sets, like created_at, are ignored on
@@ -206,6 +206,44 @@ type ReplicaVerify struct {
 	Region   int64   `json:"region_bytes"`
 	Differ   []int64 `json:"differing_regions,omitempty"` // region numbers: bytes [n*region_bytes, (n+1)*region_bytes)
 	Error    string  `json:"error,omitempty"`
+}
+
+// Health is the answer of GET /v1/health: the daemon answers, and what a
+// client such as the CSI driver needs to know about it.
+type Health struct {
+	Status string `json:"status"` // "ok"
+	// Node is the daemon's node name for replication (serve --node);
+	// empty without replication.
+	Node string `json:"node,omitempty"`
+	// Features lists what this daemon can do that older ones could not
+	// (Feature* constants); a client checks before it relies on one.
+	Features []string `json:"features,omitempty"`
+	// CapacityBytes and AvailableBytes are the size and the free space
+	// of the filesystem of the state dir, where file volumes live.
+	CapacityBytes  int64 `json:"capacity_bytes,omitempty"`
+	AvailableBytes int64 `json:"available_bytes,omitempty"`
+}
+
+// Features a daemon reports in Health.
+const (
+	// FeatureOnlineResize: an attached volume can grow (its nbd device
+	// follows; ublk only where the kernel can, see attach).
+	FeatureOnlineResize = "online-resize"
+	// FeatureReplication: the daemon runs with --node and peers, so
+	// volumes may have Repl > 1.
+	FeatureReplication = "replication"
+	// FeatureEncryption: volumes can be encrypted at rest.
+	FeatureEncryption = "encryption"
+)
+
+// Has reports whether the daemon reported feature f.
+func (h Health) Has(f string) bool {
+	for _, x := range h.Features {
+		if x == f {
+			return true
+		}
+	}
+	return false
 }
 
 // ResizeRequest is the body of POST /v1/volumes/{name}/resize.

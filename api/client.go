@@ -119,6 +119,13 @@ func volPath(name string) string { return "/v1/volumes/" + url.PathEscape(name) 
 // Health checks that the daemon answers.
 func (c *Client) Health() error { return c.do("GET", "/v1/health", nil, nil) }
 
+// Info is Health with the daemon's answer: its node name, features and
+// free space.
+func (c *Client) Info() (Health, error) {
+	var h Health
+	return h, c.do("GET", "/v1/health", nil, &h)
+}
+
 // ListVolumes lists every volume, failed ones included.
 func (c *Client) ListVolumes() ([]Volume, error) {
 	var out []Volume

@@ -5,6 +5,8 @@ import (
 	"io"
 	"net/http"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/units"
 	"github.com/blockd/blockd/volume"
@@ -15,9 +17,7 @@ import (
 
 func (d *Daemon) apiHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /v1/health", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
-	})
+	mux.HandleFunc("GET /v1/health", d.health)
 	mux.HandleFunc("GET /v1/volumes", d.list)
 	mux.HandleFunc("POST /v1/volumes", d.create)
 	mux.HandleFunc("GET /v1/volumes/{name}", d.get)
@@ -34,6 +34,19 @@ func (d *Daemon) apiHandler() http.Handler {
 		writeError(w, api.Errorf(api.CodeNotFound, "no such API call: %s %s", r.Method, r.URL.Path))
 	})
 	return mux
+}
+
+func (d *Daemon) health(w http.ResponseWriter, r *http.Request) {
+	h := api.Health{Status: "ok", Node: d.cfg.Replication.Node, Features: []string{api.FeatureOnlineResize}}
+	if h.Node != "" {
+		h.Features = append(h.Features, api.FeatureReplication)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(d.cfg.StateDir, &st); err == nil {
+		h.CapacityBytes = int64(st.Blocks) * st.Bsize
+		h.AvailableBytes = int64(st.Bavail) * st.Bsize
+	}
+	writeJSON(w, http.StatusOK, h)
 }
 
 // info is the API's view of a volume.

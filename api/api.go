@@ -215,6 +215,8 @@ type Health struct {
 	// Node is the daemon's node name for replication (serve --node);
 	// empty without replication.
 	Node string `json:"node,omitempty"`
+	// Peers are the nodes that may hold copies of this node's volumes.
+	Peers []string `json:"peers,omitempty"`
 	// Features lists what this daemon can do that older ones could not
 	// (Feature* constants); a client checks before it relies on one.
 	Features []string `json:"features,omitempty"`

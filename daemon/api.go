@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"slices"
 
 	"golang.org/x/sys/unix"
 
@@ -40,6 +41,10 @@ func (d *Daemon) health(w http.ResponseWriter, r *http.Request) {
 	h := api.Health{Status: "ok", Node: d.cfg.Replication.Node, Features: []string{api.FeatureOnlineResize}}
 	if h.Node != "" {
 		h.Features = append(h.Features, api.FeatureReplication)
+		for p := range d.cfg.Replication.Peers {
+			h.Peers = append(h.Peers, p)
+		}
+		slices.Sort(h.Peers)
 	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(d.cfg.StateDir, &st); err == nil {

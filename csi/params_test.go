@@ -1,0 +1,124 @@
+package csi
+
+import (
+	"strings"
+	"testing"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/volume"
+)
+
+func TestVolumeName(t *testing.T) {
+	for _, n := range []string{
+		"pvc-0a1b2c3d-4e5f-6789-abcd-ef0123456789",
+		"Sanity-Controller-CreateVolume-With-UPPER_case and spaces/slashes",
+		strings.Repeat("X", 128),
+		"---", "", "é",
+	} {
+		got := VolumeName(n)
+		if !volume.ValidName(got) {
+			t.Errorf("VolumeName(%q) = %q: not a valid blockd name", n, got)
+		}
+		if VolumeName(n) != got {
+			t.Errorf("VolumeName(%q) is not deterministic", n)
+		}
+	}
+	if got := VolumeName("pvc-0a1b"); !strings.HasPrefix(got, "pvc-0a1b-") {
+		t.Errorf("a valid CSI name should stay readable: %q", got)
+	}
+	if VolumeName("A") == VolumeName("a") {
+		t.Error("names differing in case map to the same volume")
+	}
+}
+
+func TestParseParams(t *testing.T) {
+	enc := api.Health{Features: []string{api.FeatureEncryption}}
+	for _, tc := range []struct {
+		p       map[string]string
+		h       api.Health
+		code    codes.Code
+		errHas  string
+		profile string
+		repl    int
+		iops    int64
+		fe      string
+	}{
+		{p: map[string]string{"repl": "3", "io_profile": "db", "iops_limit": "5k", "csi.storage.k8s.io/pvc/name": "x"},
+			profile: "db", repl: 3, iops: 5000, fe: "nbd"},
+		{p: map[string]string{"frontend": "ublk", "weight": "200", "bps_limit": "100MiB"}, fe: "ublk"},
+		{p: map[string]string{"fsType": "ext4"}, code: codes.InvalidArgument, errHas: "fsType"},
+		{p: map[string]string{"repl": "4"}, code: codes.InvalidArgument, errHas: "repl"},
+		{p: map[string]string{"io_profile": "fast"}, code: codes.InvalidArgument, errHas: "io_profile"},
+		{p: map[string]string{"iops_limit": "lots"}, code: codes.InvalidArgument, errHas: "iops_limit"},
+		{p: map[string]string{"frontend": "iscsi"}, code: codes.InvalidArgument, errHas: "frontend"},
+		{p: map[string]string{"secure": "yes please"}, code: codes.InvalidArgument, errHas: "secure"},
+		{p: map[string]string{"secure": "true"}, code: codes.InvalidArgument, errHas: "encryption is not available in this blockd"},
+		{p: map[string]string{"secure": "true"}, h: enc, code: codes.InvalidArgument, errHas: "predates"},
+		{p: map[string]string{"secure": "false"}, fe: "nbd"},
+	} {
+		vp, err := parseParams(tc.p, tc.h)
+		if tc.code != codes.OK {
+			if status.Code(err) != tc.code || !strings.Contains(err.Error(), tc.errHas) {
+				t.Errorf("%v: err %v, want %s naming %q", tc.p, err, tc.code, tc.errHas)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%v: %v", tc.p, err)
+			continue
+		}
+		if vp.spec.Profile != tc.profile || vp.spec.Repl != tc.repl || vp.spec.QoS.IOPS != tc.iops || vp.frontend != tc.fe {
+			t.Errorf("%v: got %+v frontend %s", tc.p, vp.spec, vp.frontend)
+		}
+	}
+}
+
+func TestPlacement(t *testing.T) {
+	top := func(ns ...string) []*csipb.Topology {
+		var out []*csipb.Topology
+		for _, n := range ns {
+			out = append(out, &csipb.Topology{Segments: map[string]string{TopologyKey: n}})
+		}
+		return out
+	}
+	peers := []string{"b", "c", "d"}
+	// WaitForFirstConsumer picked c: c gets a copy, then the requisite order.
+	got, err := placement(&csipb.TopologyRequirement{Preferred: top("c", "a"), Requisite: top("a", "b", "c", "d")}, "a", 3, peers)
+	if err != nil || strings.Join(got, ",") != "c,b" {
+		t.Errorf("repl 3: %v %v", got, err)
+	}
+	// One copy lives here: requirements that exclude this node fail.
+	if _, err := placement(&csipb.TopologyRequirement{Requisite: top("b")}, "a", 1, peers); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("repl 1 elsewhere: %v", err)
+	}
+	if got, err := placement(&csipb.TopologyRequirement{Requisite: top("a", "b")}, "a", 1, peers); err != nil || got != nil {
+		t.Errorf("repl 1 here: %v %v", got, err)
+	}
+	// Non-peers are never named; too few named lets the daemon choose.
+	if got, err := placement(&csipb.TopologyRequirement{Preferred: top("x")}, "a", 2, peers); err != nil || got != nil {
+		t.Errorf("non-peer: %v %v", got, err)
+	}
+}
+
+func TestCapacity(t *testing.T) {
+	for _, tc := range []struct {
+		req, lim, want int64
+		code         codes.Code
+	}{
+		{0, 0, DefaultVolumeSize, codes.OK},
+		{1, 0, 4096, codes.OK},
+		{10 << 30, 0, 10 << 30, codes.OK},
+		{0, 8192, 8192, codes.OK},
+		{5000, 6000, 0, codes.OutOfRange},
+		{10, 5, 0, codes.InvalidArgument},
+	} {
+		got, err := capacity(&csipb.CapacityRange{RequiredBytes: tc.req, LimitBytes: tc.lim})
+		if status.Code(err) != tc.code || got != tc.want {
+			t.Errorf("capacity(%d, %d) = %d, %v; want %d, %s", tc.req, tc.lim, got, err, tc.want, tc.code)
+		}
+	}
+}

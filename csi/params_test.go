@@ -107,7 +107,7 @@ func TestPlacement(t *testing.T) {
 func TestCapacity(t *testing.T) {
 	for _, tc := range []struct {
 		req, lim, want int64
-		code         codes.Code
+		code           codes.Code
 	}{
 		{0, 0, DefaultVolumeSize, codes.OK},
 		{1, 0, 4096, codes.OK},

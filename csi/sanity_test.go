@@ -9,12 +9,11 @@ import (
 	"testing"
 
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
-	"github.com/onsi/ginkgo/v2"
-	"github.com/onsi/gomega"
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/attach"
 	"github.com/blockd/blockd/csi"
+	"github.com/blockd/blockd/csi/sanityrun"
 	"github.com/blockd/blockd/daemon"
 )
 
@@ -52,11 +51,6 @@ func TestSanity(t *testing.T) {
 	cfg.TargetPath = filepath.Join(dir, "target")
 	cfg.StagingPath = filepath.Join(dir, "staging")
 	cfg.TestVolumeParameters = map[string]string{"io_profile": "db", "iops_limit": "5k"}
-	sanity.GinkgoTest(&cfg)
-	gomega.RegisterFailHandler(ginkgo.Fail)
-	suite, rep := ginkgo.GinkgoConfiguration()
-	rep.NoColor = true
-	suite.SkipStrings = append(suite.SkipStrings, hostSkip)
 	t.Logf("skipping the %q tests on the build host: they attach kernel nbd devices and mount; TestCSISanity in vm/kerneltest runs them", hostSkip)
-	ginkgo.RunSpecs(t, "blockd CSI sanity (host: identity and controller)", suite, rep)
+	sanityrun.Run(t, "blockd CSI sanity (host: identity and controller)", []string{hostSkip}, sanityrun.Config{Name: "file", Config: &cfg})
 }

@@ -20,6 +20,15 @@ type Binary struct {
 	Guest string // absolute path in the guest
 }
 
+// DefaultTools are the host programs vmrun puts in the guest: e2fsprogs
+// and blkdiscard for the kernel tests, and what the CSI driver's node
+// service runs (k8s.io/mount-utils): mkfs.ext4/mkfs.xfs, blkid, fsck,
+// resize2fs/xfs_growfs, util-linux mount and umount (busybox's applets
+// lack options it uses).
+var DefaultTools = []string{"/sbin/mke2fs", "/sbin/e2fsck", "/usr/sbin/blkdiscard",
+	"/sbin/mkfs.ext4", "/sbin/fsck", "/sbin/fsck.ext4", "/sbin/resize2fs", "/sbin/blkid",
+	"/sbin/mkfs.xfs", "/usr/sbin/xfs_growfs", "/usr/bin/mount", "/usr/bin/umount"}
+
 // InitramfsOptions says what goes into the initramfs besides busybox and the
 // kernel's modules.
 type InitramfsOptions struct {

@@ -33,9 +33,9 @@ var KernelAliases = map[string]string{
 
 // DefaultModules are staged into every initramfs when the kernel has them
 // as modules (a missing or built-in one is skipped): the NBD and ublk
-// drivers, loop, and ext4 with the crc32c providers its metadata checksums
-// ask for through the crypto API.
-var DefaultModules = []string{"nbd", "ublk_drv", "loop", "ext4", "crc32c_generic", "crc32c_intel"}
+// drivers, loop, ext4 with the crc32c providers its metadata checksums
+// ask for through the crypto API, and xfs (the CSI driver formats both).
+var DefaultModules = []string{"nbd", "ublk_drv", "loop", "ext4", "xfs", "crc32c_generic", "crc32c_intel"}
 
 // Kernel is an unpacked kernel ready to boot.
 type Kernel struct {

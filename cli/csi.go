@@ -15,6 +15,7 @@ func newCSI() *cobra.Command {
 	var (
 		endpoint, nodeID, name string
 		logFormat, logLevel    string
+		expandOnNode           bool
 	)
 	cmd := &cobra.Command{
 		Use:   "csi",
@@ -43,11 +44,13 @@ are refused, naming them.`,
 			sock, _ := cmd.Flags().GetString("api-socket")
 			client := api.NewClient(sock)
 			ver, commit := Version()
-			d, err := csi.New(csi.Options{Name: name, Version: ver + "+" + commit, NodeID: nodeID, Client: client, Log: log})
+			d, err := csi.New(csi.Options{Name: name, Version: ver + "+" + commit, NodeID: nodeID, Client: client, Log: log, ExpandOnNode: expandOnNode})
 			if err != nil {
 				return usagef("%v", err)
 			}
-			if h, err := client.Info(); err != nil {
+			if expandOnNode {
+				log.Info("controller without a daemon: volume expansion is done by the node that stages the volume")
+			} else if h, err := client.Info(); err != nil {
 				log.Warn("the blockd daemon does not answer yet; serving anyway (Probe says not ready until it does)", "err", err)
 			} else if h.Node != "" && h.Node != nodeID {
 				log.Warn("the daemon's --node differs from --node-id: volumes' topology names the daemon's node, which the scheduler must know by the same name",
@@ -70,6 +73,8 @@ are refused, naming them.`,
 	clientFlags(cmd)
 	fs.StringVar(&nodeID, "node-id", "", "this node's `name` (Kubernetes: spec.nodeName; default $NODE_NAME, else the host name)")
 	fs.StringVar(&name, "driver-name", csi.DefaultName, "CSI driver `name` (the CSIDriver object and StorageClass provisioner)")
+	fs.BoolVar(&expandOnNode, "expand-on-node", false, "for a controller that runs apart from the volumes' daemons (the Kubernetes controller Deployment): "+
+		"ControllerExpandVolume accepts the new size and asks for node expansion, and the node that stages the volume grows it through its own daemon")
 	fs.StringVar(&logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	return cmd

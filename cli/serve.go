@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -206,11 +207,20 @@ func serve(cfg daemon.Config, shutdownTimeout time.Duration) error {
 	ver, commit := Version()
 	log.Info("starting blockd", "version", ver, "commit", commit)
 	log.Info("scheduler slots", "gomaxprocs", runtime.GOMAXPROCS(0), "cpus", runtime.NumCPU())
+	sd := newNotifier(log)
+	sd.status("loading volumes and recovering kernel devices from %s", cfg.StateDir)
 	d, err := daemon.Start(cfg)
 	if err != nil {
+		sd.status("start failed: %v", err)
 		return err
 	}
-	log.Info("blockd ready", "state_dir", cfg.StateDir, "volumes", len(d.Volumes().Names()), "pid", os.Getpid())
+	nvols := len(d.Volumes().Names())
+	log.Info("blockd ready", "state_dir", cfg.StateDir, "volumes", nvols, "pid", os.Getpid())
+	apiSocket := cfg.APISocket
+	if apiSocket == "" {
+		apiSocket = filepath.Join(cfg.StateDir, "blockd.sock")
+	}
+	sd.ready(fmt.Sprintf("serving %d volumes from %s", nvols, cfg.StateDir), apiSocket)
 	sigc := make(chan os.Signal, 1)
 	signal.Notify(sigc, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigc)
@@ -221,6 +231,7 @@ func serve(cfg daemon.Config, shutdownTimeout time.Duration) error {
 	case runErr = <-d.Err():
 		log.Error("shutting down after failure", "err", runErr)
 	}
+	sd.stopping("shutting down: finishing requests in flight, flushing volumes")
 	ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 	defer cancel()
 	if err := d.Shutdown(ctx); err != nil {

@@ -196,6 +196,11 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csipb.Controll
 	if err != nil {
 		return nil, err
 	}
+	if d.opts.ExpandOnNode {
+		// The volume's daemon is on the node that owns it: NodeExpandVolume
+		// grows the volume there, then its filesystem.
+		return &csipb.ControllerExpandVolumeResponse{CapacityBytes: size, NodeExpansionRequired: true}, nil
+	}
 	defer d.lock(id)()
 	v, err := d.api.GetVolume(id)
 	if err != nil {

@@ -62,6 +62,12 @@ type Options struct {
 	Client *api.Client
 	// Log receives every call that fails and every change made.
 	Log *slog.Logger
+	// ExpandOnNode is for a controller that runs apart from the volumes'
+	// daemons (the Kubernetes controller Deployment): ControllerExpandVolume
+	// only accepts the new size and asks for node expansion, and the node
+	// that stages the volume grows it through its own daemon
+	// (NodeExpandVolume). Probe then does not ask a daemon.
+	ExpandOnNode bool
 	// Mounter mounts, formats and resizes; default the host's
 	// (k8s.io/mount-utils with mount, mkfs.*, blkid, fsck, resize2fs,
 	// xfs_growfs from PATH).

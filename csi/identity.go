@@ -34,6 +34,9 @@ func (d *Driver) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabili
 // down or restarting makes the plugin not ready, not failed: the daemon
 // comes back on its own.
 func (d *Driver) Probe(context.Context, *csipb.ProbeRequest) (*csipb.ProbeResponse, error) {
+	if d.opts.ExpandOnNode {
+		return &csipb.ProbeResponse{Ready: wrapperspb.Bool(true)}, nil // no daemon of its own
+	}
 	if err := d.api.Health(); err != nil {
 		d.log.Warn("csi probe: the blockd daemon does not answer", "err", err)
 		return &csipb.ProbeResponse{Ready: wrapperspb.Bool(false)}, nil

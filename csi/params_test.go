@@ -1,6 +1,7 @@
 package csi
 
 import (
+	"context"
 	"strings"
 	"testing"
 
@@ -120,5 +121,25 @@ func TestCapacity(t *testing.T) {
 		if status.Code(err) != tc.code || got != tc.want {
 			t.Errorf("capacity(%d, %d) = %d, %v; want %d, %s", tc.req, tc.lim, got, err, tc.want, tc.code)
 		}
+	}
+}
+
+// A controller apart from the daemons accepts an expansion without asking
+// one (there is none), and leaves the growing to the node.
+func TestExpandOnNode(t *testing.T) {
+	d, err := New(Options{NodeID: "n", Client: api.NewClient("/nonexistent/blockd.sock"), ExpandOnNode: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blockCap := &csipb.VolumeCapability{AccessType: &csipb.VolumeCapability_Block{Block: &csipb.VolumeCapability_BlockVolume{}},
+		AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
+	r, err := d.ControllerExpandVolume(context.Background(), &csipb.ControllerExpandVolumeRequest{VolumeId: "v",
+		CapacityRange: &csipb.CapacityRange{RequiredBytes: 3<<30 + 1}, VolumeCapability: blockCap})
+	if err != nil || r.GetCapacityBytes() != 3<<30+4096 || !r.GetNodeExpansionRequired() {
+		t.Errorf("expand on node: %v %v", r, err)
+	}
+	p, err := d.Probe(context.Background(), &csipb.ProbeRequest{})
+	if err != nil || !p.GetReady().GetValue() {
+		t.Errorf("probe without a daemon: %v %v", p, err)
 	}
 }

@@ -83,7 +83,7 @@ func BuildInitramfs(path string, k *Kernel, o InitramfsOptions) error {
 		if err := w.file(t, t, 0o755); err != nil {
 			return err
 		}
-		ls, err := sharedLibs(t)
+		ls, err := SharedLibs(t)
 		if err != nil {
 			return err
 		}
@@ -165,8 +165,8 @@ func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
-// sharedLibs lists the libraries and loader ldd reports for a program.
-func sharedLibs(prog string) ([]string, error) {
+// SharedLibs lists the libraries and loader ldd reports for a program.
+func SharedLibs(prog string) ([]string, error) {
 	out, err := exec.Command("ldd", prog).Output()
 	if err != nil {
 		return nil, fmt.Errorf("ldd %s: %w", prog, err)

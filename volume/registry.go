@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blockd/blockd/internal/durable"
+
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
@@ -163,7 +165,7 @@ func Open(opts Options) (*Registry, error) {
 	return m, nil
 }
 
-// isTempFile reports whether n is a temp file of WriteFileAtomic.
+// isTempFile reports whether n is a temp file of durable.WriteFile.
 func isTempFile(n string) bool {
 	return strings.HasPrefix(n, ".") && strings.Contains(n, ".json.tmp-")
 }
@@ -213,7 +215,7 @@ func (m *Registry) sweepData() error {
 			// A replicated volume's bitmap or activity log.
 			if !owned {
 				m.log.Warn("removing a replication bitmap without its volume (interrupted delete)", "file", filepath.Join(m.dataDir(), e.Name()))
-				if err := removeFileDurable(m.dataDir(), e.Name()); err != nil {
+				if err := durable.Remove(m.dataDir(), e.Name()); err != nil {
 					return err
 				}
 			}
@@ -228,7 +230,7 @@ func (m *Registry) sweepData() error {
 			continue
 		}
 		m.log.Warn("removing backing file without metadata (interrupted create or delete)", "file", filepath.Join(m.dataDir(), e.Name()))
-		if err := removeFileDurable(m.dataDir(), e.Name()); err != nil {
+		if err := durable.Remove(m.dataDir(), e.Name()); err != nil {
 			return err
 		}
 	}
@@ -368,7 +370,7 @@ func (m *Registry) persist(s api.Spec) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(m.metaDir(), s.Name+".json", append(b, '\n'))
+	return durable.WriteFile(m.metaDir(), s.Name+".json", append(b, '\n'))
 }
 
 // Create makes a new volume. It returns once the volume's metadata is
@@ -414,7 +416,7 @@ func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 	}
 	// A backing file without metadata is garbage from an interrupted
 	// create or delete: never hand its old data to a new volume.
-	if err := removeFileDurable(m.dataDir(), s.Name+".img"); err != nil {
+	if err := durable.Remove(m.dataDir(), s.Name+".img"); err != nil {
 		return nil, fmt.Errorf("create %s: %w", s.Name, err)
 	}
 	if s.Replication != nil {
@@ -429,7 +431,7 @@ func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 		return nil, fmt.Errorf("create %s: %w", s.Name, err)
 	}
 	if s.Engine == ioengine.KindFile {
-		if err := syncDir(m.dataDir()); err != nil {
+		if err := durable.SyncDir(m.dataDir()); err != nil {
 			v.close()
 			return nil, fmt.Errorf("create %s: %w", s.Name, err)
 		}
@@ -438,7 +440,7 @@ func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 		if cerr := v.close(); cerr != nil {
 			m.log.Warn("closing the volume of a failed create", "volume", s.Name, "err", cerr)
 		}
-		if rerr := removeFileDurable(m.dataDir(), s.Name+".img"); rerr != nil {
+		if rerr := durable.Remove(m.dataDir(), s.Name+".img"); rerr != nil {
 			// The next start removes it: no metadata claims it.
 			m.log.Warn("removing the backing file of a failed create", "volume", s.Name, "err", rerr)
 		}
@@ -452,13 +454,13 @@ func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 // removeLocked undoes createLocked for a volume that is no longer in
 // vols: metadata first, then the engine and its files.
 func (m *Registry) removeLocked(v *Volume) {
-	if err := removeFileDurable(m.metaDir(), v.name+".json"); err != nil {
+	if err := durable.Remove(m.metaDir(), v.name+".json"); err != nil {
 		m.log.Error("removing the metadata of a failed create", "volume", v.name, "err", err)
 	}
 	if err := v.close(); err != nil {
 		m.log.Warn("closing the volume of a failed create", "volume", v.name, "err", err)
 	}
-	if err := removeFileDurable(m.dataDir(), v.name+".img"); err != nil {
+	if err := durable.Remove(m.dataDir(), v.name+".img"); err != nil {
 		m.log.Warn("removing the backing file of a failed create", "volume", v.name, "err", err)
 	}
 	if r := v.Spec().Replication; r != nil {
@@ -572,7 +574,7 @@ func (m *Registry) delete(name string, forOwner bool) error {
 	}
 	// Metadata goes first: a crash after this leaves an orphan backing
 	// file, which the next start removes, never a volume without data.
-	if err := removeFileDurable(m.metaDir(), name+".json"); err != nil {
+	if err := durable.Remove(m.metaDir(), name+".json"); err != nil {
 		m.mu.Unlock()
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
@@ -605,7 +607,7 @@ func (m *Registry) delete(name string, forOwner bool) error {
 	if m.opts.Metrics != nil {
 		m.opts.Metrics.Forget(name)
 	}
-	if err := removeFileDurable(m.dataDir(), name+".img"); err != nil {
+	if err := durable.Remove(m.dataDir(), name+".img"); err != nil {
 		return fmt.Errorf("delete %s: remove data: %w", name, err)
 	}
 	m.log.Info("volume deleted", "volume", name)

@@ -131,6 +131,10 @@ type ReplicaStatus struct {
 	// started; ComparedBytes what they compared by checksum.
 	CopiedBytes   int64 `json:"resync_copied_bytes"`
 	ComparedBytes int64 `json:"resync_compared_bytes"`
+	// DownSince is when the owner last lost the replica, while it
+	// cannot reach it (a cluster replaces a replica down for longer than
+	// its --replica-replace-after).
+	DownSince time.Time `json:"down_since,omitzero"`
 }
 
 // Attachment records that a volume is exposed as a kernel block device. It

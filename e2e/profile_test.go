@@ -82,4 +82,3 @@ func TestProfileFIOVerify(t *testing.T) {
 		})
 	}
 }
-

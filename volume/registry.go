@@ -51,6 +51,13 @@ type Options struct {
 	// it holds for others. Without it a replicated volume cannot be
 	// created or opened here.
 	Replication *replication.Node
+	// Cluster, if set, joins the registry to a cluster (ClusterID): the
+	// owner pipelines of its volumes hold their ownership lease and
+	// persist their replication state in the cluster store first. A
+	// volume of another cluster, or of any cluster when Cluster is nil,
+	// does not open (it is failed, with the reason).
+	Cluster   Cluster
+	ClusterID string
 	// OnFenced, if set, is told that a volume this node owned is fenced
 	// (another node owns it at a higher epoch): the daemon cuts its
 	// frontends off.
@@ -195,6 +202,8 @@ func (m *Registry) load(name string) *Volume {
 			"(restore the file and restart, or delete the volume)", m.DataPath(name)))
 	case errors.Is(err, ioengine.ErrTruncated):
 		return newFailed(s, fmt.Sprintf("%v (restore the file and restart, or delete the volume)", err))
+	case errors.Is(err, errCluster):
+		return newFailed(s, err.Error())
 	case err != nil:
 		return newFailed(s, fmt.Sprintf("cannot open: %v", err))
 	}
@@ -272,6 +281,9 @@ func (m *Registry) setFailedMetric(name string, v *Volume) {
 //
 //	metrics -> read-only -> qos -> profile -> engine
 func (m *Registry) open(s api.Spec, openEngine func(kind, path string, size int64) (ioengine.Engine, error)) (*Volume, error) {
+	if s.Cluster != "" && (m.opts.Cluster == nil || s.Cluster != m.opts.ClusterID) {
+		return nil, errForeignCluster(s.Cluster, m.opts.ClusterID)
+	}
 	e, err := openEngine(s.Engine, m.DataPath(s.Name), int64(s.Size))
 	if err != nil {
 		return nil, err
@@ -594,7 +606,8 @@ func (m *Registry) delete(name string, forOwner bool) error {
 		// The data is being deleted: what did not reach it is moot.
 		m.log.Warn("closing deleted volume", "volume", name, "err", err)
 	}
-	if v.repl != nil {
+	if v.repl != nil && v.Spec().Cluster == "" {
+		// (A cluster volume's nodes each remove their own copy.)
 		if err := v.repl.DeleteReplicas(); err != nil {
 			m.log.Warn("some replicas could not be told to delete their copies", "volume", name, "err", err)
 		}

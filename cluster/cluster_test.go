@@ -300,7 +300,7 @@ func TestCreateDelete(t *testing.T) {
 	if err != nil || vi.State.Generation != 1 || !vi.InSync("a") || !vi.State.Clean {
 		t.Fatalf("new volume: %+v %v", vi, err)
 	}
-	if err := a.st.SetCopy(ctx, "v", true); err != nil {
+	if err := a.st.SetCopy(ctx, "v", "ok"); err != nil {
 		t.Fatal(err)
 	}
 	refuse := errors.New("attached")
@@ -308,7 +308,7 @@ func TestCreateDelete(t *testing.T) {
 		t.Fatalf("delete with a refusing check: %v", err)
 	}
 	vis, _, err := a.st.List(ctx)
-	if err != nil || len(vis) != 1 || len(vis[0].Copies) != 1 || vis[0].Copies[0] != "a" {
+	if err != nil || len(vis) != 1 || len(vis[0].Copies) != 1 || vis[0].Copies["a"] != "ok" {
 		t.Fatalf("list: %+v %v", vis, err)
 	}
 	if err := a.st.DeleteVolume(ctx, "v", accept); err != nil {

@@ -158,6 +158,12 @@ func (ss *Session) wait() <-chan struct{} {
 	return ss.changed
 }
 
+// ValidFor is how long the current lease counts as valid without another
+// renewal.
+func (ss *Session) ValidFor() time.Duration {
+	return max(time.Duration(ss.validUntil.Load()-mono()), 0)
+}
+
 // Lease is the current lease's id.
 func (ss *Session) Lease() int64 { return ss.lease.Load() }
 
@@ -257,8 +263,7 @@ func (ss *Session) Close(revoke bool) {
 
 // Ownership states.
 const (
-	ownPending int32 = iota // not yet checked against etcd (a daemon's start)
-	ownHeld
+	ownHeld int32 = iota
 	ownLost
 )
 
@@ -273,16 +278,21 @@ type Ownership struct {
 	state  atomic.Int32
 }
 
-// Pending is an ownership the node believes it has (its local copy says it
-// owns the volume at epoch) but has not checked against etcd yet: not
-// valid until Confirm.
-func (ss *Session) Pending(volume string, epoch uint64) *Ownership {
-	return &Ownership{ss: ss, Volume: volume, Epoch: epoch, lease: ss.lease.Load()}
+func (ss *Session) held(volume string, epoch uint64, lease int64) *Ownership {
+	return &Ownership{ss: ss, Volume: volume, Epoch: epoch, lease: lease}
 }
 
-func (ss *Session) held(volume string, epoch uint64, lease int64) *Ownership {
-	o := &Ownership{ss: ss, Volume: volume, Epoch: epoch, lease: lease}
-	o.state.Store(ownHeld)
+// Adopt is the ownership of a volume that Store.Owned found this node
+// owns under its current lease (a restarted daemon's).
+func (ss *Session) Adopt(volume string, epoch uint64) *Ownership {
+	return ss.held(volume, epoch, ss.lease.Load())
+}
+
+// NotOwned is an ownership that is already lost: what a volume's copy
+// claims when the cluster says otherwise.
+func (ss *Session) NotOwned(volume string, epoch uint64) *Ownership {
+	o := ss.held(volume, epoch, ss.lease.Load())
+	o.state.Store(ownLost)
 	return o
 }
 
@@ -291,8 +301,8 @@ func (o *Ownership) Valid() bool {
 	return o.state.Load() == ownHeld && o.ss.Valid(o.lease)
 }
 
-// Held reports whether the ownership is neither pending nor lost, and its
-// lease is still the node's.
+// Held reports whether the ownership is not lost and its lease is still
+// the node's.
 func (o *Ownership) Held() bool {
 	return o.state.Load() == ownHeld && o.ss.lease.Load() == o.lease
 }
@@ -314,16 +324,6 @@ func (o *Ownership) Wait(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
-}
-
-// Confirm makes a pending ownership held (etcd says so) or lost.
-func (o *Ownership) Confirm(held bool) {
-	if held {
-		o.state.CompareAndSwap(ownPending, ownHeld)
-	} else {
-		o.state.Store(ownLost)
-	}
-	o.ss.notify()
 }
 
 // Lose marks the ownership lost: its owner key is gone or another's.

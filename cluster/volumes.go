@@ -61,8 +61,9 @@ type VolumeInfo struct {
 	Epoch      uint64
 	OwnerLease int64
 	Move       *Move
-	// Copies are the nodes that made their copy.
-	Copies []string
+	// Copies are what the nodes said of their copies: "ok", or
+	// "error: why" when a node could not make its copy.
+	Copies map[string]string
 
 	volRev, stateRev int64
 }
@@ -136,8 +137,9 @@ func (s *Store) decode(name string, vol, state, owner, move *mvccpb.KeyValue, co
 			vi.Move = &m
 		}
 	}
+	vi.Copies = map[string]string{}
 	for _, kv := range copies {
-		vi.Copies = append(vi.Copies, strings.TrimPrefix(string(kv.Key), s.key("copies", name+"/")))
+		vi.Copies[strings.TrimPrefix(string(kv.Key), s.key("copies", name+"/"))] = string(kv.Value)
 	}
 	return vi, nil
 }
@@ -444,15 +446,15 @@ func (s *Store) SetMove(ctx context.Context, name string, m *Move) error {
 	return nil
 }
 
-// SetCopy records that this node holds its copy of a volume (or no
-// longer does).
-func (s *Store) SetCopy(ctx context.Context, name string, have bool) error {
+// SetCopy records what became of this node's copy of a volume: "ok",
+// "error: why", or "" once it is gone.
+func (s *Store) SetCopy(ctx context.Context, name, status string) error {
 	c, cancel := s.call(ctx)
 	defer cancel()
 	var err error
 	k := s.key("copies", name+"/"+s.cfg.Node)
-	if have {
-		_, err = s.cli.Put(c, k, time.Now().UTC().Format(time.RFC3339))
+	if status != "" {
+		_, err = s.cli.Put(c, k, status)
 	} else {
 		_, err = s.cli.Delete(c, k)
 	}
@@ -460,6 +462,40 @@ func (s *Store) SetCopy(ctx context.Context, name string, have bool) error {
 		return unreachable(err)
 	}
 	return nil
+}
+
+// Owned returns the volumes this node owns under lease, with their
+// epochs: what a starting daemon may serve as owner.
+func (s *Store) Owned(ctx context.Context, lease int64) (map[string]uint64, error) {
+	c, cancel := s.call(ctx)
+	defer cancel()
+	resp, err := s.cli.Get(c, s.p+"owners/", clientv3.WithPrefix())
+	if err != nil {
+		return nil, unreachable(err)
+	}
+	out := map[string]uint64{}
+	for _, kv := range resp.Kvs {
+		if string(kv.Value) == s.cfg.Node && kv.Lease == lease {
+			out[strings.TrimPrefix(string(kv.Key), s.p+"owners/")] = uint64(kv.CreateRevision)
+		}
+	}
+	return out, nil
+}
+
+// Copies reads what the nodes said of their copies of a volume, deleted
+// or not.
+func (s *Store) Copies(ctx context.Context, name string) (map[string]string, error) {
+	c, cancel := s.call(ctx)
+	defer cancel()
+	resp, err := s.cli.Get(c, s.key("copies", name+"/"), clientv3.WithPrefix())
+	if err != nil {
+		return nil, unreachable(err)
+	}
+	out := map[string]string{}
+	for _, kv := range resp.Kvs {
+		out[strings.TrimPrefix(string(kv.Key), s.key("copies", name+"/"))] = string(kv.Value)
+	}
+	return out, nil
 }
 
 // Nodes lists every node that joined the cluster, with whether its lease

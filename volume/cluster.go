@@ -15,6 +15,10 @@ type Cluster interface {
 	// Lease returns the ownership lease of a volume this node owns at
 	// epoch: its owner pipeline serves only while it is valid.
 	Lease(vol string, epoch uint64) replication.Lease
+	// Owns reports whether the cluster says this node owns vol at epoch
+	// (asked at start for each copy that says it is the owner: one that
+	// is not opens as a replica).
+	Owns(vol string, epoch uint64) bool
 	// SaveState persists the replication state of a volume this node
 	// owns in the cluster store; it returns once the store has it, or
 	// with an error if this node no longer owns the volume.
@@ -50,6 +54,7 @@ func (m *Registry) TakeOwnership(name string, r api.Replication, fresh bool) (*V
 		if !fresh {
 			return nil
 		}
+		// Also the bitmaps of nodes that left the volume since.
 		return replication.RemoveFiles(m.dataDir(), name, append(old, r.Replicas...))
 	}, nil)
 	if err != nil {

@@ -195,6 +195,19 @@ func (m *Registry) load(name string) *Volume {
 	if err := Validate(&s); err != nil {
 		return newFailed(s, fmt.Sprintf("metadata %s is invalid: %v", path, err))
 	}
+	if r := s.Replication; s.Cluster != "" && r != nil && r.Role == api.RoleOwner && m.opts.Cluster != nil &&
+		s.Cluster == m.opts.ClusterID && !m.opts.Cluster.Owns(name, r.Epoch) {
+		// It owned the volume when the daemon stopped, and the cluster
+		// has let it go since (the node's lease expired): a replica
+		// now, which a frontend here may take again. Its bitmaps stay:
+		// if no other node owned the volume meanwhile, they are still
+		// this node's history.
+		r.Role = api.RoleReplica
+		if err := m.persist(s); err != nil {
+			return newFailed(s, fmt.Sprintf("metadata %s cannot be written: %v", path, err))
+		}
+		m.log.Warn("this node owned the volume when it stopped; the cluster let it go since: it opens as a replica", "volume", name, "epoch", r.Epoch)
+	}
 	v, err := m.open(s, m.opts.reopenEngine)
 	switch {
 	case errors.Is(err, os.ErrNotExist):

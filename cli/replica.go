@@ -221,6 +221,9 @@ func isTerminal(w io.Writer) bool {
 
 // replicaSummary is the REPL column: the copies and their states.
 func replicaSummary(v api.Volume) string {
+	if v.Placement != nil {
+		return placementSummary(v)
+	}
 	r := v.Replication
 	if r == nil {
 		return "1"

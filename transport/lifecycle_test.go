@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -463,5 +464,62 @@ func TestSilentPeer(t *testing.T) {
 	}
 	if d < 500*time.Millisecond || d > 5*time.Second {
 		t.Errorf("it failed after %v, want about the idle timeout (1s)", d)
+	}
+}
+
+// TestSetPeer: a cluster learns its nodes as they join. A peer added later
+// is called and may call in; a changed address reaches the node at its new
+// address; a removed peer can be neither called nor call in.
+func TestSetPeer(t *testing.T) {
+	hb := &echo{}
+	bcfg := testConfig(t, "b", nil, hb)
+	b := start(t, bcfg)
+	acfg := testConfig(t, "a", nil, &echo{})
+	a := start(t, acfg)
+	if _, _, err := call(a, &Header{Type: 1}, nil); !errors.Is(err, ErrUnknownPeer) {
+		t.Fatalf("call before SetPeer: %v, want ErrUnknownPeer", err)
+	}
+	if err := a.SetPeer("b", b.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	// b does not know a yet: it refuses the connection.
+	if _, _, err := call(a, &Header{Type: 1}, nil); !errors.Is(err, ErrRefused) {
+		t.Fatalf("call to a node that does not know us: %v, want ErrRefused", err)
+	}
+	if err := b.SetPeer("a", a.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := call(a, &Header{Type: 1}, nil); err != nil {
+		t.Fatalf("call once both know each other: %v", err)
+	}
+	if got := hb.count()["a"]; got != 1 {
+		t.Fatalf("b served %d calls of a, want 1", got)
+	}
+
+	// b moves: a restarted b2 under the same name at another address.
+	hb2 := &echo{}
+	b2 := start(t, testConfig(t, "b", map[string]string{"a": a.Addr().String()}, hb2))
+	if err := a.SetPeer("b", b2.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := call(a, &Header{Type: 1}, nil); err != nil {
+		t.Fatalf("call after the address changed: %v", err)
+	}
+	if hb2.count()["a"] != 1 || hb.count()["a"] != 1 {
+		t.Fatalf("calls: old b %v, new b %v; want the new address to get the call", hb.count(), hb2.count())
+	}
+	if got := a.PeerNames(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("PeerNames %v", got)
+	}
+
+	a.RemovePeer("b")
+	if _, _, err := call(a, &Header{Type: 1}, nil); !errors.Is(err, ErrUnknownPeer) {
+		t.Fatalf("call after RemovePeer: %v, want ErrUnknownPeer", err)
+	}
+	if err := a.SetPeer("a", "127.0.0.1:1"); err == nil {
+		t.Fatal("a node became its own peer")
+	}
+	if err := a.SetPeer("c", "no port"); err == nil {
+		t.Fatal("SetPeer took an address without a port")
 	}
 }

@@ -223,19 +223,31 @@ func TestBlockdAttachExt4(t *testing.T) {
 	// goes through the daemon's socket replacement quickly when it does.
 	d := startBlockd(t, t.TempDir(), "--nbd-timeout", "10s")
 	d.must("volume", "create", "ext", "--size", "512MiB", "--engine", "file")
-	dev := d.attach("ext", 2)
-	t.Logf("attached ext as %s", dev)
+	ext4AcrossReattach(t, d, "ext",
+		func(bool) string {
+			dev := d.attach("ext", 2)
+			t.Logf("attached ext as %s", dev)
+			return dev
+		},
+		func(dev string, _ bool) { d.detach("ext", dev) })
+	d.stop()
+}
 
+// ext4AcrossReattach is the body every frontend's attach test shares:
+// ext4 on the attached device with its files checked across umount, fsck
+// and mount (Ext4), across a detach and a new attach (DetachReattach),
+// and a discard that frees space in the backing file; then the last
+// detach. attach(first) attaches name and returns the device;
+// detach(dev, last) detaches it.
+func ext4AcrossReattach(t *testing.T, d *blockd, name string, attach func(first bool) string, detach func(dev string, last bool)) {
+	dev := attach(true)
 	var sums guest.Checksums
-	ok := t.Run("Ext4", func(t *testing.T) {
-		sums = ext4RoundTrip(t, dev)
-	})
-	if !ok {
+	if !t.Run("Ext4", func(t *testing.T) { sums = ext4RoundTrip(t, dev) }) {
 		t.FailNow()
 	}
-	ok = t.Run("DetachReattach", func(t *testing.T) {
-		d.detach("ext", dev)
-		dev = d.attach("ext", 2)
+	ok := t.Run("DetachReattach", func(t *testing.T) {
+		detach(dev, false)
+		dev = attach(false)
 		mnt := guest.Mount(t, dev, "ext4")
 		guest.VerifyFiles(t, mnt, sums)
 		guest.Umount(t, mnt)
@@ -243,9 +255,8 @@ func TestBlockdAttachExt4(t *testing.T) {
 	if !ok {
 		t.FailNow()
 	}
-	t.Run("DiscardFreesSpace", func(t *testing.T) { discardFreesSpace(t, d, "ext", dev) })
-	d.detach("ext", dev)
-	d.stop()
+	t.Run("DiscardFreesSpace", func(t *testing.T) { discardFreesSpace(t, d, name, dev) })
+	detach(dev, true)
 }
 
 // TestBlockdBadInput checks that wrong attach/detach/delete requests fail
@@ -259,12 +270,9 @@ func TestBlockdBadInput(t *testing.T) {
 	// A device that is not blockd's: /dev/nbd15 served by the test.
 	const foreign = 15
 	kern, _ := serveMemory(t, 16<<20, 1)
-	if _, err := nl.Connect(nbdnl.Config{Index: foreign, Socks: kern, SizeBytes: 16 << 20, BlockSize: 4096,
-		ServerFlags: nbdnl.FlagsDefault, Timeout: 60 * time.Second, BackendID: "not-blockd"}); err != nil {
-		closeAll(kern)
+	if _, err := connectKernel(nl, kern, 16<<20, nbdnl.Config{Index: foreign, BackendID: "not-blockd"}); err != nil {
 		t.Fatalf("connect /dev/nbd15 for the foreign-device case: %v", err)
 	}
-	closeAll(kern)
 	defer nl.Disconnect(foreign)
 	foreignDev := nbdnl.DevicePath(foreign)
 

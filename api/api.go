@@ -329,6 +329,11 @@ const (
 	// FeatureReplication: the daemon runs with --node and peers, so
 	// volumes may have Repl > 1.
 	FeatureReplication = "replication"
+	// FeatureCluster: the daemon is a member of a cluster on etcd: a
+	// create places every copy (Spec.Nodes names them all), any member
+	// answers for every volume, and an attach takes the volume's
+	// ownership on the node that attaches it.
+	FeatureCluster = "cluster"
 	// FeatureEncryption: volumes can be encrypted at rest.
 	FeatureEncryption = "encryption"
 )

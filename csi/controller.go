@@ -71,7 +71,7 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 	defer d.lock(name)()
 	spec := vp.spec
 	spec.Name, spec.Size = name, api.Size(size)
-	if spec.Nodes, err = placement(req.GetAccessibilityRequirements(), d.self(h), spec.Repl, h.Peers); err != nil {
+	if spec.Nodes, err = placement(req.GetAccessibilityRequirements(), d.self(h), spec.Repl, h); err != nil {
 		return nil, err
 	}
 	v, err := d.api.GetVolume(name)
@@ -101,12 +101,15 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 	}}, nil
 }
 
-// placement turns accessibility requirements into the nodes of the other
-// copies (api.Spec.Nodes): the preferred nodes first (with
-// WaitForFirstConsumer, the node the scheduler picked), then the
-// requisite ones, peers of this daemon only. A volume of one copy lives
-// here, which the requirements must allow.
-func placement(tr *csipb.TopologyRequirement, self string, repl int, peers []string) ([]string, error) {
+// placement turns accessibility requirements into api.Spec.Nodes, the
+// preferred nodes first (with WaitForFirstConsumer, the node the
+// scheduler picked), then the requisite ones. On its own (no cluster) a
+// daemon owns what it creates: Nodes names the other copies, peers of
+// this daemon only, and a volume of one copy lives here, which the
+// requirements must allow. In a cluster Nodes names every copy, this
+// node's or not, and the volume's owner is whichever of them attaches it.
+// Too few named nodes leave the choice to the daemon.
+func placement(tr *csipb.TopologyRequirement, self string, repl int, h api.Health) ([]string, error) {
 	if tr == nil {
 		return nil, nil
 	}
@@ -119,9 +122,21 @@ func placement(tr *csipb.TopologyRequirement, self string, repl int, peers []str
 		}
 		return out
 	}
-	pref, reqd := nodesOf(tr.GetPreferred()), nodesOf(tr.GetRequisite())
-	allowed := append(slices.Clone(pref), reqd...)
-	if repl <= 1 {
+	allowed := append(nodesOf(tr.GetPreferred()), nodesOf(tr.GetRequisite())...)
+	copies := max(repl, 1)
+	if h.Has(api.FeatureCluster) {
+		var nodes []string
+		for _, n := range allowed {
+			if !slices.Contains(nodes, n) && len(nodes) < copies {
+				nodes = append(nodes, n)
+			}
+		}
+		if len(nodes) < copies {
+			return nil, nil
+		}
+		return nodes, nil
+	}
+	if copies == 1 {
 		if len(allowed) > 0 && !slices.Contains(allowed, self) {
 			return nil, status.Errorf(codes.ResourceExhausted, "a volume of one copy lives on the node whose blockd creates it, %s, "+
 				"which the accessibility requirements exclude (%s)", self, strings.Join(allowed, ", "))
@@ -130,13 +145,11 @@ func placement(tr *csipb.TopologyRequirement, self string, repl int, peers []str
 	}
 	var nodes []string
 	for _, n := range allowed {
-		if n != self && slices.Contains(peers, n) && !slices.Contains(nodes, n) && len(nodes) < repl-1 {
+		if n != self && slices.Contains(h.Peers, n) && !slices.Contains(nodes, n) && len(nodes) < copies-1 {
 			nodes = append(nodes, n)
 		}
 	}
-	if len(nodes) < repl-1 {
-		// Too few named: the daemon picks the peers with the most free
-		// space.
+	if len(nodes) < copies-1 {
 		return nil, nil
 	}
 	return nodes, nil
@@ -145,7 +158,9 @@ func placement(tr *csipb.TopologyRequirement, self string, repl int, peers []str
 // topology is where a volume can be used: the nodes that hold a copy.
 func (d *Driver) topology(v api.Volume, h api.Health) []*csipb.Topology {
 	nodes := []string{d.self(h)}
-	if r := v.Replication; r != nil {
+	if p := v.Placement; p != nil && len(p.Nodes) > 0 {
+		nodes = p.Nodes // a cluster volume: every node with a copy
+	} else if r := v.Replication; r != nil {
 		nodes = []string{r.Owner}
 		for _, rep := range r.Replicas {
 			nodes = append(nodes, rep.Node)

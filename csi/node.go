@@ -41,7 +41,10 @@ func (d *Driver) NodeGetInfo(context.Context, *csipb.NodeGetInfoRequest) (*csipb
 // ownedVolume returns the volume id as this node's daemon serves it. A
 // replica held here is promoted first: the daemon refuses while the
 // owner answers (then the volume must be used there), and allows it when
-// the owner is gone, which is how a pod moves to a surviving copy.
+// the owner is gone, which is how a pod moves to a surviving copy. A
+// cluster volume needs none of that: the attach takes its ownership on
+// this node, and is refused, naming the owner, while a live node holds
+// it.
 func (d *Driver) ownedVolume(op, id string) (api.Volume, error) {
 	v, err := d.api.GetVolume(id)
 	if err != nil {
@@ -49,6 +52,9 @@ func (d *Driver) ownedVolume(op, id string) (api.Volume, error) {
 	}
 	if v.State == api.StateFailed {
 		return v, status.Errorf(codes.FailedPrecondition, "%s %s: the volume is failed on this node: %s", op, id, v.Reason)
+	}
+	if v.Cluster != "" {
+		return v, nil // in a cluster, the attach takes the ownership
 	}
 	if r := v.Replication; r != nil && r.Role == api.RoleReplica {
 		d.log.Info("csi: volume is a replica here; promoting it", "volume", id, "owner", r.Owner)

@@ -86,7 +86,7 @@ func TestPlacement(t *testing.T) {
 		}
 		return out
 	}
-	peers := []string{"b", "c", "d"}
+	peers := api.Health{Peers: []string{"b", "c", "d"}, Features: []string{api.FeatureReplication}}
 	// WaitForFirstConsumer picked c: c gets a copy, then the requisite order.
 	got, err := placement(&csipb.TopologyRequirement{Preferred: top("c", "a"), Requisite: top("a", "b", "c", "d")}, "a", 3, peers)
 	if err != nil || strings.Join(got, ",") != "c,b" {
@@ -102,6 +102,16 @@ func TestPlacement(t *testing.T) {
 	// Non-peers are never named; too few named lets the daemon choose.
 	if got, err := placement(&csipb.TopologyRequirement{Preferred: top("x")}, "a", 2, peers); err != nil || got != nil {
 		t.Errorf("non-peer: %v %v", got, err)
+	}
+	// In a cluster every copy is named, the picked node first, this one
+	// or not.
+	cluster := api.Health{Features: []string{api.FeatureCluster}}
+	got, err = placement(&csipb.TopologyRequirement{Preferred: top("c", "a"), Requisite: top("a", "b", "c")}, "a", 2, cluster)
+	if err != nil || strings.Join(got, ",") != "c,a" {
+		t.Errorf("cluster repl 2: %v %v", got, err)
+	}
+	if got, err := placement(&csipb.TopologyRequirement{Requisite: top("b")}, "a", 1, cluster); err != nil || strings.Join(got, ",") != "b" {
+		t.Errorf("cluster repl 1 elsewhere: %v %v", got, err)
 	}
 }
 

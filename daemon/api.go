@@ -48,6 +48,9 @@ func (d *Daemon) health(w http.ResponseWriter, r *http.Request) {
 		}
 		slices.Sort(h.Peers)
 	}
+	if d.cluster != nil {
+		h.Features = append(h.Features, api.FeatureCluster)
+	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(d.cfg.StateDir, &st); err == nil {
 		h.CapacityBytes = int64(st.Blocks) * st.Bsize

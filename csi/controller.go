@@ -177,8 +177,8 @@ func (d *Driver) topology(v api.Volume, h api.Health) []*csipb.Topology {
 // is already deleted.
 func (d *Driver) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRequest) (*csipb.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
+	if err := required("volume id", id); err != nil {
+		return nil, err
 	}
 	defer d.lock(id)()
 	err := d.api.DeleteVolume(id)
@@ -196,8 +196,8 @@ func (d *Driver) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeReques
 // grown by NodeExpandVolume.
 func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csipb.ControllerExpandVolumeRequest) (*csipb.ControllerExpandVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
+	if err := required("volume id", id); err != nil {
+		return nil, err
 	}
 	if req.GetCapacityRange() == nil {
 		return nil, status.Error(codes.InvalidArgument, "capacity range missing")
@@ -236,8 +236,8 @@ func (d *Driver) ControllerExpandVolume(ctx context.Context, req *csipb.Controll
 // ValidateVolumeCapabilities confirms the capabilities blockd supports.
 func (d *Driver) ValidateVolumeCapabilities(ctx context.Context, req *csipb.ValidateVolumeCapabilitiesRequest) (*csipb.ValidateVolumeCapabilitiesResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
+	if err := required("volume id", id); err != nil {
+		return nil, err
 	}
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, status.Error(codes.InvalidArgument, "volume capabilities missing")

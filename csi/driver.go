@@ -235,3 +235,14 @@ func apiError(op string, err error) error {
 	}
 	return status.Errorf(c, "%s: %v", op, err)
 }
+
+// required is InvalidArgument naming the first of the (name, value) pairs
+// whose value is empty.
+func required(pairs ...string) error {
+	for i := 0; i+1 < len(pairs); i += 2 {
+		if pairs[i+1] == "" {
+			return status.Errorf(codes.InvalidArgument, "%s missing", pairs[i])
+		}
+	}
+	return nil
+}

@@ -73,13 +73,8 @@ func (d *Driver) ownedVolume(op, id string) (api.Volume, error) {
 // it holds no filesystem and mounts it at the staging path.
 func (d *Driver) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRequest) (*csipb.NodeStageVolumeResponse, error) {
 	id, staging, vc := req.GetVolumeId(), req.GetStagingTargetPath(), req.GetVolumeCapability()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
-	case staging == "":
-		return nil, status.Error(codes.InvalidArgument, "staging target path missing")
-	case vc == nil:
-		return nil, status.Error(codes.InvalidArgument, "volume capability missing")
+	if err := required("volume id", id, "staging target path", staging); err != nil {
+		return nil, err
 	}
 	if err := checkCapability(vc); err != nil {
 		return nil, err
@@ -147,11 +142,8 @@ func (d *Driver) attach(v api.Volume, frontend string) (string, error) {
 // NodeUnstageVolume unmounts the staging path and detaches the device.
 func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
-	case staging == "":
-		return nil, status.Error(codes.InvalidArgument, "staging target path missing")
+	if err := required("volume id", id, "staging target path", staging); err != nil {
+		return nil, err
 	}
 	defer d.lock(id)()
 	if mnt, err := d.mount.IsMountPoint(staging); err == nil && mnt {
@@ -182,17 +174,13 @@ func (d *Driver) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVo
 // driver creates the target itself.
 func (d *Driver) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	id, target, staging, vc := req.GetVolumeId(), req.GetTargetPath(), req.GetStagingTargetPath(), req.GetVolumeCapability()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
-	case target == "":
-		return nil, status.Error(codes.InvalidArgument, "target path missing")
-	case vc == nil:
-		return nil, status.Error(codes.InvalidArgument, "volume capability missing")
-	case staging == "":
-		return nil, status.Error(codes.InvalidArgument, "staging target path missing (the volume must be staged first)")
+	if err := required("volume id", id, "target path", target); err != nil {
+		return nil, err
 	}
 	if err := checkCapability(vc); err != nil {
+		return nil, err
+	}
+	if err := required("staging target path (the volume must be staged first)", staging); err != nil {
 		return nil, err
 	}
 	defer d.lock(id)()
@@ -241,11 +229,8 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVo
 // NodeUnpublishVolume unmounts the target and removes it.
 func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
-	case target == "":
-		return nil, status.Error(codes.InvalidArgument, "target path missing")
+	if err := required("volume id", id, "target path", target); err != nil {
+		return nil, err
 	}
 	defer d.lock(id)()
 	if err := d.mount.CleanupMountPoint(target); err != nil {
@@ -258,11 +243,8 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpubli
 // volume's size.
 func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeStatsRequest) (*csipb.NodeGetVolumeStatsResponse, error) {
 	id, path := req.GetVolumeId(), req.GetVolumePath()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
-	case path == "":
-		return nil, status.Error(codes.InvalidArgument, "volume path missing")
+	if err := required("volume id", id, "volume path", path); err != nil {
+		return nil, err
 	}
 	v, err := d.api.GetVolume(id)
 	if err != nil {
@@ -293,11 +275,8 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolum
 // than asked, it is grown here first.
 func (d *Driver) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolumeRequest) (*csipb.NodeExpandVolumeResponse, error) {
 	id, path := req.GetVolumeId(), req.GetVolumePath()
-	switch {
-	case id == "":
-		return nil, status.Error(codes.InvalidArgument, "volume id missing")
-	case path == "":
-		return nil, status.Error(codes.InvalidArgument, "volume path missing")
+	if err := required("volume id", id, "volume path", path); err != nil {
+		return nil, err
 	}
 	defer d.lock(id)()
 	v, err := d.api.GetVolume(id)

@@ -131,6 +131,14 @@ func (m *Registry) Copy(name string) (replication.Copy, error) {
 func (m *Registry) CreateCopy(spec api.Spec, r api.Replication) (replication.Copy, error) {
 	s := api.Spec{Name: spec.Name, Size: spec.Size, BlockSize: spec.BlockSize, Engine: spec.Engine, Profile: spec.Profile,
 		Repl: spec.Repl, Replication: &r, CreatedAt: time.Now().UTC().Truncate(time.Second)}
+	if e := spec.Encryption; e != nil {
+		// The replica stores ciphertext as sent and needs no key, but
+		// keeps the wrapped key and KEK id: promoted, it opens the
+		// volume with this node's KEK.
+		c := *e
+		c.Secret = ""
+		s.Encryption = &c
+	}
 	if err := Validate(&s); err != nil {
 		return nil, err
 	}

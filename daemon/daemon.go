@@ -26,6 +26,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blockd/blockd/attach"
+	"github.com/blockd/blockd/encryption"
 	"github.com/blockd/blockd/kernel/module"
 	"github.com/blockd/blockd/metrics"
 	"github.com/blockd/blockd/nbd"
@@ -58,6 +59,10 @@ type Config struct {
 	QoSCapacity   qos.Capacity // what reservations and weights divide
 	// Replication joins the daemon to its peers (Node empty: none).
 	Replication ReplicationConfig
+	// KEKFiles are the node's key-encryption key files (serve
+	// --kek-file): the first wraps the data keys of new encrypted
+	// volumes, every one opens the volumes wrapped under it.
+	KEKFiles []string
 	// Pprof serves Go's profiles at /debug/pprof/ on the metrics
 	// listener.
 	Pprof bool
@@ -149,7 +154,11 @@ func (d *Daemon) start() (err error) {
 	budget := profile.NewBudget(max(cfg.CacheMemory, 0))
 	d.reg.MustRegister(metrics.CacheBudget(budget))
 	d.log.Info("cache memory", "limit", limitText(budget.Stats().Limit))
-	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos, CacheBudget: budget}
+	keys, err := loadKEKs(cfg.KEKFiles, d.log)
+	if err != nil {
+		return err
+	}
+	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos, CacheBudget: budget, Keys: keys}
 	var replNode *replication.Node
 	if cfg.Replication.Node != "" {
 		if err := d.startTransport(); err != nil {
@@ -237,6 +246,22 @@ func (d *Daemon) start() (err error) {
 		d.log.Info("metrics", "url", "http://"+ln.Addr().String()+"/metrics")
 	}
 	return nil
+}
+
+// loadKEKs reads the node's KEK files into a keyring; a file that is not
+// a private key of the daemon's user stops the daemon (a KEK others can
+// read protects nothing).
+func loadKEKs(files []string, log *slog.Logger) (*encryption.Keyring, error) {
+	var keks []*encryption.KEK
+	for _, f := range files {
+		kek, err := encryption.LoadKEKFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("serve --kek-file: %w", err)
+		}
+		keks = append(keks, kek)
+		log.Info("key-encryption key", "file", f, "kek_id", kek.ID(), "current", len(keks) == 1)
+	}
+	return encryption.NewKeyring(keks...), nil
 }
 
 // goServe runs an accept loop owned by the daemon until stop.

@@ -240,9 +240,6 @@ type Volume struct {
 	// Replicas is the live state of a replicated volume's copies (owner
 	// only).
 	Replicas []ReplicaStatus `json:"replicas,omitempty"`
-	// Encrypted says the volume is encrypted at rest (Encryption says
-	// how, without the wrapped key).
-	Encrypted bool `json:"encrypted"`
 }
 
 // PromoteRequest is the body of POST /v1/volumes/{name}/promote.

@@ -41,7 +41,7 @@ func (d *Daemon) apiHandler() http.Handler {
 // info is the API's view of a volume.
 func (d *Daemon) info(v *volume.Volume) api.Volume {
 	s := v.Spec()
-	vi := api.Volume{Spec: s, SizeHuman: units.FormatSize(int64(s.Size)), Encrypted: s.Encryption != nil}
+	vi := api.Volume{Spec: s, SizeHuman: units.FormatSize(int64(s.Size))}
 	vi.Encryption = s.Encryption.Public() // never the wrapped key
 	vi.State, vi.Reason = v.State()
 	if n, ok, err := v.Allocated(); ok {

@@ -22,7 +22,7 @@ func TestSecretThroughAttach(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !vi.Encrypted || vi.Encryption.KEK != api.KEKSecret || vi.Encryption.WrappedKey != "" || vi.Encryption.Salt != "" || vi.Encryption.Secret != "" {
+	if vi.Encryption == nil || vi.Encryption.KEK != api.KEKSecret || vi.Encryption.WrappedKey != "" || vi.Encryption.Salt != "" || vi.Encryption.Secret != "" {
 		t.Fatalf("the API shows %+v", vi.Encryption)
 	}
 	d.Shutdown(context.Background())

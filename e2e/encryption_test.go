@@ -70,7 +70,7 @@ func TestEncryptedFIOVerify(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if !vi.Encrypted || vi.Encryption.WrappedKey != "" || vi.Encryption.KEKID == "" {
+			if vi.Encryption == nil || vi.Encryption.WrappedKey != "" || vi.Encryption.KEKID == "" {
 				t.Fatalf("the API shows %+v", vi.Encryption)
 			}
 			jobs := [][]string{{"--rw=write", "--bsrange=4k-64k"}, {"--rw=randwrite", "--bsrange=4k-64k"}}
@@ -165,7 +165,7 @@ func TestEncryptionOperator(t *testing.T) {
 	}
 	var vi api.Volume
 	js := d.cli("volume", "get", "sec", "-o", "json")
-	if err := json.Unmarshal([]byte(js), &vi); err != nil || !vi.Encrypted || vi.Encryption.KEKID == "" {
+	if err := json.Unmarshal([]byte(js), &vi); err != nil || vi.Encryption == nil || vi.Encryption.KEKID == "" {
 		t.Fatalf("volume get -o json: %v\n%s", err, js)
 	}
 	if strings.Contains(js, "wrapped_key") {

@@ -106,16 +106,18 @@ func runFio(tb testing.TB, sock, vol string, runtime int, args ...string) fioRes
 	if err != nil {
 		tb.Fatalf("fio %v: %v\n%s", args, err, out)
 	}
+	type side struct {
+		IOPS     float64 `json:"iops"`
+		BW       float64 `json:"bw_bytes"`
+		TotalIOs float64 `json:"total_ios"`
+		Clat     struct {
+			Pct map[string]float64 `json:"percentile"`
+		} `json:"clat_ns"`
+	}
 	var js struct {
 		Jobs []struct {
-			Write struct {
-				IOPS     float64 `json:"iops"`
-				BW       float64 `json:"bw_bytes"`
-				TotalIOs float64 `json:"total_ios"`
-				Clat     struct {
-					Pct map[string]float64 `json:"percentile"`
-				} `json:"clat_ns"`
-			} `json:"write"`
+			Read   side    `json:"read"`
+			Write  side    `json:"write"`
 			UsrCPU float64 `json:"usr_cpu"`
 			SysCPU float64 `json:"sys_cpu"`
 		} `json:"jobs"`
@@ -127,6 +129,9 @@ func runFio(tb testing.TB, sock, vol string, runtime int, args ...string) fioRes
 		tb.Fatalf("fio output: %v\n%s", err, out)
 	}
 	j := js.Jobs[0]
+	if j.Write.TotalIOs == 0 { // a read job
+		j.Write = j.Read
+	}
 	r := fioResult{IOPS: j.Write.IOPS, MiBps: j.Write.BW / (1 << 20), IOs: j.Write.TotalIOs,
 		P50us: j.Write.Clat.Pct["50.000000"] / 1e3, P99us: j.Write.Clat.Pct["99.000000"] / 1e3}
 	if r.IOs > 0 {
@@ -221,7 +226,9 @@ func benchResync(b *testing.B, runtime int) resyncRow {
 	a.waitState("v", rb.name, api.ReplicaResyncing, 30*time.Second)
 	start := time.Now()
 	during := make(chan fioResult, 1)
-	go func() { during <- runFio(b, a.nbdSock(), "v", 2, "--rw=randwrite", "--bs=4k", "--iodepth=1", "--offset=300M") }()
+	go func() {
+		during <- runFio(b, a.nbdSock(), "v", 2, "--rw=randwrite", "--bs=4k", "--iodepth=1", "--offset=300M")
+	}()
 	v := a.waitInSync("v", 5*time.Minute)
 	row.ResyncSeconds = time.Since(start).Seconds()
 	r := <-during

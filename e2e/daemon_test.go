@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 
 // daemonProc is blockd running as a child process.
 type daemonProc struct {
-	t       *testing.T
+	t       testing.TB
 	cmd     *exec.Cmd
 	dir     string
 	nbdAddr string
@@ -66,7 +66,7 @@ func startDaemon(t *testing.T, dir, nbdAddr string) *daemonProc {
 }
 
 // startDaemonWith is startDaemon with more serve flags.
-func startDaemonWith(t *testing.T, dir, nbdAddr string, flags ...string) *daemonProc {
+func startDaemonWith(t testing.TB, dir, nbdAddr string, flags ...string) *daemonProc {
 	t.Helper()
 	d := &daemonProc{t: t, dir: dir, nbdAddr: nbdAddr, sock: filepath.Join(dir, "blockd.sock"), log: &syncBuffer{}}
 	d.cmd = serveCmd(dir, append([]string{"--nbd-listen", nbdAddr, "--metrics-listen", ""}, flags...)...)

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"crypto/rand"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -87,17 +86,7 @@ func BenchmarkCrypt(b *testing.B) {
 		res.Rows = append(res.Rows, row)
 	}
 	res.print()
-	out := os.Getenv("BENCH_OUT")
-	if out == "" {
-		out = "../bench/results"
-	}
-	if err := os.MkdirAll(out, 0o755); err == nil {
-		js, _ := json.MarshalIndent(res, "", "  ")
-		path := filepath.Join(out, "crypt-"+res.Time.Format("20060102T150405Z")+".json")
-		if err := os.WriteFile(path, append(js, '\n'), 0o644); err == nil {
-			fmt.Printf("\nwritten to %s\n", path)
-		}
-	}
+	saveBench("crypt", res.Time, res)
 }
 
 type cryptBench struct {

@@ -42,13 +42,19 @@ func BenchmarkRepl(b *testing.B) {
 	res.Relay = benchReplRow(b, 2, runtime, 100*time.Microsecond)
 	res.Resync = benchResync(b, runtime)
 	res.print(os.Stdout)
+	saveBench("repl", res.Time, res)
+}
+
+// saveBench writes a benchmark's results as JSON under $BENCH_OUT
+// (default bench/results), named after what and when.
+func saveBench(what string, at time.Time, res any) {
 	out := os.Getenv("BENCH_OUT")
 	if out == "" {
 		out = "../bench/results"
 	}
 	if err := os.MkdirAll(out, 0o755); err == nil {
 		js, _ := json.MarshalIndent(res, "", "  ")
-		path := filepath.Join(out, "repl-"+res.Time.Format("20060102T150405Z")+".json")
+		path := filepath.Join(out, what+"-"+at.Format("20060102T150405Z")+".json")
 		if err := os.WriteFile(path, append(js, '\n'), 0o644); err == nil {
 			fmt.Printf("\nwritten to %s\n", path)
 		}

@@ -358,11 +358,15 @@ func (m *Registry) newProfileStage(v *Volume, s api.Spec, e ioengine.Engine) *pr
 	// would only add a copy per request.
 	opts := profile.Options{Size: e.Size, InMemory: s.Engine == ioengine.KindMemory,
 		Budget: m.opts.CacheBudget, Logger: m.log.With("volume", s.Name)}
-	if c, ok := e.(ioengine.CachedWriter); ok && (s.Replication == nil || len(s.Replication.Replicas) == 0) && s.Encryption == nil {
+	if c, ok := e.(ioengine.CachedWriter); ok && (s.Replication == nil || len(s.Replication.Replicas) == 0) {
 		// db writes through the page cache: straight to the engine, so
-		// not for a replicated or encrypted volume, whose writes must
-		// pass the replication or encryption stage below.
+		// not for a replicated volume, whose writes must pass the
+		// replication stage below; an encrypted volume's pass the
+		// encryption stage's own.
 		opts.Cached = c
+		if v.crypt != nil {
+			opts.Cached = v.crypt.Cached(c)
+		}
 	}
 	opts.OnChange = func(eff profile.Profile) {
 		if m.opts.Metrics != nil {

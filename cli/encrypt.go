@@ -84,12 +84,12 @@ comes from a secret takes --secret-file NEW. To rotate a node's KEK:
   blockd volume rekey --all --kek-file /etc/blockd/kek.new
   # point serve --kek-file at /etc/blockd/kek.new, then destroy the old file
   # once 'blockd volume list' shows no volume under the old KEK id`,
-		Args: cobra.MaximumNArgs(1),
+		Args: cobra.ArbitraryArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := checkOutput(*out); err != nil {
 				return err
 			}
-			if *all == (len(args) == 1) {
+			if len(args) > 1 || *all == (len(args) == 1) {
 				return usagef("volume rekey: name one volume or --all")
 			}
 			var req api.RekeyRequest

@@ -250,7 +250,7 @@ func (a *agent) moveVolume(ctx context.Context, name, to string) (api.Volume, er
 			return api.Volume{}, err
 		}
 		switch {
-		case vi.Owner == to:
+		case vi.Owner == to && vi.State.Epoch == vi.Epoch: // its state written too
 			a.st.SetMove(context.Background(), name, nil)
 			return a.view(vi), nil
 		case vi.Move == nil:

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blockd/blockd/internal/leakcheck"
+
 	"github.com/quic-go/quic-go"
 )
 
@@ -139,7 +141,7 @@ func (bl *blocker) ServeMessage(ctx context.Context, peer string, req *Header, p
 func TestCloseInFlight(t *testing.T) {
 	for _, side := range []string{"caller", "callee"} {
 		t.Run(side, func(t *testing.T) {
-			goroutines, fds := runtime.NumGoroutine(), openFDs(t)
+			goroutines, fds := runtime.NumGoroutine(), leakcheck.FDs(t)
 			func() {
 				bl := newBlocker()
 				a, b, _, _ := pair(t, bl)
@@ -177,8 +179,8 @@ func TestCloseInFlight(t *testing.T) {
 				a.Close()
 				b.Close()
 			}()
-			goroutinesSettle(t, goroutines)
-			if n := openFDs(t); n > fds {
+			leakcheck.Goroutines(t, goroutines)
+			if n := leakcheck.FDs(t); n > fds {
 				t.Errorf("%d fds open, %d before", n, fds)
 			}
 		})

@@ -182,6 +182,9 @@ func (d *Daemon) start() (err error) {
 	// it is gone (or find a new volume of the same name) when they
 	// reconnect.
 	volOpts.OnDelete = func(v *volume.Volume) {
+		if d.nbd == nil {
+			return // a volume reopened while the daemon starts: no client yet
+		}
 		if n := d.nbd.Disconnect(v); n > 0 {
 			d.log.Info("closed the NBD connections of a deleted volume", "volume", v.Name(), "connections", n)
 		}
@@ -194,6 +197,10 @@ func (d *Daemon) start() (err error) {
 	}
 	if d.cluster != nil {
 		d.cluster.run()
+		// A kernel device here needs its volume: take back what the
+		// node no longer owns (its lease ran out while it was down), if
+		// no other node took it meanwhile.
+		d.cluster.reclaimAttached()
 	}
 
 	d.nbd = nbd.NewServer(nbdExports{m: d.volumes, a: d.cluster}, nbd.Options{Logger: d.log})

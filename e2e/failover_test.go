@@ -4,6 +4,11 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -93,6 +98,31 @@ func takeOver(t *testing.T, n *clusterNode, vol string, within time.Duration) (*
 	return nil, 0
 }
 
+// withMetrics makes n serve /metrics on its lab address.
+func (n *clusterNode) withMetrics() { n.args = append(n.args, "--metrics-listen", n.ip()+":9810") }
+
+// metric returns the value of the sample whose line starts with series
+// in n's /metrics ("" if there is none).
+func (n *clusterNode) metric(series string) string {
+	n.c.t.Helper()
+	node := n.c.lab.Node(n.i)
+	hc := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		return node.DialContext(ctx, network, addr)
+	}}}
+	resp, err := hc.Get("http://" + n.ip() + ":9810/metrics")
+	if err != nil {
+		n.c.t.Fatalf("%s: metrics: %v", n.name, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			return v
+		}
+	}
+	return ""
+}
+
 // placement is the cluster's view of vol, through node n.
 func (n *clusterNode) placement(vol string) *api.Placement {
 	n.c.t.Helper()
@@ -109,8 +139,13 @@ func (n *clusterNode) placement(vol string) *api.Placement {
 // acknowledged write is there. The old owner returns as a replica and is
 // resynced; the copies are identical.
 func TestClusterOwnerKill9(t *testing.T) {
-	c := startCluster(t, 3, 3)
+	c := newEtcdCluster(t, 3, clusterFlags...)
 	a, b, third := c.nodes[0], c.nodes[1], c.nodes[2]
+	b.withMetrics()
+	c.startAll()
+	if _, err := b.api().CreateVolume(api.Spec{Name: "v", Size: replVolSize, Repl: 3, Profile: "none"}); err != nil {
+		t.Fatal(err)
+	}
 	ck := checker.New(0, 2048, 4)
 	fd := newFailoverDial(a, "v")
 	ctx, cancel := context.WithCancel(context.Background())
@@ -136,6 +171,9 @@ func TestClusterOwnerKill9(t *testing.T) {
 	f := p.LastFailover
 	if p.Owner != b.name || f == nil || f.From != a.name || f.To != b.name || f.Clean || f.Epoch != p.Epoch || time.Duration(f.Waited) <= 0 {
 		t.Fatalf("after the take-over: owner %q, last failover %+v", p.Owner, f)
+	}
+	if v := b.metric(`blockd_cluster_owner_changes_total{kind="failover",volume="v"}`); v != "1" {
+		t.Fatalf("%s counts %q fail-overs of v, want 1", b.name, v)
 	}
 	a.start()
 	b.waitInSync("v", 60*time.Second)
@@ -310,8 +348,9 @@ func TestClusterPausedOwner(t *testing.T) {
 // to its repl. The old copy is removed when its node returns.
 func TestClusterReplicaReplaced(t *testing.T) {
 	c := newEtcdCluster(t, 3, append(clusterFlags, "--replica-replace-after", "3s")...)
-	c.startAll()
 	a, b, third := c.nodes[0], c.nodes[1], c.nodes[2]
+	a.withMetrics()
+	c.startAll()
 	if _, err := a.api().CreateVolume(api.Spec{Name: "v", Size: replVolSize, Repl: 2, Nodes: []string{a.name, b.name}, Profile: "none"}); err != nil {
 		t.Fatal(err)
 	}
@@ -341,6 +380,9 @@ func TestClusterReplicaReplaced(t *testing.T) {
 	a.waitInSync("v", 30*time.Second)
 	a.verify("v")
 	verifyChecker(t, ck, a, "v")
+	if v := a.metric(`blockd_cluster_replicas_replaced_total{volume="v"}`); v != "1" {
+		t.Fatalf("%s counts %q replaced replicas of v, want 1", a.name, v)
+	}
 	b.start()
 	deadline = time.Now().Add(30 * time.Second)
 	for logCount(b, "removed this node's copy") == 0 {
@@ -443,4 +485,44 @@ func TestClusterNodesAndMove(t *testing.T) {
 		t.Fatalf("dial on the old owner after the move: %v", err)
 	}
 	third.verify("v")
+}
+
+// A node without a copy is refused with where the copies are; deleting a
+// volume on any node removes every copy, a down node's when it returns.
+func TestClusterDelete(t *testing.T) {
+	c := newEtcdCluster(t, 3, clusterFlags...)
+	c.startAll()
+	a, b, third := c.nodes[0], c.nodes[1], c.nodes[2]
+	if _, err := third.api().CreateVolume(api.Spec{Name: "v", Size: 16 << 20, Repl: 2, Nodes: []string{a.name, b.name}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := third.dial(context.Background(), "v"); err == nil || !strings.Contains(err.Error(), "no copy on node "+third.name) {
+		t.Fatalf("dial on a node without a copy: %v", err)
+	}
+	a.mustDial("v").Close()
+	b.kill9()
+	if err := third.api().DeleteVolume("v"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.api().GetVolume("v"); !api.IsCode(err, api.CodeNotFound) {
+		t.Fatalf("get after the delete: %v", err)
+	}
+	for _, n := range []*clusterNode{a, b} {
+		if n == b {
+			b.start()
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for logCount(n, "removed this node's copy") == 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s kept its copy of the deleted volume:\n%s", n.name, n.log)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+		if _, err := os.Stat(filepath.Join(n.dir, "volumes", "v.json")); !os.IsNotExist(err) {
+			t.Fatalf("%s: metadata of the deleted volume: %v", n.name, err)
+		}
+	}
+	if _, err := a.api().CreateVolume(api.Spec{Name: "v", Size: 16 << 20, Repl: 3}); err != nil {
+		t.Fatalf("a new volume of the same name: %v", err)
+	}
 }

@@ -327,6 +327,19 @@ func runChecker(ctx context.Context, ck *checker.Checker, dial func(ctx context.
 	return done
 }
 
+// waitFlushes waits until the checker's writers have n acknowledged
+// FLUSHes behind them (a fixed sleep is not enough on a loaded machine).
+func waitFlushes(t *testing.T, ck *checker.Checker, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for ck.Flushes.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the checker made %d flushes in 30s, want %d (errors %d: %v)", ck.Flushes.Load(), n, ck.Errors.Load(), ck.FirstError())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // verifyChecker reads every checker block through node n's volume.
 func verifyChecker(t *testing.T, ck *checker.Checker, n *clusterNode, vol string) {
 	t.Helper()

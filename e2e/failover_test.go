@@ -150,7 +150,7 @@ func TestClusterOwnerKill9(t *testing.T) {
 	fd := newFailoverDial(a, "v")
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runChecker(ctx, ck, fd.dial)
-	time.Sleep(time.Second)
+	waitFlushes(t, ck, 8)
 	if p := b.placement("v"); p.Owner != a.name {
 		t.Fatalf("before the kill the owner is %q, want %s", p.Owner, a.name)
 	}
@@ -158,7 +158,8 @@ func TestClusterOwnerKill9(t *testing.T) {
 	fd.target.Store(b)
 	a.kill9()
 	took := fd.waitTook(t, 6*leaseTTL).Sub(killed)
-	time.Sleep(time.Second) // writes go on at b
+	flushed := ck.Flushes.Load()
+	waitFlushes(t, ck, flushed+8) // writes go on at b
 	cancel()
 	<-done
 	t.Logf("take-over after kill -9 of the owner: %s (lease TTL %s)", took.Round(time.Millisecond), leaseTTL)
@@ -254,7 +255,7 @@ func TestClusterEtcdOutage(t *testing.T) {
 	ck := checker.New(0, 2048, 4)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runChecker(ctx, ck, ownerDial(a, "v"))
-	time.Sleep(500 * time.Millisecond)
+	waitFlushes(t, ck, 8)
 	outage := time.Now()
 	c.lab.Isolate(etcdLabNode)
 	time.Sleep(2 * time.Second)
@@ -357,7 +358,7 @@ func TestClusterReplicaReplaced(t *testing.T) {
 	ck := checker.New(0, 2048, 4)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runChecker(ctx, ck, ownerDial(a, "v"))
-	time.Sleep(500 * time.Millisecond)
+	waitFlushes(t, ck, 8)
 	b.kill9()
 	gone := time.Now()
 	deadline := time.Now().Add(60 * time.Second)

@@ -27,7 +27,7 @@ func newVolume() *cobra.Command {
 		RunE:    groupRun,
 	}
 	cmd.AddCommand(newVolumeCreate(), newVolumeList(), newVolumeGet(), newVolumeDelete(), newVolumeResize(), newVolumeSet(),
-		newVolumePromote(), newVolumeResync(), newVolumeVerify(), newVolumeWait(), newVolumeRekey(), newVolumeUnlock())
+		newVolumePromote(), newVolumeResync(), newVolumeVerify(), newVolumeWait(), newVolumeMove(), newVolumeRekey(), newVolumeUnlock())
 	return cmd
 }
 
@@ -82,7 +82,7 @@ func newVolumeCreate() *cobra.Command {
 		ro, encrypt                   *bool
 		kekFile, secretFile           *string
 		repl                          *int
-		nodes                         *[]string
+		nodes, zones                  *[]string
 		set                           = map[string]string{}
 	)
 	cmd := &cobra.Command{
@@ -107,7 +107,7 @@ func newVolumeCreate() *cobra.Command {
 			if err != nil {
 				return usagef("--size: %v", err)
 			}
-			spec := api.Spec{Name: args[0], Size: api.Size(n), Engine: *engine, Profile: *prof, ReadOnly: *ro, Repl: *repl, Nodes: *nodes}
+			spec := api.Spec{Name: args[0], Size: api.Size(n), Engine: *engine, Profile: *prof, ReadOnly: *ro, Repl: *repl, Nodes: *nodes, Zones: *zones}
 			if spec.Encryption, err = encryptionFlags(*encrypt, *kekFile, *secretFile); err != nil {
 				return err
 			}
@@ -130,7 +130,8 @@ func newVolumeCreate() *cobra.Command {
 	prof = fs.String("profile", profile.Auto.String(), profileUsage)
 	ro = fs.Bool("read-only", false, "refuse writes")
 	repl = fs.Int("repl", 1, "copies of the data, this node's included (1-3); writes complete when every in-sync copy has them")
-	nodes = fs.StringSlice("nodes", nil, "`nodes` that hold the other copies (default: the peers with the most free space)")
+	nodes = fs.StringSlice("nodes", nil, "`nodes` that hold the other copies (default: the peers with the most free space); in a cluster, every copy's node")
+	zones = fs.StringSlice("zones", nil, "in a cluster: place the copies in these `zones` only (default: spread over every zone)")
 	encrypt = fs.Bool("encrypt", false, "encrypt the volume at rest (AES-256-XTS); its data key is wrapped by the daemon's KEK (serve --kek-file) unless --kek-file or --secret-file names another")
 	kekFile = fs.String("kek-file", "", "with --encrypt: the key-encryption key `file` (read by the daemon; mode 0600, owned by its user)")
 	secretFile = fs.String("secret-file", "", "with --encrypt: a `file` holding a secret (at least 32 random bytes) the KEK is derived from; never stored: after a restart the volume opens with `blockd volume unlock`")
@@ -179,7 +180,13 @@ func newVolumeGet() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printVolumes(cmd.OutOrStdout(), *out, []api.Volume{vi}, true)
+			if err := printVolumes(cmd.OutOrStdout(), *out, []api.Volume{vi}, true); err != nil {
+				return err
+			}
+			if *out == "table" && vi.Placement != nil {
+				printPlacement(cmd.OutOrStdout(), vi)
+			}
+			return nil
 		},
 	}
 	sock = clientFlags(cmd)

@@ -131,5 +131,24 @@ func (m *Registry) Rekey(name, kekFile, secret string) (api.Spec, error) {
 	return saved, nil
 }
 
+// NewEncryption makes the encryption metadata of a new cluster volume
+// named name from what its create asked for: a random data key wrapped
+// under the KEK the request names (this node's current KEK file by
+// default, or one derived from a secret). The cluster keeps it with the
+// volume's spec, so that every copy carries the same wrapped key; each
+// node that serves the volume unwraps it with its own copy of the KEK.
+// ForgetKey drops a secret-derived KEK this leaves in the keyring when
+// the create fails.
+func (m *Registry) NewEncryption(name string, req api.Encryption) (api.Encryption, error) {
+	e, err := m.opts.Keys.Create(name, req)
+	if err != nil {
+		return api.Encryption{}, api.Errorf(api.CodeInvalid, "create %s: %w", name, err)
+	}
+	return e, nil
+}
+
+// ForgetKey drops what the keyring holds for volume name.
+func (m *Registry) ForgetKey(name string) { m.opts.Keys.Forget(name) }
+
 // Encrypted reports whether the volume is encrypted at rest.
 func (v *Volume) Encrypted() bool { return v.Spec().Encryption != nil }

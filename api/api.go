@@ -11,6 +11,8 @@
 //	PATCH  /v1/volumes/{name}           UpdateRequest -> Volume
 //	POST   /v1/volumes/{name}/attach    AttachRequest -> Volume
 //	POST   /v1/volumes/{name}/detach    Volume
+//	POST   /v1/volumes/{name}/unlock    UnlockRequest -> Volume
+//	POST   /v1/volumes/{name}/rekey     RekeyRequest -> Volume
 //	POST   /v1/volumes/{name}/move      MoveRequest -> Volume (cluster)
 //	GET    /v1/nodes                    [Node] (cluster)
 //	GET    /v1/io/pods                  podio.Snapshot
@@ -81,6 +83,64 @@ type Spec struct {
 	// Replication is the state of a replicated volume (Repl > 1) and of
 	// a replica, as this node knows it; the daemon sets it.
 	Replication *Replication `json:"replication,omitempty"`
+	// Encryption, if set, encrypts the volume at rest. In a create, an
+	// empty object ({}) encrypts under the node's KEK; the daemon fills
+	// in the rest.
+	Encryption *Encryption `json:"encryption,omitempty"`
+}
+
+// Cipher of encrypted volumes.
+const CipherAES256XTS = "aes-256-xts"
+
+// KEK sources of an encrypted volume.
+const (
+	// KEKFile: the data key is wrapped by a KEK read from a file on the
+	// node: the file named in KEKFile, or else the daemon's own
+	// (`serve --kek-file`).
+	KEKFile = "file"
+	// KEKSecret: the KEK is derived from a secret handed in with the
+	// create and with every attach or unlock after a restart (a CSI
+	// StorageClass node-stage secret); blockd never stores it.
+	KEKSecret = "secret"
+)
+
+// Encryption is how a volume is encrypted at rest: AES-256-XTS with a
+// random data key that is stored only wrapped by a key-encryption key
+// (KEK). The metadata holds the wrapped key and the KEK's id, never a
+// key.
+type Encryption struct {
+	// Cipher is CipherAES256XTS.
+	Cipher string `json:"cipher,omitempty"`
+	// KEK is the KEK's source: KEKFile (default) or KEKSecret.
+	KEK string `json:"kek,omitempty"`
+	// KEKID names the KEK that wrapped the data key: a truncated hash
+	// of it, which reveals nothing about it.
+	KEKID string `json:"kek_id,omitempty"`
+	// KEKFile is the KEK file a create or rekey named (absolute path);
+	// empty: the daemon's --kek-file.
+	KEKFile string `json:"kek_file,omitempty"`
+	// Salt (base64) derives a KEKSecret volume's KEK from its secret.
+	Salt string `json:"salt,omitempty"`
+	// WrappedKey is the data key wrapped by the KEK (base64 of an
+	// AES-256-GCM nonce, ciphertext and tag). Deleting the volume
+	// destroys it first. The API never shows it.
+	WrappedKey string `json:"wrapped_key,omitempty"`
+	// KeyCheck is the data key's check value (hex): an unwrapped key
+	// must match it.
+	KeyCheck string `json:"key_check,omitempty"`
+	// Secret is input only: the secret a KEKSecret volume's KEK is
+	// derived from, in a create. blockd never stores or shows it.
+	Secret string `json:"secret,omitempty"`
+}
+
+// Public is what the API shows of e: no wrapped key, salt or secret.
+func (e *Encryption) Public() *Encryption {
+	if e == nil {
+		return nil
+	}
+	c := *e
+	c.WrappedKey, c.Salt, c.Secret = "", "", ""
+	return &c
 }
 
 // Roles of a node for a replicated volume.
@@ -379,6 +439,27 @@ type AttachRequest struct {
 	Connections int    `json:"connections,omitempty"` // nbd: 0 = one per CPU, at most 8
 	Queues      int    `json:"queues,omitempty"`      // ublk: 0 = one per CPU, at most 4
 	Depth       int    `json:"depth,omitempty"`       // ublk: 0 = 64
+	// Secret unlocks an encrypted volume whose KEK is derived from a
+	// secret (Encryption.KEK = KEKSecret) when the daemon has not got
+	// it since it started: what a CSI driver passes from the
+	// StorageClass's node-stage secret. Never stored.
+	Secret string `json:"secret,omitempty"`
+}
+
+// UnlockRequest is the body of POST /v1/volumes/{name}/unlock: the secret
+// of a volume whose KEK is derived from one, after a daemon restart.
+type UnlockRequest struct {
+	Secret string `json:"secret"`
+}
+
+// RekeyRequest is the body of POST /v1/volumes/{name}/rekey: the data key
+// is rewrapped under a new KEK; no data is rewritten.
+type RekeyRequest struct {
+	// KEKFile is the new KEK's file (absolute path, read by the
+	// daemon). Empty: the daemon's current KEK (for KEKFile volumes).
+	KEKFile string `json:"kek_file,omitempty"`
+	// Secret is the new secret of a KEKSecret volume.
+	Secret string `json:"secret,omitempty"`
 }
 
 // Size is a byte count: it marshals as a number and unmarshals from a

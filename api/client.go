@@ -173,6 +173,19 @@ func (c *Client) Detach(name string) (Volume, error) {
 	return out, c.do("POST", volPath(name)+"/detach", struct{}{}, &out)
 }
 
+// Unlock opens an encrypted volume whose KEK is derived from a secret,
+// after a daemon restart.
+func (c *Client) Unlock(name, secret string) (Volume, error) {
+	var out Volume
+	return out, c.do("POST", volPath(name)+"/unlock", UnlockRequest{Secret: secret}, &out)
+}
+
+// Rekey rewraps an encrypted volume's data key under a new KEK.
+func (c *Client) Rekey(name string, req RekeyRequest) (Volume, error) {
+	var out Volume
+	return out, c.do("POST", volPath(name)+"/rekey", req, &out)
+}
+
 // Promote makes this node's replica of a volume its owner.
 func (c *Client) Promote(name string, force bool) (Volume, error) {
 	var out Volume

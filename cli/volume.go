@@ -27,7 +27,7 @@ func newVolume() *cobra.Command {
 		RunE:    groupRun,
 	}
 	cmd.AddCommand(newVolumeCreate(), newVolumeList(), newVolumeGet(), newVolumeDelete(), newVolumeResize(), newVolumeSet(),
-		newVolumePromote(), newVolumeResync(), newVolumeVerify(), newVolumeWait(), newVolumeMove())
+		newVolumePromote(), newVolumeResync(), newVolumeVerify(), newVolumeWait(), newVolumeMove(), newVolumeRekey(), newVolumeUnlock())
 	return cmd
 }
 
@@ -79,7 +79,8 @@ func (q *qosValue) Set(s string) error {
 func newVolumeCreate() *cobra.Command {
 	var (
 		size, engine, prof, out, sock *string
-		ro                            *bool
+		ro, encrypt                   *bool
+		kekFile, secretFile           *string
 		repl                          *int
 		nodes, zones                  *[]string
 		set                           = map[string]string{}
@@ -91,6 +92,8 @@ func newVolumeCreate() *cobra.Command {
 [a-z0-9][a-z0-9._-]{0,62}. The size is a multiple of 4KiB.`,
 		Example: `  blockd volume create db --size 10GiB --profile db
   blockd volume create pg --size 50GiB --repl 3 --profile db
+  blockd volume create secure --size 10GiB --encrypt
+  blockd volume create secure2 --size 10GiB --encrypt --kek-file /etc/blockd/kek-secure2
   blockd volume create scratch --size 1GiB --engine memory --iops-limit 5k`,
 		Args: args(1, "one volume NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -105,6 +108,9 @@ func newVolumeCreate() *cobra.Command {
 				return usagef("--size: %v", err)
 			}
 			spec := api.Spec{Name: args[0], Size: api.Size(n), Engine: *engine, Profile: *prof, ReadOnly: *ro, Repl: *repl, Nodes: *nodes, Zones: *zones}
+			if spec.Encryption, err = encryptionFlags(*encrypt, *kekFile, *secretFile); err != nil {
+				return err
+			}
 			if len(set) > 0 {
 				if err := json.Unmarshal(api.QoSChange(set), &spec.QoS); err != nil {
 					return usageError{err}
@@ -126,6 +132,9 @@ func newVolumeCreate() *cobra.Command {
 	repl = fs.Int("repl", 1, "copies of the data, this node's included (1-3); writes complete when every in-sync copy has them")
 	nodes = fs.StringSlice("nodes", nil, "`nodes` that hold the other copies (default: the peers with the most free space); in a cluster, every copy's node")
 	zones = fs.StringSlice("zones", nil, "in a cluster: place the copies in these `zones` only (default: spread over every zone)")
+	encrypt = fs.Bool("encrypt", false, "encrypt the volume at rest (AES-256-XTS); its data key is wrapped by the daemon's KEK (serve --kek-file) unless --kek-file or --secret-file names another")
+	kekFile = fs.String("kek-file", "", "with --encrypt: the key-encryption key `file` (read by the daemon; mode 0600, owned by its user)")
+	secretFile = fs.String("secret-file", "", "with --encrypt: a `file` holding a secret (at least 32 random bytes) the KEK is derived from; never stored: after a restart the volume opens with `blockd volume unlock`")
 	out = outputFlag(cmd)
 	qosFlags(fs, set)
 	cmd.RegisterFlagCompletionFunc("engine", cobra.FixedCompletions(ioengine.Kinds, cobra.ShellCompDirectiveNoFileComp))
@@ -295,7 +304,7 @@ func printVolumes(w io.Writer, format string, vs []api.Volume, single bool) erro
 		return enc.Encode(vs)
 	}
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tSTATE\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tREPL\tQOS\tCREATED")
+	fmt.Fprintln(tw, "NAME\tSTATE\tSIZE\tENGINE\tPROFILE\tMODE\tALLOCATED\tDEVICE\tREPL\tENCRYPTION\tQOS\tCREATED")
 	var reasons []string
 	for _, v := range vs {
 		mode := "rw"
@@ -323,7 +332,7 @@ func printVolumes(w io.Writer, format string, vs []api.Volume, single bool) erro
 			state += "*"
 			reasons = append(reasons, fmt.Sprintf("* %s: %s", v.Name, v.Reason))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, state, v.SizeHuman, v.Engine, prof, mode, alloc, dev, replicaSummary(v), qosSummary(v.QoS), created)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, state, v.SizeHuman, v.Engine, prof, mode, alloc, dev, replicaSummary(v), encryptionSummary(v.Encryption), qosSummary(v.QoS), created)
 	}
 	if err := tw.Flush(); err != nil {
 		return err

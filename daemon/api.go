@@ -27,6 +27,8 @@ func (d *Daemon) apiHandler() http.Handler {
 	mux.HandleFunc("PATCH /v1/volumes/{name}", d.update)
 	mux.HandleFunc("POST /v1/volumes/{name}/attach", d.attach)
 	mux.HandleFunc("POST /v1/volumes/{name}/detach", d.detach)
+	mux.HandleFunc("POST /v1/volumes/{name}/unlock", d.unlock)
+	mux.HandleFunc("POST /v1/volumes/{name}/rekey", d.rekey)
 	mux.HandleFunc("POST /v1/volumes/{name}/promote", d.promote)
 	mux.HandleFunc("POST /v1/volumes/{name}/resync", d.resync)
 	mux.HandleFunc("POST /v1/volumes/{name}/verify", d.verify)
@@ -63,6 +65,7 @@ func (d *Daemon) health(w http.ResponseWriter, r *http.Request) {
 func (d *Daemon) info(v *volume.Volume) api.Volume {
 	s := v.Spec()
 	vi := api.Volume{Spec: s, SizeHuman: units.FormatSize(int64(s.Size))}
+	vi.Encryption = s.Encryption.Public() // never the wrapped key
 	vi.State, vi.Reason = v.State()
 	if n, ok, err := v.Allocated(); ok {
 		vi.Path = d.volumes.DataPath(s.Name)
@@ -230,6 +233,15 @@ func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	name := r.PathValue("name")
+	if req.Secret != "" {
+		// An encrypted volume whose KEK comes with the attach (a CSI
+		// node-stage secret) opens first.
+		if _, err := d.volumes.Unlock(name, req.Secret); err != nil {
+			writeError(w, err)
+			return
+		}
+		req.Secret = ""
+	}
 	if d.isClusterVolume(name) {
 		// The kernel device is a frontend: this node must own the
 		// volume.
@@ -264,6 +276,34 @@ func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	d.updateProbeDevices()
+	d.reply(w, http.StatusOK, s.Name)
+}
+
+func (d *Daemon) unlock(w http.ResponseWriter, r *http.Request) {
+	var req api.UnlockRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := d.volumes.Unlock(r.PathValue("name"), req.Secret)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	d.reply(w, http.StatusOK, s.Name)
+}
+
+func (d *Daemon) rekey(w http.ResponseWriter, r *http.Request) {
+	var req api.RekeyRequest
+	if err := readJSON(r, &req); err != nil {
+		writeError(w, err)
+		return
+	}
+	s, err := d.volumes.Rekey(r.PathValue("name"), req.KEKFile, req.Secret)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
 	d.reply(w, http.StatusOK, s.Name)
 }
 

@@ -226,6 +226,22 @@ func (a *agent) run() {
 	go func() { defer a.wg.Done(); a.reconcileLoop(changed) }()
 }
 
+// reclaimAttached takes back the volumes attached as kernel devices here
+// that the node no longer owns (its lease expired while the daemon was
+// down), so that their devices go on; a volume another node took keeps
+// its device detached at recovery.
+func (a *agent) reclaimAttached() {
+	for _, v := range a.d.volumes.Volumes() {
+		s := v.Spec()
+		if s.Cluster == "" || s.Attachment == nil || s.Replication == nil || s.Replication.Role == api.RoleOwner {
+			continue
+		}
+		if _, err := a.acquire(s.Name, "attach"); err != nil {
+			a.log.Error("a volume attached here could not be taken back; its device will be detached", "volume", s.Name, "device", s.Attachment.Device, "err", err)
+		}
+	}
+}
+
 func (a *agent) dropOwned(name string, o *cluster.Ownership) {
 	a.mu.Lock()
 	if a.owned[name] == o {
@@ -419,6 +435,11 @@ func (a *agent) acquire(name, by string) (*volume.Volume, error) {
 	st := before.State
 	st.InSync = slices.Clone(st.InSync)
 	st.Owner, st.Epoch, st.Clean = a.node, o.Epoch, false
+	// An attachment elsewhere died with that node's ownership.
+	st.Attached = ""
+	if att := v.Spec().Attachment; att != nil {
+		st.Attached = a.node + ":" + att.Device
+	}
 	if before.State.Owner != a.node || !before.State.Clean {
 		st.LastFailover = &api.Failover{From: before.State.Owner, To: a.node, Epoch: o.Epoch, At: now.UTC(), Clean: before.State.Clean,
 			Waited: api.Duration(now.Sub(firstTry).Round(time.Millisecond)), By: by}

@@ -42,7 +42,21 @@ func (a *agent) createVolume(ctx context.Context, s api.Spec) (api.Volume, error
 	}
 	s.Repl, s.Nodes, s.Zones, s.Cluster = repl, nil, nil, a.st.ID()
 	s.CreatedAt = time.Now().UTC().Truncate(time.Second)
+	if s.Encryption != nil {
+		// The wrapped data key goes into the cluster with the spec:
+		// every copy gets the same one, and the node that serves the
+		// volume unwraps it with its KEK (the same KEK file on every
+		// node, or the secret an attach brings).
+		e, err := a.d.volumes.NewEncryption(s.Name, *s.Encryption)
+		if err != nil {
+			return api.Volume{}, err
+		}
+		s.Encryption = &e
+	}
 	if err := a.st.CreateVolume(ctx, cluster.Volume{Spec: s, Nodes: nodes}); err != nil {
+		if s.Encryption != nil {
+			a.d.volumes.ForgetKey(s.Name)
+		}
 		return api.Volume{}, err
 	}
 	a.poke()
@@ -92,6 +106,7 @@ func (a *agent) view(vi cluster.VolumeInfo) api.Volume {
 		out = a.d.info(v)
 	} else {
 		out = api.Volume{Spec: vi.Spec, SizeHuman: units.FormatSize(int64(vi.Spec.Size)), State: api.StateOK}
+		out.Encryption = out.Encryption.Public() // never the wrapped key
 	}
 	out.Placement = vi.Placement()
 	return out
@@ -250,7 +265,7 @@ func (a *agent) moveVolume(ctx context.Context, name, to string) (api.Volume, er
 			return api.Volume{}, err
 		}
 		switch {
-		case vi.Owner == to:
+		case vi.Owner == to && vi.State.Epoch == vi.Epoch: // its state written too
 			a.st.SetMove(context.Background(), name, nil)
 			return a.view(vi), nil
 		case vi.Move == nil:

@@ -27,6 +27,7 @@ import (
 
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/attach"
+	"github.com/blockd/blockd/encryption"
 	"github.com/blockd/blockd/kernel/module"
 	"github.com/blockd/blockd/metrics"
 	"github.com/blockd/blockd/nbd"
@@ -59,6 +60,10 @@ type Config struct {
 	QoSCapacity   qos.Capacity // what reservations and weights divide
 	// Replication joins the daemon to its peers (Node empty: none).
 	Replication ReplicationConfig
+	// KEKFiles are the node's key-encryption key files (serve
+	// --kek-file): the first wraps the data keys of new encrypted
+	// volumes, every one opens the volumes wrapped under it.
+	KEKFiles []string
 	// Cluster joins the daemon to a cluster on etcd (no Endpoints: none);
 	// it needs Replication.
 	Cluster ClusterConfig
@@ -154,7 +159,11 @@ func (d *Daemon) start() (err error) {
 	budget := profile.NewBudget(max(cfg.CacheMemory, 0))
 	d.reg.MustRegister(metrics.CacheBudget(budget))
 	d.log.Info("cache memory", "limit", limitText(budget.Stats().Limit))
-	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos, CacheBudget: budget}
+	keys, err := loadKEKs(cfg.KEKFiles, d.log)
+	if err != nil {
+		return err
+	}
+	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos, CacheBudget: budget, Keys: keys}
 	var replNode *replication.Node
 	if cfg.Replication.Node != "" {
 		if err := d.startTransport(); err != nil {
@@ -182,6 +191,9 @@ func (d *Daemon) start() (err error) {
 	// it is gone (or find a new volume of the same name) when they
 	// reconnect.
 	volOpts.OnDelete = func(v *volume.Volume) {
+		if d.nbd == nil {
+			return // a volume reopened while the daemon starts: no client yet
+		}
 		if n := d.nbd.Disconnect(v); n > 0 {
 			d.log.Info("closed the NBD connections of a deleted volume", "volume", v.Name(), "connections", n)
 		}
@@ -194,6 +206,10 @@ func (d *Daemon) start() (err error) {
 	}
 	if d.cluster != nil {
 		d.cluster.run()
+		// A kernel device here needs its volume: take back what the
+		// node no longer owns (its lease ran out while it was down), if
+		// no other node took it meanwhile.
+		d.cluster.reclaimAttached()
 	}
 
 	d.nbd = nbd.NewServer(nbdExports{m: d.volumes, a: d.cluster}, nbd.Options{Logger: d.log})
@@ -251,6 +267,22 @@ func (d *Daemon) start() (err error) {
 		d.log.Info("metrics", "url", "http://"+ln.Addr().String()+"/metrics")
 	}
 	return nil
+}
+
+// loadKEKs reads the node's KEK files into a keyring; a file that is not
+// a private key of the daemon's user stops the daemon (a KEK others can
+// read protects nothing).
+func loadKEKs(files []string, log *slog.Logger) (*encryption.Keyring, error) {
+	var keks []*encryption.KEK
+	for _, f := range files {
+		kek, err := encryption.LoadKEKFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("serve --kek-file: %w", err)
+		}
+		keks = append(keks, kek)
+		log.Info("key-encryption key", "file", f, "kek_id", kek.ID(), "current", len(keks) == 1)
+	}
+	return encryption.NewKeyring(keks...), nil
 }
 
 // goServe runs an accept loop owned by the daemon until stop.

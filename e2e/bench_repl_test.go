@@ -42,13 +42,19 @@ func BenchmarkRepl(b *testing.B) {
 	res.Relay = benchReplRow(b, 2, runtime, 100*time.Microsecond)
 	res.Resync = benchResync(b, runtime)
 	res.print(os.Stdout)
+	saveBench("repl", res.Time, res)
+}
+
+// saveBench writes a benchmark's results as JSON under $BENCH_OUT
+// (default bench/results), named after what and when.
+func saveBench(what string, at time.Time, res any) {
 	out := os.Getenv("BENCH_OUT")
 	if out == "" {
 		out = "../bench/results"
 	}
 	if err := os.MkdirAll(out, 0o755); err == nil {
 		js, _ := json.MarshalIndent(res, "", "  ")
-		path := filepath.Join(out, "repl-"+res.Time.Format("20060102T150405Z")+".json")
+		path := filepath.Join(out, what+"-"+at.Format("20060102T150405Z")+".json")
 		if err := os.WriteFile(path, append(js, '\n'), 0o644); err == nil {
 			fmt.Printf("\nwritten to %s\n", path)
 		}
@@ -106,16 +112,18 @@ func runFio(tb testing.TB, sock, vol string, runtime int, args ...string) fioRes
 	if err != nil {
 		tb.Fatalf("fio %v: %v\n%s", args, err, out)
 	}
+	type side struct {
+		IOPS     float64 `json:"iops"`
+		BW       float64 `json:"bw_bytes"`
+		TotalIOs float64 `json:"total_ios"`
+		Clat     struct {
+			Pct map[string]float64 `json:"percentile"`
+		} `json:"clat_ns"`
+	}
 	var js struct {
 		Jobs []struct {
-			Write struct {
-				IOPS     float64 `json:"iops"`
-				BW       float64 `json:"bw_bytes"`
-				TotalIOs float64 `json:"total_ios"`
-				Clat     struct {
-					Pct map[string]float64 `json:"percentile"`
-				} `json:"clat_ns"`
-			} `json:"write"`
+			Read   side    `json:"read"`
+			Write  side    `json:"write"`
 			UsrCPU float64 `json:"usr_cpu"`
 			SysCPU float64 `json:"sys_cpu"`
 		} `json:"jobs"`
@@ -127,6 +135,9 @@ func runFio(tb testing.TB, sock, vol string, runtime int, args ...string) fioRes
 		tb.Fatalf("fio output: %v\n%s", err, out)
 	}
 	j := js.Jobs[0]
+	if j.Write.TotalIOs == 0 { // a read job
+		j.Write = j.Read
+	}
 	r := fioResult{IOPS: j.Write.IOPS, MiBps: j.Write.BW / (1 << 20), IOs: j.Write.TotalIOs,
 		P50us: j.Write.Clat.Pct["50.000000"] / 1e3, P99us: j.Write.Clat.Pct["99.000000"] / 1e3}
 	if r.IOs > 0 {

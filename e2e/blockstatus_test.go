@@ -16,11 +16,22 @@ import (
 // a sequential volume of a running daemon and, on the same connection and
 // before any flush, asks BLOCK_STATUS: the write, still in the write-back
 // buffer, is data; a file volume's never-written ranges are holes; after a
-// flush the write is data in the engine and the rest is hole.
+// flush the write is data in the engine and the rest is hole. The same
+// on an encrypted volume: its holes stay holes.
 func TestBlockStatusThroughDaemon(t *testing.T) {
 	need(t, "nbdsh")
-	d := startDaemon(t, t.TempDir(), freePort(t))
-	if _, err := d.client().CreateVolume(api.Spec{Name: "seq", Size: 16 << 20, Profile: "sequential"}); err != nil {
+	d := startDaemonWith(t, t.TempDir(), freePort(t), "--kek-file", kekFile(t))
+	for _, vol := range []string{"seq", "encrypted"} {
+		t.Run(vol, func(t *testing.T) { blockStatus(t, d, vol) })
+	}
+}
+
+func blockStatus(t *testing.T, d *daemonProc, vol string) {
+	spec := api.Spec{Name: vol, Size: 16 << 20, Profile: "sequential"}
+	if vol == "encrypted" {
+		spec.Encryption = &api.Encryption{}
+	}
+	if _, err := d.client().CreateVolume(spec); err != nil {
 		t.Fatal(err)
 	}
 	// Prints one line per extent, "offset length flags", for each query.
@@ -40,7 +51,7 @@ show("flushed")
 `
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "nbdsh", "--base-allocation", "-u", d.uri("seq"), "-c", script)
+	cmd := exec.CommandContext(ctx, "nbdsh", "--base-allocation", "-u", d.uri(vol), "-c", script)
 	// The libnbd bindings live in the system python3.
 	cmd.Env = append(os.Environ(), "PATH=/usr/bin:/bin:"+os.Getenv("PATH"))
 	out, err := cmd.CombinedOutput()

@@ -31,7 +31,7 @@ func TestMain(m *testing.M) {
 
 // daemonProc is blockd running as a child process.
 type daemonProc struct {
-	t       *testing.T
+	t       testing.TB
 	cmd     *exec.Cmd
 	dir     string
 	nbdAddr string
@@ -62,8 +62,14 @@ func serveCmd(dir string, flags ...string) *exec.Cmd {
 // startDaemon runs `blockd serve` on dir and waits until its API answers.
 func startDaemon(t *testing.T, dir, nbdAddr string) *daemonProc {
 	t.Helper()
+	return startDaemonWith(t, dir, nbdAddr)
+}
+
+// startDaemonWith is startDaemon with more serve flags.
+func startDaemonWith(t testing.TB, dir, nbdAddr string, flags ...string) *daemonProc {
+	t.Helper()
 	d := &daemonProc{t: t, dir: dir, nbdAddr: nbdAddr, sock: filepath.Join(dir, "blockd.sock"), log: &syncBuffer{}}
-	d.cmd = serveCmd(dir, "--nbd-listen", nbdAddr, "--metrics-listen", "")
+	d.cmd = serveCmd(dir, append([]string{"--nbd-listen", nbdAddr, "--metrics-listen", ""}, flags...)...)
 	d.cmd.Stdout = d.log
 	d.cmd.Stderr = d.log
 	if err := d.cmd.Start(); err != nil {

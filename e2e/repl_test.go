@@ -74,7 +74,7 @@ func TestReplicaKill9(t *testing.T) {
 	ck := checker.New(0, 2048, 4) // 8 MiB of blocks
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runChecker(ctx, ck, ownerDial(a, "v"))
-	time.Sleep(500 * time.Millisecond)
+	waitFlushes(t, ck, 8)
 	b.kill9()
 	a.waitState("v", b.name, api.ReplicaUnreachable, 10*time.Second)
 	time.Sleep(500 * time.Millisecond)
@@ -270,7 +270,7 @@ func TestOwnerKillPromote(t *testing.T) {
 	ck := checker.New(0, 2048, 4)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runChecker(ctx, ck, ownerDial(a, "v"))
-	time.Sleep(700 * time.Millisecond)
+	waitFlushes(t, ck, 8)
 	a.kill9()
 	cancel()
 	<-done

@@ -2,7 +2,7 @@
 // ublk) produces and the Handler and Stage interfaces through which requests
 // flow to the backing store:
 //
-//	frontend -> qos -> profile -> replication -> ioengine
+//	frontend -> qos -> profile -> encryption -> replication -> ioengine
 //
 // Frontends know nothing about the stages; a stage is a Handler that wraps
 // the next Handler, the way bufio wraps an io.Reader. Handlers are called

@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blockd/blockd/internal/leakcheck"
+
 	"github.com/quic-go/quic-go"
 )
 
@@ -139,7 +141,7 @@ func (bl *blocker) ServeMessage(ctx context.Context, peer string, req *Header, p
 func TestCloseInFlight(t *testing.T) {
 	for _, side := range []string{"caller", "callee"} {
 		t.Run(side, func(t *testing.T) {
-			goroutines, fds := runtime.NumGoroutine(), openFDs(t)
+			goroutines, fds := runtime.NumGoroutine(), leakcheck.FDs(t)
 			func() {
 				bl := newBlocker()
 				a, b, _, _ := pair(t, bl)
@@ -177,8 +179,8 @@ func TestCloseInFlight(t *testing.T) {
 				a.Close()
 				b.Close()
 			}()
-			goroutinesSettle(t, goroutines)
-			if n := openFDs(t); n > fds {
+			leakcheck.Goroutines(t, goroutines)
+			if n := leakcheck.FDs(t); n > fds {
 				t.Errorf("%d fds open, %d before", n, fds)
 			}
 		})
@@ -405,12 +407,23 @@ func TestCancelMidWrite(t *testing.T) {
 	a := start(t, acfg)
 
 	errs := make(chan error, 2)
-	for _, typ := range []uint8{1, 2} { // 1 holds the worker, 2 holds the reader
+	for i, typ := range []uint8{1, 2} { // 1 holds the worker, 2 holds the reader
 		go func() {
 			_, _, err := call(a, &Header{Type: typ}, nil)
 			errs <- err
 		}()
-		time.Sleep(50 * time.Millisecond)
+		waitSent(t, a, "b", i+1) // in order, whatever the machine's load
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		mu.Lock()
+		n := seen[1]
+		mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first call never reached the handler")
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
@@ -521,5 +534,40 @@ func TestSetPeer(t *testing.T) {
 	}
 	if err := a.SetPeer("c", "no port"); err == nil {
 		t.Fatal("SetPeer took an address without a port")
+	}
+}
+
+// waitSent waits (at most 10s) until tr's connection to peer has n calls
+// written and awaiting their answers.
+func waitSent(t *testing.T, tr *Transport, peer string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		sent := 0
+		if p := tr.peer(peer); p != nil {
+			p.mu.Lock()
+			cc := p.cur
+			p.mu.Unlock()
+			if cc != nil {
+				for i := range cc.streams {
+					if ms := cc.streams[i].Load(); ms != nil {
+						ms.mu.Lock()
+						for j := range ms.calls {
+							if ms.calls[j].state == slotSent && ms.writing != &ms.calls[j] {
+								sent++
+							}
+						}
+						ms.mu.Unlock()
+					}
+				}
+			}
+		}
+		if sent >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d calls sent to %s within 10s, want %d", sent, peer, n)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

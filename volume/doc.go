@@ -3,7 +3,11 @@
 // (package ioengine) and its request pipeline, built the same way for
 // every volume:
 //
-//	metrics -> read-only -> qos -> profile -> engine
+//	metrics -> read-only -> qos -> profile -> encryption -> replication -> engine
+//
+// (encryption only for encrypted volumes, replication only for the
+// replicated volumes this node owns; a replica's pipeline is the engine
+// alone).
 //
 // A Volume is what the frontends serve: the NBD server (nbd.Export) and
 // the kernel devices of package attach (a pipeline.Handler).

@@ -15,6 +15,7 @@ import (
 	"github.com/blockd/blockd/internal/durable"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/encryption"
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
 	"github.com/blockd/blockd/profile"
@@ -51,6 +52,10 @@ type Options struct {
 	// it holds for others. Without it a replicated volume cannot be
 	// created or opened here.
 	Replication *replication.Node
+	// Keys unwraps encrypted volumes' data keys (nil: an empty keyring:
+	// only volumes whose metadata names a KEK file, or whose secret is
+	// handed in, can be encrypted).
+	Keys *encryption.Keyring
 	// Cluster, if set, joins the registry to a cluster (ClusterID): the
 	// owner pipelines of its volumes hold their ownership lease and
 	// persist their replication state in the cluster store first. A
@@ -125,6 +130,9 @@ func Open(opts Options) (*Registry, error) {
 	}
 	if opts.reopenEngine == nil {
 		opts.reopenEngine = ioengine.Reopen
+	}
+	if opts.Keys == nil {
+		opts.Keys = encryption.NewKeyring()
 	}
 	m := &Registry{dir: opts.Dir, log: opts.Log, opts: opts, vols: map[string]*Volume{}, deleting: map[string]bool{}}
 	for _, d := range []string{m.dir, m.metaDir(), m.dataDir()} {
@@ -210,6 +218,8 @@ func (m *Registry) load(name string) *Volume {
 	}
 	v, err := m.open(s, m.opts.reopenEngine)
 	switch {
+	case errors.Is(err, encryption.ErrKey):
+		return newFailed(s, fmt.Sprintf("%v (the volume stays closed; nothing was read or written)", err))
 	case errors.Is(err, os.ErrNotExist):
 		return newFailed(s, fmt.Sprintf("backing file %s is missing; blockd will not recreate it empty "+
 			"(restore the file and restart, or delete the volume)", m.DataPath(name)))
@@ -292,22 +302,39 @@ func (m *Registry) setFailedMetric(name string, v *Volume) {
 
 // open opens the engine of s and builds its pipeline:
 //
-//	metrics -> read-only -> qos -> profile -> engine
+//	metrics -> read-only -> qos -> profile -> encryption -> replication -> engine
+//
+// An encrypted volume's data key is unwrapped first: without it nothing
+// is opened (a replica needs none: it stores the ciphertext its owner
+// sends).
 func (m *Registry) open(s api.Spec, openEngine func(kind, path string, size int64) (ioengine.Engine, error)) (*Volume, error) {
 	if s.Cluster != "" && (m.opts.Cluster == nil || s.Cluster != m.opts.ClusterID) {
 		return nil, errForeignCluster(s.Cluster, m.opts.ClusterID)
+	}
+	replica := s.Replication != nil && s.Replication.Role == api.RoleReplica
+	var crypt *encryption.Stage
+	if s.Encryption != nil && !replica {
+		key, err := m.opts.Keys.Open(s.Name, s.Encryption)
+		if err != nil {
+			return nil, err
+		}
+		crypt, err = encryption.NewStage(key)
+		clear(key)
+		if err != nil {
+			return nil, err
+		}
 	}
 	e, err := openEngine(s.Engine, m.DataPath(s.Name), int64(s.Size))
 	if err != nil {
 		return nil, err
 	}
-	v := &Volume{name: s.Name, engine: e, spec: s, inMemory: s.Engine == ioengine.KindMemory, reg: m}
+	v := &Volume{name: s.Name, engine: e, spec: s, inMemory: s.Engine == ioengine.KindMemory, reg: m, crypt: crypt}
 	v.readOnly.Store(s.ReadOnly)
 	var stages []pipeline.Stage
 	if m.opts.Metrics != nil {
 		stages = append(stages, m.opts.Metrics.Stage(s.Name, e.Size()))
 	}
-	if s.Replication != nil && s.Replication.Role == api.RoleReplica {
+	if replica {
 		// A replica applies what its owner sends, straight to the
 		// engine (the replica service does); it serves no frontend.
 		v.pipe = pipeline.Chain(ioengine.Handler(e), stages...)
@@ -324,6 +351,12 @@ func (m *Registry) open(s api.Spec, openEngine func(kind, path string, size int6
 	}
 	v.prof = m.newProfileStage(v, s, e)
 	stages = append(stages, v.prof.Wrap)
+	if v.crypt != nil {
+		// Below the profile stage (its cache and buffer hold
+		// plaintext in memory), above replication: replicas and the
+		// engine get ciphertext.
+		stages = append(stages, v.crypt.Wrap)
+	}
 	if s.Replication != nil && len(s.Replication.Replicas) > 0 {
 		// Replication: last before the engine, so replicas get what the
 		// engine gets (the profile stage's merged writes and group
@@ -355,8 +388,12 @@ func (m *Registry) newProfileStage(v *Volume, s api.Spec, e ioengine.Engine) *pr
 	if c, ok := e.(ioengine.CachedWriter); ok && (s.Replication == nil || len(s.Replication.Replicas) == 0) {
 		// db writes through the page cache: straight to the engine, so
 		// not for a replicated volume, whose writes must pass the
-		// replication stage below.
+		// replication stage below; an encrypted volume's pass the
+		// encryption stage's own.
 		opts.Cached = c
+		if v.crypt != nil {
+			opts.Cached = v.crypt.Cached(c)
+		}
 	}
 	opts.OnChange = func(eff profile.Profile) {
 		if m.opts.Metrics != nil {
@@ -417,8 +454,19 @@ func (m *Registry) Create(s api.Spec) (api.Spec, error) {
 		}
 		return api.Spec{}, api.Errorf(api.CodeExists, "volume %s already exists", s.Name)
 	}
+	if s.Encryption != nil {
+		// A new random data key, wrapped: what the metadata keeps.
+		e, err := m.opts.Keys.Create(s.Name, *s.Encryption)
+		if err != nil {
+			return api.Spec{}, api.Errorf(api.CodeInvalid, "create %s: %w", s.Name, err)
+		}
+		s.Encryption = &e
+	}
 	v, err := m.createLocked(s)
 	if err != nil {
+		if s.Encryption != nil {
+			m.opts.Keys.Forget(s.Name)
+		}
 		return api.Spec{}, err
 	}
 	if v.repl != nil {
@@ -430,7 +478,7 @@ func (m *Registry) Create(s api.Spec) (api.Spec, error) {
 			return api.Spec{}, api.Errorf(api.CodeUnavailable, "create %s: %w", s.Name, err)
 		}
 	}
-	m.log.Info("volume created", "volume", s.Name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine, "profile", s.Profile, "repl", max(s.Repl, 1))
+	m.log.Info("volume created", "volume", s.Name, "size", units.FormatSize(int64(s.Size)), "engine", s.Engine, "profile", s.Profile, "repl", max(s.Repl, 1), "encrypted", s.Encryption != nil)
 	return v.Spec(), nil
 }
 
@@ -596,6 +644,16 @@ func (m *Registry) delete(name string, forOwner bool) error {
 	if a := v.Spec().Attachment; a != nil {
 		m.mu.Unlock()
 		return api.Errorf(api.CodeConflict, "volume %s is attached as %s; detach it first (blockd detach %s)", name, a.Device, name)
+	}
+	if e := v.Spec().Encryption; e != nil {
+		// Crypto-shredding, before anything else: once the wrapped key
+		// is gone, the data is unreadable wherever a copy of the
+		// backing file survives.
+		if err := m.shredKey(v); err != nil {
+			m.mu.Unlock()
+			return fmt.Errorf("delete %s: destroying its wrapped key: %w", name, err)
+		}
+		m.opts.Keys.Forget(name)
 	}
 	// Metadata goes first: a crash after this leaves an orphan backing
 	// file, which the next start removes, never a volume without data.

@@ -149,6 +149,14 @@ func (m *Registry) CreateCopy(spec api.Spec, r api.Replication) (replication.Cop
 	if s.CreatedAt.IsZero() {
 		s.CreatedAt = time.Now().UTC().Truncate(time.Second)
 	}
+	if e := spec.Encryption; e != nil {
+		// The replica stores ciphertext as sent and needs no key, but
+		// keeps the wrapped key and KEK id: promoted, it opens the
+		// volume with this node's KEK.
+		c := *e
+		c.Secret = ""
+		s.Encryption = &c
+	}
 	if err := Validate(&s); err != nil {
 		return nil, err
 	}

@@ -22,6 +22,13 @@ type node struct {
 
 func startNodes(t *testing.T, net *repltest.Net, names ...string) map[string]*node {
 	t.Helper()
+	return startNodesWith(t, net, Options{}, names...)
+}
+
+// startNodesWith starts nodes whose registries have opts (Dir, Log and
+// Replication set per node).
+func startNodesWith(t *testing.T, net *repltest.Net, opts Options, names ...string) map[string]*node {
+	t.Helper()
 	out := map[string]*node{}
 	for _, n := range names {
 		var peers []string
@@ -30,17 +37,23 @@ func startNodes(t *testing.T, net *repltest.Net, names ...string) map[string]*no
 				peers = append(peers, p)
 			}
 		}
-		out[n] = openNode(t, net, n, t.TempDir(), peers)
+		out[n] = openNodeWith(t, net, n, t.TempDir(), peers, opts)
 	}
 	return out
 }
 
 func openNode(t *testing.T, net *repltest.Net, name, dir string, peers []string) *node {
 	t.Helper()
+	return openNodeWith(t, net, name, dir, peers, Options{})
+}
+
+func openNodeWith(t *testing.T, net *repltest.Net, name, dir string, peers []string, opts Options) *node {
+	t.Helper()
 	rn := &replication.Node{Name: name, Net: net.From(name), PeerNames: peers, Timeout: 100 * time.Millisecond,
 		LastTimeout: 200 * time.Millisecond, RetryInterval: 20 * time.Millisecond, Log: quietLog()}
 	nd := &node{name: name, dir: dir}
-	reg, err := Open(Options{Dir: dir, Log: quietLog(), Replication: rn})
+	opts.Dir, opts.Log, opts.Replication = dir, quietLog(), rn
+	reg, err := Open(opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -51,5 +51,5 @@ func Validate(s *api.Spec) error {
 	if _, err := profile.Parse(s.Profile); err != nil {
 		return api.Errorf(api.CodeInvalid, "unknown io_profile %q (want one of %s)", s.Profile, strings.Join(profile.Names(), ", "))
 	}
-	return nil
+	return validateEncryption(s.Encryption)
 }

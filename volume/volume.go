@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/encryption"
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
 	"github.com/blockd/blockd/profile"
@@ -26,6 +27,7 @@ type Volume struct {
 	prof   *profile.Stage          // the io_profile stage in pipe (nil on a replica)
 	qos    *qos.VolumeQoS          // nil when QoS is disabled, and on a replica
 	repl   *replication.Replicator // nil unless the volume is replicated and owned here
+	crypt  *encryption.Stage       // nil unless the volume is encrypted (and not a replica here)
 	reg    *Registry
 
 	// gate keeps the engine open while requests are in it: Handle holds
@@ -119,6 +121,11 @@ func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
 // would hold back, FUA writes (group commit may wait), flushes and the
 // rest go to workers.
 func (v *Volume) Inline(r *pipeline.Request) bool {
+	if v.crypt != nil {
+		// Encryption is CPU work: on the workers it spreads over the
+		// cores, on the reader it would hold up the connection.
+		return false
+	}
 	if v.repl != nil && v.inMemory && r.Op != pipeline.OpRead {
 		// A replicated write waits for the replicas' answers: on the
 		// reader it would hold up every request behind it.
@@ -157,7 +164,9 @@ func (v *Volume) Inline(r *pipeline.Request) bool {
 // a memory volume, the engine's own memory for the range (when it lies in
 // one chunk), so the payload is received straight into it.
 func (v *Volume) LendWrite(r *pipeline.Request) []byte {
-	if !v.inMemory || r.Op != pipeline.OpWrite {
+	if !v.inMemory || r.Op != pipeline.OpWrite || v.crypt != nil {
+		// An encrypted volume's engine memory must only ever hold
+		// ciphertext.
 		return nil
 	}
 	l, ok := v.engine.(ioengine.WriteLender)

@@ -151,7 +151,21 @@ type volumeJSON struct {
 		Connections int    `json:"connections"`
 		Backend     string `json:"backend"`
 	} `json:"attachment"`
-	Reason string `json:"reason"`
+	Reason    string `json:"reason"`
+	Placement *struct {
+		Nodes        []string `json:"nodes"`
+		InSync       []string `json:"in_sync"`
+		Owner        string   `json:"owner"`
+		Epoch        uint64   `json:"epoch"`
+		LastFailover *struct {
+			From   string `json:"from"`
+			To     string `json:"to"`
+			Epoch  uint64 `json:"epoch"`
+			Clean  bool   `json:"clean"`
+			Waited string `json:"waited"`
+			By     string `json:"by"`
+		} `json:"last_failover"`
+	} `json:"placement"`
 }
 
 func (d *blockd) get(name string) volumeJSON {
@@ -168,7 +182,15 @@ func (d *blockd) get(name string) volumeJSON {
 // shows.
 func (d *blockd) attach(name string, conns int) string {
 	d.t.Helper()
-	dev := strings.TrimSpace(d.must("attach", name, "--connections", strconv.Itoa(conns)))
+	return d.attached(name, d.must("attach", name, "--connections", strconv.Itoa(conns)), conns)
+}
+
+// attached checks an attach of name over conns sockets that printed out:
+// the device it names, what the daemon reports and the kernel shows. It
+// returns the device.
+func (d *blockd) attached(name, out string, conns int) string {
+	d.t.Helper()
+	dev := strings.TrimSpace(out)
 	if !strings.HasPrefix(dev, "/dev/nbd") {
 		d.t.Fatalf("attach printed %q, want /dev/nbdN", dev)
 	}
@@ -451,10 +473,7 @@ func TestBlockdRestart(t *testing.T) {
 // nbdStatus reports whether the kernel has dev configured.
 func nbdStatus(t *testing.T, dev string) bool {
 	t.Helper()
-	idx, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/nbd"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	idx := nbdIndex(t, dev)
 	c, err := nbdnl.Dial()
 	if err != nil {
 		t.Fatal(err)
@@ -468,6 +487,16 @@ func nbdStatus(t *testing.T, dev string) bool {
 		t.Fatal(err)
 	}
 	return st.Connected
+}
+
+// nbdIndex is N of /dev/nbdN.
+func nbdIndex(t *testing.T, dev string) int {
+	t.Helper()
+	n, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/nbd"))
+	if err != nil {
+		t.Fatalf("%s is not /dev/nbdN: %v", dev, err)
+	}
+	return n
 }
 
 // TestBlockdDefaultConnections checks the connection count of an attach

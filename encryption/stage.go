@@ -1,0 +1,227 @@
+package encryption
+
+import (
+	"context"
+	"math"
+	"sync"
+	"sync/atomic"
+
+	"github.com/blockd/blockd/pipeline"
+)
+
+// Stage is a volume's encryption stage. Writes are encrypted into a pooled
+// buffer (the frontend's buffer is never changed) and passed on; reads
+// are decrypted in place once the next handler has filled the request's
+// buffer. TRIM, WRITE_ZEROES, FLUSH and CACHE pass on as themselves.
+//
+// Unaligned requests are handled here, not refused: the volume keeps
+// advertising a minimum block size of 1, which every NBD client may rely
+// on. A write, TRIM or WRITE_ZEROES that covers part of a block
+// re-encrypts that whole block (read, decrypt, merge, encrypt, write).
+// That must not interleave with any other request touching the block: a
+// concurrent write of the block's other bytes would be lost, and a read
+// of its other bytes could see a torn ciphertext block. So every request
+// holds rmw shared and a read-modify-write holds it alone: aligned
+// requests (all of the kernel's, every filesystem's) pay one uncontended
+// reader lock; unaligned writes, rare, are serialized.
+type Stage struct {
+	x    *XTS
+	next pipeline.Handler
+	rmw  sync.RWMutex
+	rmws atomic.Int64
+}
+
+// NewStage returns the stage of a volume whose data key is key.
+func NewStage(key []byte) (*Stage, error) {
+	x, err := NewXTS(key)
+	if err != nil {
+		return nil, err
+	}
+	return &Stage{x: x}, nil
+}
+
+// Wrap is the pipeline.Stage.
+func (s *Stage) Wrap(next pipeline.Handler) pipeline.Handler {
+	s.next = next
+	return s
+}
+
+// RMWs returns how many partial blocks the stage has re-encrypted.
+func (s *Stage) RMWs() int64 { return s.rmws.Load() }
+
+func aligned(off int64, n uint32) bool {
+	return off%BlockSize == 0 && n%BlockSize == 0
+}
+
+func alignDown(off int64) int64 { return off &^ (BlockSize - 1) }
+func alignUp(off int64) int64   { return (off + BlockSize - 1) &^ (BlockSize - 1) }
+
+// Handle implements pipeline.Handler.
+func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
+	switch r.Op {
+	case pipeline.OpRead:
+		// The data must pass through Buf to be decrypted.
+		r.Flags &^= pipeline.FlagRef
+		if r.Length == 0 || r.Offset < 0 {
+			return s.next.Handle(ctx, r)
+		}
+		s.rmw.RLock()
+		defer s.rmw.RUnlock()
+		if aligned(r.Offset, r.Length) {
+			if err := s.next.Handle(ctx, r); err != nil {
+				return err
+			}
+			p := r.Buf[:r.Length]
+			s.x.DecryptBlocks(p, p, uint64(r.Offset/BlockSize))
+			return nil
+		}
+		return s.readUnaligned(ctx, r)
+	case pipeline.OpWrite:
+		if r.Length == 0 || r.Offset < 0 {
+			return s.next.Handle(ctx, r)
+		}
+		if aligned(r.Offset, r.Length) {
+			s.rmw.RLock()
+			defer s.rmw.RUnlock()
+			return s.writeAligned(ctx, r)
+		}
+		s.rmw.Lock()
+		defer s.rmw.Unlock()
+		return s.patch(ctx, r, r.Offset, int64(r.Length), r.Buf[:r.Length], r.Flags)
+	case pipeline.OpTrim, pipeline.OpWriteZeroes:
+		if r.Length == 0 || r.Offset < 0 || aligned(r.Offset, r.Length) {
+			s.rmw.RLock()
+			defer s.rmw.RUnlock()
+			return s.next.Handle(ctx, r)
+		}
+		s.rmw.Lock()
+		defer s.rmw.Unlock()
+		return s.zeroUnaligned(ctx, r)
+	}
+	return s.next.Handle(ctx, r)
+}
+
+// writeAligned encrypts whole blocks into a pooled buffer and writes it.
+func (s *Stage) writeAligned(ctx context.Context, r *pipeline.Request) error {
+	n := int(r.Length)
+	b := getBuffer(n)
+	ct := b.b[:n]
+	s.x.EncryptBlocks(ct, r.Buf[:n], uint64(r.Offset/BlockSize))
+	plain := r.Buf
+	r.Buf = ct
+	err := s.next.Handle(ctx, r)
+	r.Buf = plain
+	putBuffer(b)
+	return err
+}
+
+// cover returns the whole blocks around [off, off+n), refusing a span no
+// request can describe.
+func cover(off, n int64) (a, b int64, err error) {
+	a, b = alignDown(off), alignUp(off+n)
+	if b-a > math.MaxUint32 {
+		return 0, 0, pipeline.ErrTooLarge
+	}
+	return a, b, nil
+}
+
+// readUnaligned reads the whole blocks around the request into a pooled
+// buffer, decrypts them and copies out the bytes asked for.
+func (s *Stage) readUnaligned(ctx context.Context, r *pipeline.Request) error {
+	a, b, err := cover(r.Offset, int64(r.Length))
+	if err != nil {
+		return err
+	}
+	buf := getBuffer(int(b - a))
+	p := buf.b[:b-a]
+	save := *r
+	r.Offset, r.Length, r.Buf = a, uint32(b-a), p
+	err = s.next.Handle(ctx, r)
+	*r = save
+	if err == nil {
+		s.x.DecryptBlocks(p, p, uint64(a/BlockSize))
+		copy(r.Buf[:r.Length], p[r.Offset-a:])
+	}
+	putBuffer(buf)
+	return err
+}
+
+// patch writes n bytes at off (data, or zeroes when data is nil) whose
+// first or last block is partly outside the range: those blocks are read
+// and decrypted first, so their other bytes survive. The caller holds rmw
+// alone. r is borrowed for the requests to the next handler and restored.
+func (s *Stage) patch(ctx context.Context, r *pipeline.Request, off, n int64, data []byte, flags pipeline.Flags) error {
+	a, b, err := cover(off, n)
+	if err != nil {
+		return err
+	}
+	buf := getBuffer(int(b - a))
+	p := buf.b[:b-a]
+	save := *r
+	defer func() {
+		*r = save
+		putBuffer(buf)
+	}()
+	head, tail := off != a, off+n != b
+	if head {
+		if err := s.readBlock(ctx, r, p[:BlockSize], a); err != nil {
+			return err
+		}
+	}
+	if tail && (b-BlockSize != a || !head) {
+		if err := s.readBlock(ctx, r, p[len(p)-BlockSize:], b-BlockSize); err != nil {
+			return err
+		}
+	}
+	if data != nil {
+		copy(p[off-a:], data)
+	} else {
+		clear(p[off-a : off-a+n])
+	}
+	s.x.EncryptBlocks(p, p, uint64(a/BlockSize))
+	r.Op, r.Flags, r.Offset, r.Length, r.Buf = pipeline.OpWrite, flags&pipeline.FlagFUA, a, uint32(b-a), p
+	if head || tail {
+		s.rmws.Add(1)
+	}
+	return s.next.Handle(ctx, r)
+}
+
+// readBlock reads and decrypts the block at off into p.
+func (s *Stage) readBlock(ctx context.Context, r *pipeline.Request, p []byte, off int64) error {
+	r.Op, r.Flags, r.Offset, r.Length, r.Buf, r.Ref = pipeline.OpRead, 0, off, BlockSize, p, nil
+	if err := s.next.Handle(ctx, r); err != nil {
+		return err
+	}
+	s.x.DecryptBlocks(p, p, uint64(off/BlockSize))
+	return nil
+}
+
+// zeroUnaligned runs a TRIM or WRITE_ZEROES that covers part of a block:
+// its whole blocks pass on as the request itself (they stay holes where
+// the engine punches them), its partial blocks are patched with zeroes.
+func (s *Stage) zeroUnaligned(ctx context.Context, r *pipeline.Request) error {
+	off, end, flags := r.Offset, r.End(), r.Flags
+	ia, ib := alignUp(off), alignDown(end)
+	if ia >= ib {
+		// Within one block, or two partial blocks and nothing between.
+		if ia > ib {
+			return s.patch(ctx, r, off, end-off, nil, flags)
+		}
+	} else {
+		r.Offset, r.Length = ia, uint32(ib-ia)
+		err := s.next.Handle(ctx, r)
+		r.Offset, r.Length = off, uint32(end-off)
+		if err != nil {
+			return err
+		}
+	}
+	if off < ia {
+		if err := s.patch(ctx, r, off, ia-off, nil, flags); err != nil {
+			return err
+		}
+	}
+	if ib < end {
+		return s.patch(ctx, r, ib, end-ib, nil, flags)
+	}
+	return nil
+}

@@ -1,0 +1,62 @@
+package enginetest
+
+import (
+	"context"
+
+	"github.com/blockd/blockd/ioengine"
+	"github.com/blockd/blockd/pipeline"
+)
+
+// Through is an Engine whose reads, writes, flushes, trims and zeroing go
+// through a pipeline Handler that ends in E (a stage wrapped around
+// ioengine.Handler(E)), so that the suite runs against the stage. Size,
+// Resize, Close and Map are E's.
+type Through struct {
+	ioengine.Engine
+	H pipeline.Handler
+}
+
+func (s *Through) do(op pipeline.Op, flags pipeline.Flags, p []byte, off, n int64) error {
+	r := pipeline.Request{Op: op, Flags: flags, Offset: off, Length: uint32(n), Buf: p}
+	return s.H.Handle(context.Background(), &r)
+}
+
+// ReadAt implements ioengine.Engine.
+func (s *Through) ReadAt(p []byte, off int64) (int, error) {
+	if err := s.do(pipeline.OpRead, 0, p, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteAt implements ioengine.Engine.
+func (s *Through) WriteAt(p []byte, off int64) (int, error) {
+	if err := s.do(pipeline.OpWrite, 0, p, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// Flush implements ioengine.Engine.
+func (s *Through) Flush() error { return s.do(pipeline.OpFlush, 0, nil, 0, 0) }
+
+// Trim implements ioengine.Engine.
+func (s *Through) Trim(off, n int64) error { return s.do(pipeline.OpTrim, 0, nil, off, n) }
+
+// WriteZeroes implements ioengine.Engine.
+func (s *Through) WriteZeroes(off, n int64, noHole bool) error {
+	var f pipeline.Flags
+	if noHole {
+		f = pipeline.FlagNoHole
+	}
+	return s.do(pipeline.OpWriteZeroes, f, nil, off, n)
+}
+
+// Map is E's map, when E has one.
+func (s *Through) Map(dst []pipeline.Extent, off, n int64) ([]pipeline.Extent, error) {
+	if m, ok := s.Engine.(pipeline.Mapper); ok {
+		return m.Map(dst, off, n)
+	}
+	dst, _ = pipeline.AppendExtent(dst, n, false)
+	return dst, nil
+}

@@ -122,6 +122,8 @@ lease (--lease-ttl) runs out (see docs/cluster.md).`,
 	fs.StringVar(&cfg.StateDir, "state-dir", api.DefaultStateDir, "`directory` for volume metadata and backing files")
 	fs.StringArrayVar(&cfg.KEKFiles, "kek-file", nil, "key-encryption key `file` (32 random bytes, raw or hex; mode 0600, owned by the daemon's user) "+
 		"that wraps encrypted volumes' data keys; repeat to keep older KEKs during a rotation: the first wraps new volumes")
+	fs.StringVar(&cfg.KEKDir, "kek-dir", "", "`directory` of more KEK files (each file not starting with \".\", by name, after --kek-file; "+
+		"a missing directory holds none): a Kubernetes Secret mounted as a volume")
 	fs.StringVar(&cfg.NBDListen, "nbd-listen", "127.0.0.1:10809", "TCP `address` NBD clients connect to (\"\" disables)")
 	fs.StringVar(&cfg.NBDSocket, "nbd-socket", "", "unix `socket` for NBD clients (default STATE/nbd.sock; \"none\" disables)")
 	fs.StringVar(&cfg.APISocket, "api-socket", "", "control API `socket` to listen on (default STATE/blockd.sock, mode 0600)")

@@ -67,6 +67,9 @@ func (d *Driver) CreateVolume(ctx context.Context, req *csipb.CreateVolumeReques
 	if err != nil {
 		return nil, err
 	}
+	if err := withSecret(&vp.spec, req.GetSecrets()); err != nil {
+		return nil, err
+	}
 	name := VolumeName(req.GetName())
 	defer d.lock(name)()
 	spec := vp.spec

@@ -84,7 +84,7 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolume
 	if err != nil {
 		return nil, err
 	}
-	dev, err := d.attach(v, req.GetVolumeContext()[ctxFrontend])
+	dev, err := d.attach(v, req.GetVolumeContext()[ctxFrontend], req.GetSecrets()[SecretKey])
 	if err != nil {
 		return nil, err
 	}
@@ -115,14 +115,14 @@ func (d *Driver) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolume
 }
 
 // attach makes sure the volume is a kernel block device and returns it.
-func (d *Driver) attach(v api.Volume, frontend string) (string, error) {
+func (d *Driver) attach(v api.Volume, frontend, secret string) (string, error) {
 	if a := v.Attachment; a != nil {
 		return a.Device, nil
 	}
 	if frontend == "" {
 		frontend = api.FrontendNBD
 	}
-	av, err := d.api.Attach(v.Name, api.AttachRequest{Frontend: frontend})
+	av, err := d.api.Attach(v.Name, api.AttachRequest{Frontend: frontend, Secret: secret})
 	if err != nil {
 		return "", apiError("stage volume "+v.Name, err)
 	}

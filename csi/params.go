@@ -147,15 +147,39 @@ func parseParams(p map[string]string, h api.Health) (volumeParams, error) {
 	return vp, nil
 }
 
-// secure asks for an encrypted volume. Encryption is being built in the
-// daemon: until a daemon reports api.FeatureEncryption, secure volumes are
-// refused. When it lands, the line below the check sets the spec's
-// encryption field instead of refusing.
+// secure asks for an encrypted volume (AES-256-XTS): its data key is
+// wrapped by the node's KEK (serve --kek-file or --kek-dir), or by one
+// derived from the provisioner secret's SecretKey (see withSecret). A
+// daemon that predates encryption refuses.
 func secure(s *api.Spec, h api.Health) error {
 	if !h.Has(api.FeatureEncryption) {
 		return badParam(ParamSecure, "encryption is not available in this blockd")
 	}
-	return badParam(ParamSecure, "encryption is not available in this blockd (this driver predates it)") // the one line: set s's encryption field, return nil
+	s.Encryption = &api.Encryption{}
+	return nil
+}
+
+// SecretKey is the key of the Kubernetes Secrets (the StorageClass's
+// csi.storage.k8s.io/provisioner-secret-* and node-stage-secret-*) whose
+// value a secure volume's KEK is derived from, instead of the node's KEK
+// file. The node-stage secret must hold the same value: NodeStageVolume
+// hands it to the daemon, which unlocks the volume with it.
+const SecretKey = "encryption-secret"
+
+// withSecret makes an encrypted volume's KEK come from the create's
+// secret, if it has one.
+func withSecret(s *api.Spec, secrets map[string]string) error {
+	v, ok := secrets[SecretKey]
+	switch {
+	case !ok:
+		return nil
+	case s.Encryption == nil:
+		return status.Errorf(codes.InvalidArgument, "the provisioner secret has %q, but the StorageClass does not say %s: \"true\"", SecretKey, ParamSecure)
+	case len(v) < 32:
+		return status.Errorf(codes.InvalidArgument, "the provisioner secret's %q is %d bytes; want at least 32 (random)", SecretKey, len(v))
+	}
+	s.Encryption = &api.Encryption{KEK: api.KEKSecret, Secret: v}
+	return nil
 }
 
 // capacity picks a size in a CapacityRange: the required bytes (default

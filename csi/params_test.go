@@ -47,6 +47,8 @@ func TestParseParams(t *testing.T) {
 		repl    int
 		iops    int64
 		fe      string
+		// encrypted: the spec asks for encryption under the node's KEK.
+		encrypted bool
 	}{
 		{p: map[string]string{"repl": "3", "io_profile": "db", "iops_limit": "5k", "csi.storage.k8s.io/pvc/name": "x"},
 			profile: "db", repl: 3, iops: 5000, fe: "nbd"},
@@ -58,7 +60,7 @@ func TestParseParams(t *testing.T) {
 		{p: map[string]string{"frontend": "iscsi"}, code: codes.InvalidArgument, errHas: "frontend"},
 		{p: map[string]string{"secure": "yes please"}, code: codes.InvalidArgument, errHas: "secure"},
 		{p: map[string]string{"secure": "true"}, code: codes.InvalidArgument, errHas: "encryption is not available in this blockd"},
-		{p: map[string]string{"secure": "true"}, h: enc, code: codes.InvalidArgument, errHas: "predates"},
+		{p: map[string]string{"secure": "true", "io_profile": "db", "repl": "3"}, h: enc, profile: "db", repl: 3, fe: "nbd", encrypted: true},
 		{p: map[string]string{"secure": "false"}, fe: "nbd"},
 	} {
 		vp, err := parseParams(tc.p, tc.h)
@@ -72,8 +74,39 @@ func TestParseParams(t *testing.T) {
 			t.Errorf("%v: %v", tc.p, err)
 			continue
 		}
+		if e := vp.spec.Encryption; (e != nil) != tc.encrypted || (e != nil && *e != api.Encryption{}) {
+			t.Errorf("%v: encryption %+v, want it %v (the node's KEK)", tc.p, e, tc.encrypted)
+		}
 		if vp.spec.Profile != tc.profile || vp.spec.Repl != tc.repl || vp.spec.QoS.IOPS != tc.iops || vp.frontend != tc.fe {
 			t.Errorf("%v: got %+v frontend %s", tc.p, vp.spec, vp.frontend)
+		}
+	}
+}
+
+// A provisioner secret's encryption-secret makes a secure volume's KEK
+// come from it; without secure, or too short, it is refused.
+func TestWithSecret(t *testing.T) {
+	secret := strings.Repeat("s", 32)
+	s := api.Spec{Encryption: &api.Encryption{}}
+	if err := withSecret(&s, map[string]string{SecretKey: secret, "other": "x"}); err != nil ||
+		s.Encryption.KEK != api.KEKSecret || s.Encryption.Secret != secret {
+		t.Fatalf("secure with a secret: %v, %+v", err, s.Encryption)
+	}
+	s = api.Spec{Encryption: &api.Encryption{}}
+	if err := withSecret(&s, map[string]string{"other": "x"}); err != nil || *s.Encryption != (api.Encryption{}) {
+		t.Fatalf("secure without the key: %v, %+v (want the node's KEK)", err, s.Encryption)
+	}
+	for _, tc := range []struct {
+		s      api.Spec
+		secret string
+		errHas string
+	}{
+		{api.Spec{}, secret, "does not say secure"},
+		{api.Spec{Encryption: &api.Encryption{}}, "short", "want at least 32"},
+	} {
+		err := withSecret(&tc.s, map[string]string{SecretKey: tc.secret})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), tc.errHas) {
+			t.Errorf("%+v with %q: %v, want InvalidArgument naming %q", tc.s, tc.secret, err, tc.errHas)
 		}
 	}
 }

@@ -72,7 +72,7 @@ func TestSanity(t *testing.T) {
 // the external-provisioner acts on; and a CSI name that is no blockd name
 // maps to one that is, kept in the volume context.
 func TestCreateVolumeRefusals(t *testing.T) {
-	sock, _ := startDriver(t)
+	sock, dir := startDriver(t)
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)
@@ -98,7 +98,7 @@ func TestCreateVolumeRefusals(t *testing.T) {
 		has  string
 	}{
 		{"repl 3 without replication", req("r3", map[string]string{"repl": "3"}), codes.InvalidArgument, "this daemon runs without replication"},
-		{"secure", req("sec", map[string]string{"secure": "true"}), codes.InvalidArgument, "encryption is not available in this blockd"},
+		{"secure without a KEK", req("sec", map[string]string{"secure": "true"}), codes.InvalidArgument, "this daemon has no KEK"},
 		{"unknown parameter", req("unk", map[string]string{"replicas": "3"}), codes.InvalidArgument, "parameter replicas"},
 		{"bad QoS value", req("qos", map[string]string{"bps_limit": "fast"}), codes.InvalidArgument, "bps_limit"},
 		{"from a snapshot", fromSnap, codes.InvalidArgument, "no snapshots"},
@@ -108,6 +108,20 @@ func TestCreateVolumeRefusals(t *testing.T) {
 		if status.Code(err) != tc.code || !strings.Contains(err.Error(), tc.has) {
 			t.Errorf("%s: %v, want %s saying %q", tc.what, err, tc.code, tc.has)
 		}
+	}
+	// secure with the provisioner secret's key: encrypted under a KEK
+	// derived from it; the API shows the cipher and KEK id only.
+	sec := req("sec", map[string]string{"secure": "true", "io_profile": "db"})
+	sec.Secrets = map[string]string{csi.SecretKey: strings.Repeat("k", 40)}
+	if _, err := ctl.CreateVolume(context.Background(), sec); err != nil {
+		t.Fatalf("secure with a secret: %v", err)
+	}
+	v, err := api.NewClient(filepath.Join(dir, "blockd.sock")).GetVolume(csi.VolumeName("sec"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if e := v.Encryption; e == nil || e.KEK != api.KEKSecret || e.KEKID == "" || e.Secret != "" || e.WrappedKey != "" {
+		t.Fatalf("secure volume's encryption: %+v", e)
 	}
 	name := "Sanity Volume/With UPPER case"
 	r, err := ctl.CreateVolume(context.Background(), req(name, map[string]string{"io_profile": "db", "iops_limit": "5k"}))

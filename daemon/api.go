@@ -42,7 +42,7 @@ func (d *Daemon) apiHandler() http.Handler {
 }
 
 func (d *Daemon) health(w http.ResponseWriter, r *http.Request) {
-	h := api.Health{Status: "ok", Node: d.cfg.Replication.Node, Features: []string{api.FeatureOnlineResize}}
+	h := api.Health{Status: "ok", Node: d.cfg.Replication.Node, Features: []string{api.FeatureOnlineResize, api.FeatureEncryption}}
 	if h.Node != "" {
 		h.Features = append(h.Features, api.FeatureReplication)
 		for p := range d.cfg.Replication.Peers {

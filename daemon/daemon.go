@@ -64,6 +64,10 @@ type Config struct {
 	// --kek-file): the first wraps the data keys of new encrypted
 	// volumes, every one opens the volumes wrapped under it.
 	KEKFiles []string
+	// KEKDir, if set, holds more KEK files (every file whose name does
+	// not start with "."; by name, after KEKFiles): a Kubernetes Secret
+	// mounted as a volume. A missing directory holds none.
+	KEKDir string
 	// Cluster joins the daemon to a cluster on etcd (no Endpoints: none);
 	// it needs Replication.
 	Cluster ClusterConfig
@@ -159,7 +163,7 @@ func (d *Daemon) start() (err error) {
 	budget := profile.NewBudget(max(cfg.CacheMemory, 0))
 	d.reg.MustRegister(metrics.CacheBudget(budget))
 	d.log.Info("cache memory", "limit", limitText(budget.Stats().Limit))
-	keys, err := loadKEKs(cfg.KEKFiles, d.log)
+	keys, err := loadKEKs(cfg.KEKFiles, cfg.KEKDir, d.log)
 	if err != nil {
 		return err
 	}
@@ -272,12 +276,31 @@ func (d *Daemon) start() (err error) {
 // loadKEKs reads the node's KEK files into a keyring; a file that is not
 // a private key of the daemon's user stops the daemon (a KEK others can
 // read protects nothing).
-func loadKEKs(files []string, log *slog.Logger) (*encryption.Keyring, error) {
+func loadKEKs(files []string, dir string, log *slog.Logger) (*encryption.Keyring, error) {
 	var keks []*encryption.KEK
-	for _, f := range files {
+	flags := make([]string, len(files))
+	for i := range files {
+		flags[i] = "--kek-file"
+	}
+	if dir != "" {
+		ents, err := os.ReadDir(dir)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			log.Info("no key-encryption key directory: encrypted volumes need another KEK", "dir", dir)
+		case err != nil:
+			return nil, fmt.Errorf("serve --kek-dir: %w", err)
+		}
+		for _, e := range ents { // by name
+			if !strings.HasPrefix(e.Name(), ".") {
+				files = append(files, filepath.Join(dir, e.Name()))
+				flags = append(flags, "--kek-dir")
+			}
+		}
+	}
+	for i, f := range files {
 		kek, err := encryption.LoadKEKFile(f)
 		if err != nil {
-			return nil, fmt.Errorf("serve --kek-file: %w", err)
+			return nil, fmt.Errorf("serve %s: %w", flags[i], err)
 		}
 		keks = append(keks, kek)
 		log.Info("key-encryption key", "file", f, "kek_id", kek.ID(), "current", len(keks) == 1)

@@ -4,8 +4,10 @@ package kerneltest
 
 import (
 	"context"
+	"crypto/rand"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -45,7 +47,18 @@ func startCSI(t *testing.T) *csiNode {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	n := &csiNode{d: startBlockd(t, filepath.Join(dir, "state")), sock: filepath.Join(dir, "csi.sock")}
+	// A KEK, as the DaemonSet's Secret blockd-kek gives (--kek-dir), for
+	// secure: "true".
+	kekDir := filepath.Join(dir, "kek")
+	key := make([]byte, 32)
+	rand.Read(key)
+	if err := os.Mkdir(kekDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(kekDir, "kek"), key, 0o400); err != nil {
+		t.Fatal(err)
+	}
+	n := &csiNode{d: startBlockd(t, filepath.Join(dir, "state"), "--kek-dir", kekDir), sock: filepath.Join(dir, "csi.sock")}
 	n.drv = guest.Start(t, blockdBin, "csi", "--endpoint", "unix://"+n.sock, "--api-socket", n.d.sock(), "--node-id", "vm-node")
 	guest.WaitFor(t, "the CSI socket", 30*time.Second, func() bool {
 		_, err := os.Stat(n.sock)
@@ -102,15 +115,17 @@ func TestCSISanity(t *testing.T) {
 func TestCSIExpandOnline(t *testing.T) {
 	n := startCSI(t)
 	for _, fs := range []string{"ext4", "xfs"} {
-		t.Run("nbd-"+fs, func(t *testing.T) { n.expandOnline(t, "nbd", fs) })
+		t.Run("nbd-"+fs, func(t *testing.T) { n.expandOnline(t, "nbd", fs, false) })
 	}
+	// The seeds' secure: "true": encrypted, the same flow.
+	t.Run("nbd-ext4-secure", func(t *testing.T) { n.expandOnline(t, "nbd", "ext4", true) })
 	t.Run("ublk-refused", func(t *testing.T) {
 		if _, err := os.Stat("/sys/module/ublk_drv"); err != nil {
 			if err := module.Load("ublk_drv"); err != nil {
 				t.Skipf("no ublk_drv in this kernel (%v): Debian's 6.1 has none", err)
 			}
 		}
-		n.expandOnline(t, "ublk", "ext4")
+		n.expandOnline(t, "ublk", "ext4", false)
 	})
 }
 
@@ -121,22 +136,25 @@ func mountCap(fs string) *csipb.VolumeCapability {
 	}
 }
 
-func (n *csiNode) expandOnline(t *testing.T, frontend, fs string) {
+func (n *csiNode) expandOnline(t *testing.T, frontend, fs string, secure bool) {
 	ctx := context.Background()
 	ctl, node := csipb.NewControllerClient(n.conn), csipb.NewNodeClient(n.conn)
 	vc := mountCap(fs)
 	const size = 512 << 20
 	cv, err := ctl.CreateVolume(ctx, &csipb.CreateVolumeRequest{
-		Name:               "PVC-Expand-" + frontend + "-" + fs,
+		Name:               "PVC-Expand-" + frontend + "-" + fs + map[bool]string{true: "-secure"}[secure],
 		CapacityRange:      &csipb.CapacityRange{RequiredBytes: size},
 		VolumeCapabilities: []*csipb.VolumeCapability{vc},
 		Parameters: map[string]string{"io_profile": "db", "iops_limit": "20k", "bps_limit": "400MiB", "weight": "200",
-			"frontend": frontend, "csi.storage.k8s.io/pvc/name": "data"},
+			"frontend": frontend, "csi.storage.k8s.io/pvc/name": "data", "secure": strconv.FormatBool(secure)},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	id := cv.GetVolume().GetVolumeId()
+	if out := n.d.must("volume", "get", id, "-o", "json"); strings.Contains(out, `"cipher": "aes-256-xts"`) != secure {
+		t.Errorf("volume %s: secure %v, but its encryption is not as asked:\n%s", id, secure, out)
+	}
 	if out := n.d.must("volume", "get", id, "-o", "json"); !strings.Contains(out, `"profile": "db"`) ||
 		!strings.Contains(out, `"iops_limit": 20000`) || !strings.Contains(out, `"weight": 200`) {
 		t.Errorf("volume %s: io_profile or QoS not as the StorageClass asked:\n%s", id, out)

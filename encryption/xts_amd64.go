@@ -51,7 +51,8 @@ func newFast(key []byte, im impl) *fastXTS {
 
 // crypt encrypts or decrypts the data units of unit bytes (a multiple of
 // 16) in src into dst, the first with sequence number seq. The caller has
-// checked the lengths.
+// checked the lengths. vaes takes units of whole 512-byte chunks (every
+// 4 KiB block); aesni takes any.
 func (f *fastXTS) crypt(dst, src []byte, unit int, seq uint64, decrypt bool) {
 	if len(src) == 0 {
 		return

@@ -52,9 +52,14 @@ func (i impl) String() string {
 // XTS encrypts and decrypts whole blocks of a volume with AES-256-XTS. It
 // is safe for concurrent use and allocates nothing.
 type XTS struct {
-	f *fastXTS    // the CPU's own (xts_amd64.go), or nil
-	c *xts.Cipher // when f is nil
+	f  *fastXTS    // the CPU's own (xts_amd64.go), or nil
+	c  *xts.Cipher // when f is nil
+	im impl
 }
+
+// Impl names the implementation x runs: vaes, aesni or generic
+// (golang.org/x/crypto/xts).
+func (x *XTS) Impl() string { return x.im.String() }
 
 // NewXTS returns the cipher of a 64-byte data key.
 func NewXTS(key []byte) (*XTS, error) {
@@ -72,13 +77,13 @@ func newXTS(key []byte, im impl) (*XTS, error) {
 		return nil, fmt.Errorf("encryption: the two halves of an XTS key must differ")
 	}
 	if im != implGeneric {
-		return &XTS{f: newFast(key, im)}, nil
+		return &XTS{f: newFast(key, im), im: im}, nil
 	}
 	c, err := xts.NewCipher(aes.NewCipher, key)
 	if err != nil {
 		return nil, fmt.Errorf("encryption: %w", err)
 	}
-	return &XTS{c: c}, nil
+	return &XTS{c: c, im: implGeneric}, nil
 }
 
 // EncryptBlocks encrypts src, whole blocks of which the first is block

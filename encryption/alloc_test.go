@@ -16,8 +16,20 @@ func TestStageAllocs(t *testing.T) {
 	if raceEnabled {
 		t.Skip("the race detector makes sync.Pool drop items: make test runs this without -race")
 	}
-	h := pipeline.Chain(ioengine.Handler(memory(t, 8<<20)), newStage(t).Wrap)
+	plain := pipeline.Chain(ioengine.Handler(memory(t, 8<<20)), newStage(t).Wrap)
+	// As the daemon runs a memory volume: writes encrypted into the
+	// engine's memory, reads offered by reference.
+	m := memory(t, 8<<20)
+	s := newStage(t)
+	s.LendWrites(m.(WriteLender))
+	lent := pipeline.Chain(ioengine.Handler(m), s.Wrap)
+	t.Run("copied", func(t *testing.T) { stageAllocs(t, plain, 0) })
+	t.Run("lent", func(t *testing.T) { stageAllocs(t, lent, pipeline.FlagRef) })
+}
+
+func stageAllocs(t *testing.T, h pipeline.Handler, readFlags pipeline.Flags) {
 	buf := make([]byte, 256<<10)
+	refs := make([][]byte, 0, 4)
 	ctx := context.Background()
 	for _, tc := range []struct {
 		name string
@@ -37,6 +49,9 @@ func TestStageAllocs(t *testing.T) {
 			*r = tc.r
 			if r.Op == pipeline.OpRead || r.Op == pipeline.OpWrite {
 				r.Buf = buf[:r.Length]
+			}
+			if r.Op == pipeline.OpRead {
+				r.Flags, r.Ref = readFlags, refs[:0]
 			}
 			if err := h.Handle(ctx, r); err != nil {
 				t.Fatal(err)

@@ -10,9 +10,11 @@ import (
 )
 
 // Stage is a volume's encryption stage. Writes are encrypted into a pooled
-// buffer (the frontend's buffer is never changed) and passed on; reads
-// are decrypted in place once the next handler has filled the request's
-// buffer. TRIM, WRITE_ZEROES, FLUSH and CACHE pass on as themselves.
+// buffer, or into the engine's memory (LendWrites), and passed on (the
+// frontend's buffer is never changed); reads are decrypted into the
+// request's buffer once the next handler has filled it, or from the
+// engine's memory when it answered by reference (FlagRef). TRIM,
+// WRITE_ZEROES, FLUSH and CACHE pass on as themselves.
 //
 // Unaligned requests are handled here, not refused: the volume keeps
 // advertising a minimum block size of 1, which every NBD client may rely
@@ -27,9 +29,29 @@ import (
 type Stage struct {
 	x    *XTS
 	next pipeline.Handler
+	lend WriteLender // nil unless LendWrites
 	rmw  sync.RWMutex
 	rmws atomic.Int64
 }
+
+// WriteLender is an engine that lends its own memory for a write
+// (ioengine.WriteLender): LendWrite returns the engine's memory for
+// [off, off+n), or nil, and a write whose Buf is that memory is not
+// copied again.
+type WriteLender interface {
+	LendWrite(off int64, n int) []byte
+}
+
+// LendWrites lets the stage encrypt aligned writes straight into l's
+// memory, which saves a pass over the data. l must be the engine the next
+// handler writes to, with nothing in between that keeps or forwards the
+// buffer (replication sends it to the replicas after the engine has it,
+// so a replicated volume must not call this). Only ciphertext is ever
+// put there. A read of the same range in flight at the same time may
+// see the blocks half-encrypted, as a plain volume's may see the payload
+// half-received: overlapping requests in flight have no defined result
+// (pipeline.Request.Ref). Call it before the stage serves requests.
+func (s *Stage) LendWrites(l WriteLender) { s.lend = l }
 
 // NewStage returns the stage of a volume whose data key is key.
 func NewStage(key []byte) (*Stage, error) {
@@ -60,21 +82,16 @@ func alignUp(off int64) int64   { return (off + BlockSize - 1) &^ (BlockSize - 1
 func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
 	switch r.Op {
 	case pipeline.OpRead:
-		// The data must pass through Buf to be decrypted.
-		r.Flags &^= pipeline.FlagRef
 		if r.Length == 0 || r.Offset < 0 {
+			r.Flags &^= pipeline.FlagRef
 			return s.next.Handle(ctx, r)
 		}
 		s.rmw.RLock()
 		defer s.rmw.RUnlock()
 		if aligned(r.Offset, r.Length) {
-			if err := s.next.Handle(ctx, r); err != nil {
-				return err
-			}
-			p := r.Buf[:r.Length]
-			s.x.DecryptBlocks(p, p, uint64(r.Offset/BlockSize))
-			return nil
+			return s.readAligned(ctx, r)
 		}
+		r.Flags &^= pipeline.FlagRef
 		return s.readUnaligned(ctx, r)
 	case pipeline.OpWrite:
 		if r.Length == 0 || r.Offset < 0 {
@@ -101,13 +118,63 @@ func (s *Stage) Handle(ctx context.Context, r *pipeline.Request) error {
 	return s.next.Handle(ctx, r)
 }
 
-// writeAligned encrypts whole blocks into a pooled buffer and writes it.
+// readAligned reads whole blocks and decrypts them into Buf. A read that
+// may be answered by reference (FlagRef, which the frontend sets only
+// when it gave Ref room) keeps the flag: when the engine lends its memory,
+// the blocks are decrypted from there straight into Buf, one pass over
+// the data instead of a copy into Buf and a decryption in place. Ref is
+// emptied again (the answer is in Buf: plaintext never leaves by
+// reference). The caller holds rmw shared, so no read-modify-write
+// changes the lent blocks while they are decrypted.
+func (s *Stage) readAligned(ctx context.Context, r *pipeline.Request) error {
+	if err := s.next.Handle(ctx, r); err != nil {
+		return err
+	}
+	p, first := r.Buf[:r.Length], uint64(r.Offset/BlockSize)
+	if len(r.Ref) == 0 {
+		s.x.DecryptBlocks(p, p, first)
+		return nil
+	}
+	whole := true // every piece whole blocks (the memory engine's are)
+	for _, q := range r.Ref {
+		whole = whole && len(q)%BlockSize == 0
+	}
+	n := 0
+	for _, q := range r.Ref {
+		if whole {
+			s.x.DecryptBlocks(p[n:n+len(q)], q, first+uint64(n/BlockSize))
+		} else {
+			copy(p[n:], q)
+		}
+		n += len(q)
+	}
+	if !whole {
+		s.x.DecryptBlocks(p, p, first)
+	}
+	clear(r.Ref) // do not pin engine memory
+	r.Ref = r.Ref[:0]
+	return nil
+}
+
+// writeAligned encrypts whole blocks and writes them: straight into the
+// engine's memory when the stage may borrow it (LendWrites), else into a
+// pooled buffer. The frontend's buffer is never changed.
 func (s *Stage) writeAligned(ctx context.Context, r *pipeline.Request) error {
 	n := int(r.Length)
+	first := uint64(r.Offset / BlockSize)
+	plain := r.Buf
+	if s.lend != nil {
+		if d := s.lend.LendWrite(r.Offset, n); d != nil {
+			s.x.EncryptBlocks(d, plain[:n], first)
+			r.Buf = d
+			err := s.next.Handle(ctx, r)
+			r.Buf = plain
+			return err
+		}
+	}
 	b := getBuffer(n)
 	ct := b.b[:n]
-	s.x.EncryptBlocks(ct, r.Buf[:n], uint64(r.Offset/BlockSize))
-	plain := r.Buf
+	s.x.EncryptBlocks(ct, plain[:n], first)
 	r.Buf = ct
 	err := s.next.Handle(ctx, r)
 	r.Buf = plain

@@ -27,6 +27,17 @@ func through(t testing.TB, e ioengine.Engine) (*enginetest.Through, *Stage) {
 	return &enginetest.Through{Engine: e, H: pipeline.Chain(ioengine.Handler(e), s.Wrap)}, s
 }
 
+// lent puts a new stage in front of a memory engine of size bytes the way
+// the daemon does: writes are encrypted straight into the engine's memory
+// (LendWrites) and reads offer to be answered by reference (FlagRef).
+func lent(t testing.TB, size int64) (*enginetest.Through, *Stage) {
+	m := memory(t, size)
+	e, s := through(t, m)
+	s.LendWrites(m.(WriteLender))
+	e.Ref = true
+	return e, s
+}
+
 func memory(t testing.TB, size int64) ioengine.Engine {
 	e, err := ioengine.NewMemory(size)
 	if err != nil {
@@ -54,6 +65,12 @@ func TestEngineSuite(t *testing.T) {
 			return e
 		})
 	})
+	t.Run("memory-lent", func(t *testing.T) {
+		enginetest.Run(t, func(t *testing.T, size int64) ioengine.Engine {
+			e, _ := lent(t, size)
+			return e
+		})
+	})
 	t.Run("file", func(t *testing.T) {
 		enginetest.Run(t, func(t *testing.T, size int64) ioengine.Engine {
 			e, _ := through(t, file(t, size))
@@ -64,12 +81,26 @@ func TestEngineSuite(t *testing.T) {
 
 // What reaches the engine is ciphertext: a plaintext pattern written
 // through the stage appears nowhere in it, and reads back intact.
+// The same holds when writes are encrypted into the engine's memory
+// (aligned ones, in one chunk and across two) and reads are decrypted
+// from it.
 func TestEngineHoldsCiphertext(t *testing.T) {
+	t.Run("copied", func(t *testing.T) {
+		raw := memory(t, 4<<20)
+		e, _ := through(t, raw)
+		holdsCiphertext(t, raw, e, 12345)
+	})
+	t.Run("lent", func(t *testing.T) {
+		e, _ := lent(t, 4<<20)
+		holdsCiphertext(t, e.Engine, e, 1<<20)
+		holdsCiphertext(t, e.Engine, e, 2<<20-8192)
+	})
+}
+
+func holdsCiphertext(t *testing.T, raw, e ioengine.Engine, off int64) {
 	const size = 4 << 20
-	raw := memory(t, size)
-	e, _ := through(t, raw)
 	pat := bytes.Repeat([]byte("PLAINTEXT-PATTERN-"), 4096)
-	if _, err := e.WriteAt(pat, 12345); err != nil {
+	if _, err := e.WriteAt(pat, off); err != nil {
 		t.Fatal(err)
 	}
 	all := make([]byte, size)
@@ -80,7 +111,7 @@ func TestEngineHoldsCiphertext(t *testing.T) {
 		t.Fatal("the plaintext pattern is in the engine")
 	}
 	got := make([]byte, len(pat))
-	if _, err := e.ReadAt(got, 12345); err != nil || !bytes.Equal(got, pat) {
+	if _, err := e.ReadAt(got, off); err != nil || !bytes.Equal(got, pat) {
 		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, pat))
 	}
 }
@@ -136,6 +167,9 @@ func TestRandomOps(t *testing.T) {
 	const size = 2 << 20
 	for _, seed := range []uint64{1, 2, 3} {
 		e, s := through(t, memory(t, size))
+		if seed == 3 {
+			e, s = lent(t, size)
+		}
 		randomOps(t, e, rand.New(rand.NewPCG(seed, 7)), size, 400)
 		if s.RMWs() == 0 {
 			t.Fatal("no partial block was re-encrypted: the test did not exercise read-modify-write")
@@ -250,7 +284,17 @@ func FuzzRoundTrip(f *testing.F) {
 // read-modify-write, and no read sees a torn block.
 func TestConcurrentRMW(t *testing.T) {
 	const size = 64 << 10
-	e, _ := through(t, memory(t, size))
+	t.Run("copied", func(t *testing.T) {
+		e, _ := through(t, memory(t, size))
+		concurrentRMW(t, e, size)
+	})
+	t.Run("lent", func(t *testing.T) {
+		e, _ := lent(t, size)
+		concurrentRMW(t, e, size)
+	})
+}
+
+func concurrentRMW(t *testing.T, e ioengine.Engine, size int64) {
 	const writers = 8
 	var wg sync.WaitGroup
 	for w := range writers {
@@ -259,7 +303,7 @@ func TestConcurrentRMW(t *testing.T) {
 			defer wg.Done()
 			for i := range 300 {
 				// Writer w owns bytes [w*512, w*512+512) of every block.
-				blk := int64(i % (size / BlockSize))
+				blk := int64(i) % (size / BlockSize)
 				p := bytes.Repeat([]byte{byte(w + 1)}, 512)
 				if _, err := e.WriteAt(p, blk*BlockSize+int64(w)*512); err != nil {
 					t.Error(err)
@@ -339,5 +383,47 @@ func TestCached(t *testing.T) {
 	}
 	if _, err := raw.ReadAt(got, 0); err != nil || bytes.Contains(got, []byte("CACHED-PLAINTEXT")) {
 		t.Fatalf("plaintext in the engine (%v)", err)
+	}
+}
+
+// A read answered by reference is decrypted from the lent pieces into
+// Buf, and Ref comes back empty, whether the pieces are whole blocks or
+// not (another engine may split them anywhere).
+func TestReadRefPieces(t *testing.T) {
+	raw := memory(t, 1<<20)
+	key := NewDataKey()
+	w, err := NewStage(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pat := bytes.Repeat([]byte("REF-PIECES-"), 3*BlockSize/11+1)[:3*BlockSize]
+	wh := pipeline.Chain(ioengine.Handler(raw), w.Wrap)
+	if err := wh.Handle(context.Background(), &pipeline.Request{Op: pipeline.OpWrite, Offset: 8192, Length: 3 * BlockSize, Buf: pat}); err != nil {
+		t.Fatal(err)
+	}
+	for _, cuts := range [][]int{{BlockSize, 2 * BlockSize}, {100, 8092, 4096}, {3 * BlockSize}} {
+		// The next handler lends the ciphertext in pieces of these sizes.
+		lender := pipeline.HandlerFunc(func(_ context.Context, r *pipeline.Request) error {
+			ct := make([]byte, r.Length)
+			if _, err := raw.ReadAt(ct, r.Offset); err != nil {
+				return err
+			}
+			for _, c := range cuts {
+				r.Ref, ct = append(r.Ref, ct[:c]), ct[c:]
+			}
+			return nil
+		})
+		s, err := NewStage(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, 3*BlockSize)
+		r := pipeline.Request{Op: pipeline.OpRead, Flags: pipeline.FlagRef, Offset: 8192, Length: 3 * BlockSize, Buf: got, Ref: make([][]byte, 0, 4)}
+		if err := pipeline.Chain(lender, s.Wrap).Handle(context.Background(), &r); err != nil {
+			t.Fatal(err)
+		}
+		if len(r.Ref) != 0 || !bytes.Equal(got, pat) {
+			t.Fatalf("pieces %v: %d refs left, data equal %v", cuts, len(r.Ref), bytes.Equal(got, pat))
+		}
 	}
 }

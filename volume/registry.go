@@ -371,6 +371,11 @@ func (m *Registry) open(s api.Spec, openEngine func(kind, path string, size int6
 		}
 		stages = append(stages, v.repl.Stage())
 	}
+	if l, ok := e.(ioengine.WriteLender); ok && v.crypt != nil && v.repl == nil {
+		// Nothing between the stage and the engine: writes are
+		// encrypted straight into the engine's memory.
+		v.crypt.LendWrites(l)
+	}
 	v.pipe = pipeline.Chain(ioengine.Handler(e), stages...)
 	return v, nil
 }

@@ -121,9 +121,11 @@ func (v *Volume) Handle(ctx context.Context, r *pipeline.Request) error {
 // would hold back, FUA writes (group commit may wait), flushes and the
 // rest go to workers.
 func (v *Volume) Inline(r *pipeline.Request) bool {
-	if v.crypt != nil {
+	if v.crypt != nil && (!v.inMemory || !v.crypt.Inline(r)) {
 		// Encryption is CPU work: on the workers it spreads over the
-		// cores, on the reader it would hold up the connection.
+		// cores, on the reader it would hold up the connection. Only a
+		// few blocks of a memory volume (the rest below the stage never
+		// waits) are cheaper to encrypt here than to hand over.
 		return false
 	}
 	if v.repl != nil && v.inMemory && r.Op != pipeline.OpRead {

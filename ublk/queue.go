@@ -11,7 +11,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blockd/blockd/pipeline"
-	"github.com/blockd/blockd/ublk/uring"
+	"github.com/blockd/blockd/uring"
 )
 
 // qring is what a queue needs from the kernel: the real one is an io_uring

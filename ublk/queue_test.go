@@ -16,7 +16,7 @@ import (
 
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
-	"github.com/blockd/blockd/ublk/uring"
+	"github.com/blockd/blockd/uring"
 )
 
 // fakeDriver plays ublk_drv for one queue: it owns the descriptor array,

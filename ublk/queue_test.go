@@ -34,6 +34,8 @@ type fakeDriver struct {
 	results   map[uint16][]int32
 	committed int
 	fail      error
+	noWait    bool // wait refuses (set before the queue starts)
+	waits     int  // calls of wait
 }
 
 func newFakeDriver(t *testing.T, depth, maxIO int) *fakeDriver {
@@ -74,6 +76,34 @@ func (f *fakeDriver) commit(tag uint16, res int32, addr uint64) error {
 }
 
 func (f *fakeDriver) submit() error { return nil }
+
+// wait plays the in-kernel wait: until a completion is queued or d has
+// passed. With noWait set it refuses, as a ring without timeouts.
+func (f *fakeDriver) wait(d time.Duration) (bool, error) {
+	if f.noWait {
+		return false, errNoWait
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.waits++
+	deadline := time.Now().Add(d)
+	for len(f.cqes) == 0 && !f.closed {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return false, nil
+		}
+		tm := time.AfterFunc(left, func() {
+			f.mu.Lock()
+			f.cond.Broadcast()
+			f.mu.Unlock()
+		})
+		f.cond.Wait()
+		tm.Stop()
+	}
+	return len(f.cqes) > 0, nil
+}
+
+func (f *fakeDriver) notify(bool) {}
 
 // waitReady is called by the queue's watcher goroutine.
 func (f *fakeDriver) waitReady() error {
@@ -157,7 +187,7 @@ func startFakeQueue(t *testing.T, depth, maxIO int, size int64, h pipeline.Handl
 	f := newFakeDriver(t, depth, maxIO)
 	fq := &fakeQueue{f: f, done: make(chan struct{}), work: make(chan *slot, depth)}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	fq.q = newQueue(0, size, f.descs, f.bufs, fq.work, log, func() (qring, error) { return f, nil })
+	fq.q = newQueue(context.Background(), 0, size, f.descs, f.bufs, h, fq.work, log, func() (qring, error) { return f, nil })
 	for i := 0; i < workers; i++ {
 		fq.wwg.Add(1)
 		go func() {
@@ -360,8 +390,8 @@ func TestQueueStopBeforeRing(t *testing.T) {
 	f := newFakeDriver(t, 2, 4096)
 	gate := make(chan struct{})
 	work := make(chan *slot, 2)
-	q := newQueue(0, 1<<20, f.descs, f.bufs, work, slog.New(slog.NewTextHandler(io.Discard, nil)),
-		func() (qring, error) { <-gate; return f, nil })
+	q := newQueue(context.Background(), 0, 1<<20, f.descs, f.bufs, pipeline.HandlerFunc(func(context.Context, *pipeline.Request) error { return nil }),
+		work, slog.New(slog.NewTextHandler(io.Discard, nil)), func() (qring, error) { <-gate; return f, nil })
 	ready := make(chan error, 1)
 	done := make(chan struct{})
 	go func() {

@@ -147,7 +147,7 @@ func (d *Daemon) start() (err error) {
 		d.reg.MustRegister(metrics.QoS(d.qos))
 	}
 	budget := profile.NewBudget(max(cfg.CacheMemory, 0))
-	d.reg.MustRegister(metrics.CacheBudget(budget))
+	d.reg.MustRegister(metrics.CacheBudget(budget), metrics.FileEngines())
 	d.log.Info("cache memory", "limit", limitText(budget.Stats().Limit))
 	volOpts := volume.Options{Dir: cfg.StateDir, Log: d.log, Metrics: metrics.NewVolumes(d.reg), QoS: d.qos, CacheBudget: budget}
 	var replNode *replication.Node

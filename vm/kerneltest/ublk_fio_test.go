@@ -153,9 +153,12 @@ type fioSample struct {
 // TestBlockdUblkVsNBDFio runs 4k random reads and writes at queue depth 1
 // and 32 and 128k sequential reads and writes against one memory volume,
 // attached as /dev/ublkbN (2 queues) and as /dev/nbdN (2 connections) in
-// turn, -fio-rounds times, the device order alternating by round; it logs
+// turn, -fio-rounds times; it logs
 // per job the median IOPS of each, the median of the rounds' ublk/nbd
 // ratios with their range, and blockd's context switches and CPU per I/O.
+// Every job runs on the two devices back to back (the device attached for
+// it and detached after), the order alternating, so that the pair shares
+// the background load of a noisy host.
 func TestBlockdUblkVsNBDFio(t *testing.T) {
 	requireUblk(t)
 	loadNBD(t)
@@ -188,20 +191,23 @@ func TestBlockdUblkVsNBDFio(t *testing.T) {
 		{"nbd", func() string { return d.attach("ufio", conns) }, func(dev string) { d.detach("ufio", dev) }},
 	}
 	samples := map[[2]string][]fioSample{}
+	prefilled := false
 	for round := range max(*fioRounds, 1) {
-		for k := range devices {
-			dv := devices[(k+round)%len(devices)]
-			dev := dv.attach()
-			if round == 0 && k == 0 {
-				// Write the volume once, so reads copy real data.
-				if _, ok := runFio(t, dev, fioJob{"prefill", "write", "1m", 1, 8}, size, 0, 0); !ok {
-					t.Fatal("fio vanished")
+		for ji, j := range jobs {
+			// Each job runs on both devices back to back, the order
+			// alternating, so that both see the same background load.
+			for k := range devices {
+				dv := devices[(k+round+ji)%len(devices)]
+				dev := dv.attach()
+				if !prefilled {
+					// Write the volume once, so reads copy real data.
+					runFio(t, dev, fioJob{"prefill", "write", "1m", 1, 8}, size, 0, 0)
+					prefilled = true
 				}
-			}
-			for _, j := range jobs {
 				before := readProcCost(t, d.p.Pid())
 				r, _ := runFio(t, dev, j, size, ramp, *fioRuntime)
 				after := readProcCost(t, d.p.Pid())
+				dv.detach(dev)
 				// The ramp's I/O costs switches too; fio reports only the
 				// I/O after it, so scale by the run's share of the time.
 				ios := float64(r.IOs) * float64(ramp+*fioRuntime) / float64(*fioRuntime)
@@ -214,7 +220,6 @@ func TestBlockdUblkVsNBDFio(t *testing.T) {
 				samples[[2]string{j.name, dv.name}] = append(samples[[2]string{j.name, dv.name}], s)
 				t.Logf("round %d %-18s %-4s %8.0f IOPS  %.2f cs/IO (%.2f voluntary)  %.1f µs CPU/IO", round+1, j.name, dv.name, s.iops, s.csPerIO, s.volCS, s.cpuPerIO)
 			}
-			dv.detach(dev)
 		}
 	}
 	d.stop()

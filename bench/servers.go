@@ -150,6 +150,8 @@ type Blockd struct {
 	CreateArgs []string
 	// ServeArgs are appended to `blockd serve`.
 	ServeArgs []string
+	// Env are NAME=VALUE settings for the daemon (BLOCKD_IO_URING=0).
+	Env []string
 }
 
 // Name implements Server.
@@ -190,6 +192,10 @@ func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance
 		"--nbd-listen", "127.0.0.1:" + strconv.Itoa(port), "--api-socket", sock,
 		"--metrics-listen", "127.0.0.1:" + strconv.Itoa(mport)}
 	argv = append(argv, b.ServeArgs...)
+	if len(b.Env) > 0 {
+		// env execs blockd: the process, and its CPU time, stay the same.
+		argv = append(append([]string{"env"}, b.Env...), argv...)
+	}
 	in = &Instance{Server: b.Name(), URI: nbdURI(port), Cmdline: argv,
 		Notes: "volume engine " + engine + ", profile " + cmp.Or(b.Profile, "default") + "; export name = volume name"}
 	if b.Dir != "" {

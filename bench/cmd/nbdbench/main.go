@@ -118,6 +118,8 @@ func run() int {
 	for _, s := range []bench.Server{
 		bench.Blockd{Bin: *blockdBin, Profile: *profile},
 		bench.Blockd{Bin: *blockdBin, Label: "blockd-file", Engine: "file", Profile: *fileProf, Dir: fdir},
+		bench.Blockd{Bin: *blockdBin, Label: "blockd-file-syscalls", Engine: "file", Profile: *fileProf, Dir: fdir,
+			Env: []string{"BLOCKD_IO_URING=0"}},
 		bench.Disk{Dir: fdir},
 		bench.Nbdkit{},
 		bench.Nbdkit{Allocator: "malloc"},
@@ -138,7 +140,8 @@ func run() int {
 	}
 
 	var pairs []bench.Pair
-	for _, p := range []bench.Pair{{A: "blockd-file", B: "blockd"}, {A: "blockd-file", B: "disk"}} {
+	for _, p := range []bench.Pair{{A: "blockd-file", B: "blockd"}, {A: "blockd-file", B: "disk"},
+		{A: "blockd-file", B: "blockd-file-syscalls"}} {
 		if slices.ContainsFunc(srv, func(s bench.Server) bool { return s.Name() == p.A }) &&
 			slices.ContainsFunc(srv, func(s bench.Server) bool { return s.Name() == p.B }) {
 			pairs = append(pairs, p)
@@ -182,7 +185,7 @@ func run() int {
 	return 0
 }
 
-const serverNames = "blockd, blockd-file, disk, nbdkit, nbdkit-malloc, qemu-nbd, qemu-nbd-io_uring, go-nbd"
+const serverNames = "blockd, blockd-file, blockd-file-syscalls, disk, nbdkit, nbdkit-malloc, qemu-nbd, qemu-nbd-io_uring, go-nbd"
 
 func atoi(s string) int {
 	n, err := strconv.Atoi(s)

@@ -209,6 +209,10 @@ func (q *Shared) do(op uint8, fd int, buf []byte, off, addr uint64, length, opFl
 	q.submitting = true
 	q.mu.Unlock()
 	if lead {
+		// Let the goroutines already runnable here (the other requests
+		// of a burst a frontend just handed out) add their SQEs first,
+		// so that one submission carries them all.
+		runtime.Gosched()
 		q.submit()
 	}
 	res := <-sl.done

@@ -84,11 +84,7 @@ func (r *Report) WriteSVG(w io.Writer) error {
 			res, ok := r.Lookup(row.Name, s)
 			switch {
 			case !ok:
-				why := r.Skipped[s]
-				if why == "" {
-					why = "not run"
-				}
-				fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#999">%s</text>`+"\n", chartLabelW, y+chartBarH-4, esc(why))
+				fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#999">%s</text>`+"\n", chartLabelW, y+chartBarH-4, esc(r.whyMissing(s)))
 			case res.Err != "" || top <= 0:
 				fmt.Fprintf(&b, `<text x="%d" y="%d" fill="#b00">error: %s</text>`+"\n", chartLabelW, y+chartBarH-4, esc(firstLine(res.Err)))
 			default:

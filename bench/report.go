@@ -219,11 +219,7 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 			res, found := r.Lookup(row.Name, s)
 			switch {
 			case !found:
-				why := r.Skipped[s]
-				if why == "" {
-					why = "not run"
-				}
-				fmt.Fprintf(&b, "| %s | %s | %s | | | | | | | |\n", row.Name, s, mdEscape(why))
+				fmt.Fprintf(&b, "| %s | %s | %s | | | | | | | |\n", row.Name, s, mdEscape(r.whyMissing(s)))
 			case res.Err != "":
 				fmt.Fprintf(&b, "| %s | %s | error: %s | | | | | | | |\n", row.Name, s, mdEscape(firstLine(res.Err)))
 			default:
@@ -283,4 +279,12 @@ func (r *Report) Save(dir string) (string, error) {
 		return "", fmt.Errorf("save report: %w", err)
 	}
 	return path, nil
+}
+
+// whyMissing says why server has no result: skipped (and why), or not run.
+func (r *Report) whyMissing(server string) string {
+	if why := r.Skipped[server]; why != "" {
+		return why
+	}
+	return "not run"
 }

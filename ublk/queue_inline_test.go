@@ -2,10 +2,8 @@ package ublk
 
 import (
 	"bytes"
-	"context"
 	"encoding/binary"
 	"io"
-	"log/slog"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -71,17 +69,8 @@ func TestQueueInline(t *testing.T) {
 		h := newInlineHandler(t, 1<<20)
 		f := newFakeDriver(t, 8, 64<<10)
 		f.noWait = park
-		fq := &fakeQueue{f: f, done: make(chan struct{}), work: make(chan *slot, 8)}
-		fq.q = newQueue(context.Background(), 0, 1<<20, f.descs, f.bufs, h, fq.work, slog.New(slog.NewTextHandler(io.Discard, nil)),
-			func() (qring, error) { return f, nil })
-		ready := make(chan error, 1)
-		go func() {
-			defer close(fq.done)
-			fq.q.run(ready)
-		}()
-		if err := <-ready; err != nil {
-			t.Fatal(err)
-		}
+		fq := startQueue(t, f, f.descs, f.bufs, 1<<20, h, 0)
+		fq.f = f
 		// A burst of 8 writes, each of its own pattern, reaped and
 		// committed together.
 		tags := []uint16{0, 1, 2, 3, 4, 5, 6, 7}
@@ -116,11 +105,7 @@ func TestQueueInline(t *testing.T) {
 		if n := len(fq.work); n != 1 {
 			t.Fatalf("park=%v: %d requests queued for workers, want the flush", park, n)
 		}
-		fq.wwg.Add(1)
-		go func() {
-			defer fq.wwg.Done()
-			worker(context.Background(), h, fq.work)
-		}()
+		fq.addWorkers(h, 1)
 		if res := f.waitResult(3, 3); res != 0 {
 			t.Fatalf("park=%v: flush result %d", park, res)
 		}
@@ -251,28 +236,9 @@ func (d *loopDriver) close() error {
 	return nil
 }
 
-// start runs a queue on the driver with h and one worker; its ready
-// channel is drained.
+// start runs a queue on the driver with h and 4 workers.
 func (d *loopDriver) start(t testing.TB, h pipeline.Handler) *fakeQueue {
-	fq := &fakeQueue{done: make(chan struct{}), work: make(chan *slot, len(d.bufs))}
-	fq.q = newQueue(context.Background(), 0, 1<<30, d.descs, d.bufs, h, fq.work, slog.New(slog.NewTextHandler(io.Discard, nil)),
-		func() (qring, error) { return d, nil })
-	for range 4 {
-		fq.wwg.Add(1)
-		go func() {
-			defer fq.wwg.Done()
-			worker(context.Background(), h, fq.work)
-		}()
-	}
-	ready := make(chan error, 1)
-	go func() {
-		defer close(fq.done)
-		fq.q.run(ready)
-	}()
-	if err := <-ready; err != nil {
-		t.Fatal(err)
-	}
-	return fq
+	return startQueue(t, d, d.descs, d.bufs, 1<<30, h, 4)
 }
 
 // run posts n requests (all tags busy, each commit reposting) and waits

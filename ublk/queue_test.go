@@ -185,16 +185,19 @@ type fakeQueue struct {
 func startFakeQueue(t *testing.T, depth, maxIO int, size int64, h pipeline.Handler, workers int) *fakeQueue {
 	t.Helper()
 	f := newFakeDriver(t, depth, maxIO)
-	fq := &fakeQueue{f: f, done: make(chan struct{}), work: make(chan *slot, depth)}
+	fq := startQueue(t, f, f.descs, f.bufs, size, h, workers)
+	fq.f = f
+	return fq
+}
+
+// startQueue runs a queue on ring with h and workers workers and returns
+// once its fetches are out.
+func startQueue(t testing.TB, ring qring, descs []byte, bufs [][]byte, size int64, h pipeline.Handler, workers int) *fakeQueue {
+	t.Helper()
+	fq := &fakeQueue{done: make(chan struct{}), work: make(chan *slot, len(bufs))}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	fq.q = newQueue(context.Background(), 0, size, f.descs, f.bufs, h, fq.work, log, func() (qring, error) { return f, nil })
-	for i := 0; i < workers; i++ {
-		fq.wwg.Add(1)
-		go func() {
-			defer fq.wwg.Done()
-			worker(context.Background(), h, fq.work)
-		}()
-	}
+	fq.q = newQueue(context.Background(), 0, size, descs, bufs, h, fq.work, log, func() (qring, error) { return ring, nil })
+	fq.addWorkers(h, workers)
 	ready := make(chan error, 1)
 	go func() {
 		defer close(fq.done)
@@ -204,6 +207,17 @@ func startFakeQueue(t *testing.T, depth, maxIO int, size int64, h pipeline.Handl
 		t.Fatal(err)
 	}
 	return fq
+}
+
+// addWorkers starts n more workers running h.
+func (fq *fakeQueue) addWorkers(h pipeline.Handler, n int) {
+	for range n {
+		fq.wwg.Add(1)
+		go func() {
+			defer fq.wwg.Done()
+			worker(context.Background(), h, fq.work)
+		}()
+	}
 }
 
 // stop aborts the tags and waits for the queue and workers to exit.

@@ -11,6 +11,8 @@
 //	PATCH  /v1/volumes/{name}           UpdateRequest -> Volume
 //	POST   /v1/volumes/{name}/attach    AttachRequest -> Volume
 //	POST   /v1/volumes/{name}/detach    Volume
+//	POST   /v1/volumes/{name}/move      MoveRequest -> Volume (cluster)
+//	GET    /v1/nodes                    [Node] (cluster)
 //	GET    /v1/io/pods                  podio.Snapshot
 //	GET    /v1/health                   {"status": "ok"}
 //
@@ -67,8 +69,15 @@ type Spec struct {
 	// included: 1 (the default) to 3.
 	Repl int `json:"repl,omitempty"`
 	// Nodes, in a create, names the nodes that hold the other copies
-	// (default: the peers with the most free space).
+	// (default: the peers with the most free space); in a cluster, the
+	// nodes that hold every copy.
 	Nodes []string `json:"nodes,omitempty"`
+	// Zones, in a create in a cluster, restricts the copies to nodes
+	// with these zone labels (spread over them).
+	Zones []string `json:"zones,omitempty"`
+	// Cluster is the id of the cluster whose store holds the volume; a
+	// node's own volumes (no cluster) have none. The daemon sets it.
+	Cluster string `json:"cluster,omitempty"`
 	// Replication is the state of a replicated volume (Repl > 1) and of
 	// a replica, as this node knows it; the daemon sets it.
 	Replication *Replication `json:"replication,omitempty"`
@@ -131,6 +140,10 @@ type ReplicaStatus struct {
 	// started; ComparedBytes what they compared by checksum.
 	CopiedBytes   int64 `json:"resync_copied_bytes"`
 	ComparedBytes int64 `json:"resync_compared_bytes"`
+	// DownSince is when the owner last lost the replica, while it
+	// cannot reach it (a cluster replaces a replica down for longer than
+	// its --replica-replace-after).
+	DownSince time.Time `json:"down_since,omitzero"`
 }
 
 // Attachment records that a volume is exposed as a kernel block device. It
@@ -180,6 +193,88 @@ type Volume struct {
 	// Replicas is the live state of a replicated volume's copies (owner
 	// only).
 	Replicas []ReplicaStatus `json:"replicas,omitempty"`
+	// Placement is where a cluster volume lives, as the cluster store
+	// says (absent for a node's own volumes).
+	Placement *Placement `json:"placement,omitempty"`
+}
+
+// Placement is a cluster volume's place in the cluster.
+type Placement struct {
+	// Nodes hold a copy each; InSync are those with every acknowledged
+	// write, the only ones that may become owner.
+	Nodes  []string `json:"nodes"`
+	InSync []string `json:"in_sync"`
+	// Owner serves the volume now, at Epoch ("" and 0: no node does; the
+	// first frontend that needs it takes it).
+	Owner      string `json:"owner,omitempty"`
+	Epoch      uint64 `json:"epoch,omitempty"`
+	Generation uint64 `json:"generation"`
+	// Attached names the kernel device of the volume ("node:/dev/nbd0").
+	Attached string `json:"attached,omitempty"`
+	// LastFailover is the last change of owner.
+	LastFailover *Failover `json:"last_failover,omitempty"`
+}
+
+// Failover is a change of a cluster volume's owner.
+type Failover struct {
+	From  string    `json:"from,omitempty"` // the previous owner ("" the first)
+	To    string    `json:"to"`
+	Epoch uint64    `json:"epoch"`
+	At    time.Time `json:"at"`
+	// Clean: the previous owner handed the volume over (volume move, a
+	// daemon's shutdown) with nothing in flight; otherwise its lease
+	// expired, and the new owner compared the copies.
+	Clean bool `json:"clean"`
+	// Waited is how long the new owner's frontend was refused before it
+	// got the volume: about the old owner's lease, after a crash.
+	Waited Duration `json:"waited,omitempty"`
+	// By is what took the volume: "nbd", "attach", "move".
+	By string `json:"by,omitempty"`
+}
+
+// Duration is a time.Duration that marshals as its text ("12.5s").
+type Duration time.Duration
+
+func (d Duration) MarshalJSON() ([]byte, error) { return json.Marshal(time.Duration(d).String()) }
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err != nil {
+		return err
+	}
+	v, err := time.ParseDuration(s)
+	*d = Duration(v)
+	return err
+}
+
+// Node states.
+const (
+	NodeReady       = "ready"       // its lease is alive in the cluster store
+	NodeUnreachable = "unreachable" // registered once, its lease expired
+)
+
+// Node is a member of a cluster, as GET /v1/nodes shows it.
+type Node struct {
+	Name  string `json:"name"`
+	State string `json:"state"`
+	// Addr is where peers reach its transport; Labels include zone.
+	Addr   string            `json:"addr"`
+	Labels map[string]string `json:"labels,omitempty"`
+	// Capacity and Free are its state dir's file system.
+	Capacity int64 `json:"capacity_bytes"`
+	Free     int64 `json:"free_bytes"`
+	// Volumes counts the volumes with a copy on it, Owned those it serves.
+	Volumes int    `json:"volumes"`
+	Owned   int    `json:"owned"`
+	Version string `json:"version,omitempty"`
+	// Since is when it joined (ready) or was last heard of (unreachable).
+	Since time.Time `json:"since"`
+}
+
+// MoveRequest is the body of POST /v1/volumes/{name}/move.
+type MoveRequest struct {
+	To string `json:"to"`
 }
 
 // PromoteRequest is the body of POST /v1/volumes/{name}/promote.

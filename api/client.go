@@ -172,6 +172,18 @@ func (c *Client) Promote(name string, force bool) (Volume, error) {
 	return out, c.do("POST", volPath(name)+"/promote", PromoteRequest{Force: force}, &out)
 }
 
+// Move hands a cluster volume over to another node.
+func (c *Client) Move(name, to string) (Volume, error) {
+	var out Volume
+	return out, c.doWith(c.long, "POST", volPath(name)+"/move", MoveRequest{To: to}, &out)
+}
+
+// Nodes lists the members of the daemon's cluster.
+func (c *Client) Nodes() ([]Node, error) {
+	var out []Node
+	return out, c.do("GET", "/v1/nodes", nil, &out)
+}
+
 // Resync retries the replicas of a volume that are not in sync now.
 func (c *Client) Resync(name string) (Volume, error) {
 	var out Volume

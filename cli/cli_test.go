@@ -71,6 +71,9 @@ func TestCLI(t *testing.T) {
 		{[]string{"volume", "frobnicate"}, 2, `unknown command "frobnicate" for "blockd volume"`},
 		{[]string{"volume", "craete"}, 2, "did you mean create?"},
 		{[]string{"frobnicate"}, 2, `unknown command "frobnicate" for "blockd"`},
+		{[]string{"volume", "move", "demo"}, 2, "--to NODE is required"},
+		{[]string{"volume", "move", "demo", "--to", "n2"}, 1, "this daemon is not in a cluster"},
+		{[]string{"node", "list", "-o", "json"}, 1, "this daemon is not in a cluster"},
 	} {
 		s := sock
 		if len(tc.args) < 3 {
@@ -216,5 +219,27 @@ func TestTopWithoutProbes(t *testing.T) {
 	_, errs, code := run(t, sock, "top")
 	if code != 1 || !strings.Contains(errs, "probes are off") {
 		t.Fatalf("blockd top with probes off: code %d, stderr %q", code, errs)
+	}
+}
+
+// The cluster flags of serve are checked before anything starts.
+func TestServeClusterFlags(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--cluster", "etcd=http://127.0.0.1:1"}, "--peer and --cluster need --node"},
+		{[]string{"--node", "n1", "--tls-ca", "a", "--tls-cert", "b", "--tls-key", "c", "--cluster", "http://127.0.0.1:1"}, "want etcd=URL[,URL...]"},
+		{[]string{"--node", "n1", "--tls-ca", "a", "--tls-cert", "b", "--tls-key", "c", "--cluster", "etcd=127.0.0.1:2379"}, "is not an http:// or https:// URL"},
+		{[]string{"--node", "n1", "--tls-ca", "a", "--tls-cert", "b", "--tls-key", "c", "--cluster", "etcd=http://x:1", "--lease-ttl", "1s"}, "--lease-ttl 1s: want at least 2s"},
+		{[]string{"--node", "n1", "--tls-ca", "a", "--tls-cert", "b", "--tls-key", "c", "--cluster", "etcd=http://x:1", "--label", "zone"}, `--label "zone": want key=value`},
+		{[]string{"--label", "zone=a"}, "--label needs --cluster"},
+		{[]string{"--etcd-ca", "ca.crt"}, "need --cluster"},
+	} {
+		_, errs, code := run(t, "", append([]string{"serve", "--state-dir", dir}, tc.args...)...)
+		if code != 2 || !strings.Contains(errs, tc.want) {
+			t.Errorf("serve %v: code %d, stderr %q; want code 2 mentioning %q", tc.args, code, errs, tc.want)
+		}
 	}
 }

@@ -142,16 +142,29 @@ func newVolumeWait() *cobra.Command {
 				if err != nil {
 					return err
 				}
-				if vi.Replication == nil || vi.Replication.Role != api.RoleOwner {
-					return fmt.Errorf("volume %s has no replicas owned by this node", vi.Name)
-				}
-				done := true
-				for _, r := range vi.Replicas {
-					if r.State != api.ReplicaInSync {
-						done = false
+				var done bool
+				var line string
+				switch {
+				case vi.Placement != nil && (vi.Replication == nil || vi.Replication.Role != api.RoleOwner):
+					// A cluster volume owned elsewhere: the store's
+					// in-sync set.
+					p := vi.Placement
+					done = len(p.InSync) == len(p.Nodes)
+					line = "volume " + vi.Name + ": " + placementSummary(vi)
+					if !done && p.Owner == "" {
+						line += "; no node owns it: its copies resync once a frontend takes it"
 					}
+				case vi.Replication == nil || vi.Replication.Role != api.RoleOwner:
+					return fmt.Errorf("volume %s has no replicas owned by this node", vi.Name)
+				default:
+					done = true
+					for _, r := range vi.Replicas {
+						if r.State != api.ReplicaInSync {
+							done = false
+						}
+					}
+					line = progressLine(vi)
 				}
-				line := progressLine(vi)
 				if tty {
 					fmt.Fprintf(w, "\r\x1b[K%s", line)
 				} else if line != last {
@@ -221,6 +234,9 @@ func isTerminal(w io.Writer) bool {
 
 // replicaSummary is the REPL column: the copies and their states.
 func replicaSummary(v api.Volume) string {
+	if v.Placement != nil {
+		return placementSummary(v)
+	}
 	r := v.Replication
 	if r == nil {
 		return "1"

@@ -123,7 +123,7 @@ GB are powers of 1000). Counts such as IOPS take 5000 or 5k.`,
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(cmd *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(newServe(), newVolume(), newAttach(), newDetach(), newTop(), newVersion())
+	root.AddCommand(newServe(), newVolume(), newNode(), newAttach(), newDetach(), newTop(), newVersion())
 	return root
 }
 

@@ -31,6 +31,8 @@ func newServe() *cobra.Command {
 		kernelDevices                bool
 		peers                        []string
 		resyncRate, resyncMinRate    string
+		clusterURLs                  string
+		labels                       []string
 		shutdownTimeout              time.Duration
 		procs                        int
 	)
@@ -44,7 +46,16 @@ STATE/blockd.sock (mode 0600).
 
 One daemon per state dir. SIGTERM or SIGINT: stop accepting, let requests in
 flight finish and their replies go out, flush every volume, exit 0. Kernel
-devices stay attached for the next daemon.`,
+devices stay attached for the next daemon.
+
+Replication (--node, --peer, --tls-*): the node's volumes may keep copies on
+its peers, over QUIC with mutual TLS (see docs/replication.md).
+
+A cluster (--cluster etcd=URL[,URL...]): the nodes agree through etcd on every
+volume's spec, where its copies are and which node owns it; any node creates
+and lists any volume, a frontend takes a volume where it connects, and a volume
+whose owner dies fails over to a node with an in-sync copy once the owner's
+lease (--lease-ttl) runs out (see docs/cluster.md).`,
 		Args: args(0, ""),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if procs < 0 {
@@ -71,11 +82,15 @@ devices stay attached for the next daemon.`,
 					cfg.CacheMemory = -1
 				}
 			}
-			if len(peers) > 0 || cfg.Replication.Node != "" {
+			if len(peers) > 0 || cfg.Replication.Node != "" || clusterURLs != "" {
 				if err := replicationFlags(&cfg.Replication, peers, resyncRate, resyncMinRate); err != nil {
 					return err
 				}
 			}
+			if err := clusterFlags(&cfg.Cluster, clusterURLs, labels); err != nil {
+				return err
+			}
+			cfg.Cluster.Version, _ = Version()
 			if cfg.Logger, err = newLogger(cmd.ErrOrStderr(), logFormat, logLevel); err != nil {
 				return err
 			}
@@ -123,6 +138,15 @@ devices stay attached for the next daemon.`,
 	fs.DurationVar(&cfg.Replication.LastTimeout, "repl-last-timeout", 15*time.Second, "the same for the last in-sync replica")
 	fs.StringVar(&resyncRate, "resync-rate", "100MiB", "most bytes per second all resyncs of this node copy together (`rate`; 0: no cap)")
 	fs.StringVar(&resyncMinRate, "resync-min-rate", "20MiB", "the resync rate while application I/O is running (`rate`; 0: no lowering)")
+	fs.StringVar(&clusterURLs, "cluster", "", "join a cluster through etcd: etcd=`URL[,URL...]` (needs --node and the --tls-* flags)")
+	fs.StringVar(&cfg.Cluster.CAFile, "etcd-ca", "", "CA certificate (PEM `file`) of etcd's TLS")
+	fs.StringVar(&cfg.Cluster.CertFile, "etcd-cert", "", "client certificate (PEM `file`) for etcd")
+	fs.StringVar(&cfg.Cluster.KeyFile, "etcd-key", "", "client key (PEM `file`) for etcd")
+	fs.StringVar(&cfg.Cluster.Prefix, "cluster-prefix", "/blockd/", "etcd key `prefix` holding the cluster")
+	fs.DurationVar(&cfg.Cluster.LeaseTTL, "lease-ttl", 30*time.Second, "the node's lease in etcd: how long after the node dies its volumes fail over, and how long an etcd outage its volumes ride through")
+	fs.DurationVar(&cfg.Cluster.ReplaceAfter, "replica-replace-after", 10*time.Minute, "how long a replica may be unreachable before its owner builds a new one on another node")
+	fs.StringArrayVar(&labels, "label", nil, "a `key=value` label of this node, e.g. zone=rack1 (copies spread over zones); repeatable")
+	fs.StringVar(&cfg.Cluster.Advertise, "advertise", "", "replication `address` the other nodes reach this one at (default --repl-listen, if it names a host)")
 	fs.DurationVar(&cfg.Kernel.Timeout, "nbd-timeout", 30*time.Second, "kernel nbd per-request timeout (e.g. 30s); on expiry the socket is replaced and the request retried")
 	fs.DurationVar(&cfg.Kernel.DeadConnTimeout, "nbd-dead-conn-timeout", 2*time.Minute, "how long kernel nbd devices hold I/O while blockd restarts (e.g. 2m)")
 	fs.StringVar(&qosIOPS, "qos-capacity-iops", "0", "node requests per second (`iops`) that QoS reservations and weights divide, e.g. 50k (0: unlimited, then only caps act)")
@@ -147,10 +171,50 @@ devices stay attached for the next daemon.`,
 	return cmd
 }
 
+// clusterFlags checks the cluster flags and fills cc.
+func clusterFlags(cc *daemon.ClusterConfig, urls string, labels []string) error {
+	if urls == "" {
+		for _, set := range []string{cc.CAFile, cc.CertFile, cc.KeyFile} {
+			if set != "" {
+				return usagef("--etcd-ca, --etcd-cert and --etcd-key need --cluster")
+			}
+		}
+		if len(labels) > 0 {
+			return usagef("--label needs --cluster")
+		}
+		return nil
+	}
+	list, ok := strings.CutPrefix(urls, "etcd=")
+	if !ok || list == "" {
+		return usagef("--cluster %q: want etcd=URL[,URL...], e.g. etcd=http://10.0.0.1:2379", urls)
+	}
+	for _, u := range strings.Split(list, ",") {
+		if !strings.HasPrefix(u, "http://") && !strings.HasPrefix(u, "https://") {
+			return usagef("--cluster: %q is not an http:// or https:// URL", u)
+		}
+		cc.Endpoints = append(cc.Endpoints, u)
+	}
+	if cc.LeaseTTL < 2*time.Second {
+		return usagef("--lease-ttl %s: want at least 2s", cc.LeaseTTL)
+	}
+	if cc.ReplaceAfter <= 0 {
+		return usagef("--replica-replace-after %s: want a positive duration", cc.ReplaceAfter)
+	}
+	cc.Labels = map[string]string{}
+	for _, l := range labels {
+		k, v, ok := strings.Cut(l, "=")
+		if !ok || k == "" {
+			return usagef("--label %q: want key=value", l)
+		}
+		cc.Labels[k] = v
+	}
+	return nil
+}
+
 // replicationFlags checks the replication flags and fills rc.
 func replicationFlags(rc *daemon.ReplicationConfig, peers []string, rate, minRate string) error {
 	if rc.Node == "" {
-		return usagef("--peer needs --node (this node's name)")
+		return usagef("--peer and --cluster need --node (this node's name)")
 	}
 	if !volume.ValidName(rc.Node) {
 		return usagef("--node %q: want a name of a-z, 0-9, '.', '_', '-'", rc.Node)

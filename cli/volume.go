@@ -27,7 +27,7 @@ func newVolume() *cobra.Command {
 		RunE:    groupRun,
 	}
 	cmd.AddCommand(newVolumeCreate(), newVolumeList(), newVolumeGet(), newVolumeDelete(), newVolumeResize(), newVolumeSet(),
-		newVolumePromote(), newVolumeResync(), newVolumeVerify(), newVolumeWait())
+		newVolumePromote(), newVolumeResync(), newVolumeVerify(), newVolumeWait(), newVolumeMove())
 	return cmd
 }
 
@@ -81,7 +81,7 @@ func newVolumeCreate() *cobra.Command {
 		size, engine, prof, out, sock *string
 		ro                            *bool
 		repl                          *int
-		nodes                         *[]string
+		nodes, zones                  *[]string
 		set                           = map[string]string{}
 	)
 	cmd := &cobra.Command{
@@ -104,7 +104,7 @@ func newVolumeCreate() *cobra.Command {
 			if err != nil {
 				return usagef("--size: %v", err)
 			}
-			spec := api.Spec{Name: args[0], Size: api.Size(n), Engine: *engine, Profile: *prof, ReadOnly: *ro, Repl: *repl, Nodes: *nodes}
+			spec := api.Spec{Name: args[0], Size: api.Size(n), Engine: *engine, Profile: *prof, ReadOnly: *ro, Repl: *repl, Nodes: *nodes, Zones: *zones}
 			if len(set) > 0 {
 				if err := json.Unmarshal(api.QoSChange(set), &spec.QoS); err != nil {
 					return usageError{err}
@@ -124,7 +124,8 @@ func newVolumeCreate() *cobra.Command {
 	prof = fs.String("profile", profile.Auto.String(), profileUsage)
 	ro = fs.Bool("read-only", false, "refuse writes")
 	repl = fs.Int("repl", 1, "copies of the data, this node's included (1-3); writes complete when every in-sync copy has them")
-	nodes = fs.StringSlice("nodes", nil, "`nodes` that hold the other copies (default: the peers with the most free space)")
+	nodes = fs.StringSlice("nodes", nil, "`nodes` that hold the other copies (default: the peers with the most free space); in a cluster, every copy's node")
+	zones = fs.StringSlice("zones", nil, "in a cluster: place the copies in these `zones` only (default: spread over every zone)")
 	out = outputFlag(cmd)
 	qosFlags(fs, set)
 	cmd.RegisterFlagCompletionFunc("engine", cobra.FixedCompletions(ioengine.Kinds, cobra.ShellCompDirectiveNoFileComp))
@@ -170,7 +171,13 @@ func newVolumeGet() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return printVolumes(cmd.OutOrStdout(), *out, []api.Volume{vi}, true)
+			if err := printVolumes(cmd.OutOrStdout(), *out, []api.Volume{vi}, true); err != nil {
+				return err
+			}
+			if *out == "table" && vi.Placement != nil {
+				printPlacement(cmd.OutOrStdout(), vi)
+			}
+			return nil
 		},
 	}
 	sock = clientFlags(cmd)

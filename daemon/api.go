@@ -29,6 +29,8 @@ func (d *Daemon) apiHandler() http.Handler {
 	mux.HandleFunc("POST /v1/volumes/{name}/promote", d.promote)
 	mux.HandleFunc("POST /v1/volumes/{name}/resync", d.resync)
 	mux.HandleFunc("POST /v1/volumes/{name}/verify", d.verify)
+	mux.HandleFunc("POST /v1/volumes/{name}/move", d.moveHandler)
+	mux.HandleFunc("GET /v1/nodes", d.nodesHandler)
 	mux.HandleFunc("GET /v1/io/pods", d.pods)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, api.Errorf(api.CodeNotFound, "no such API call: %s %s", r.Method, r.URL.Path))
@@ -66,6 +68,15 @@ func (d *Daemon) infoOf(name string) (api.Volume, error) {
 }
 
 func (d *Daemon) list(w http.ResponseWriter, r *http.Request) {
+	if d.cluster != nil {
+		out, err := d.cluster.listVolumes(r.Context())
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, out)
+		return
+	}
 	out := []api.Volume{}
 	for _, v := range d.volumes.Volumes() {
 		out = append(out, d.info(v))
@@ -79,6 +90,15 @@ func (d *Daemon) create(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
+	if d.cluster != nil {
+		v, err := d.cluster.createVolume(r.Context(), s)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusCreated, v)
+		return
+	}
 	s, err := d.volumes.Create(s)
 	if err != nil {
 		writeError(w, err)
@@ -88,10 +108,37 @@ func (d *Daemon) create(w http.ResponseWriter, r *http.Request) {
 }
 
 func (d *Daemon) get(w http.ResponseWriter, r *http.Request) {
+	if d.cluster != nil {
+		v, err := d.cluster.getVolume(r.Context(), r.PathValue("name"))
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+		return
+	}
 	d.reply(w, http.StatusOK, r.PathValue("name"))
 }
 
+// isClusterVolume reports whether name is a cluster volume this node
+// holds a copy of (a cluster node's API then goes through the cluster).
+func (d *Daemon) isClusterVolume(name string) bool {
+	if d.cluster == nil {
+		return false
+	}
+	v, err := d.volumes.Volume(name)
+	return err != nil || v.Spec().Cluster != ""
+}
+
 func (d *Daemon) delete(w http.ResponseWriter, r *http.Request) {
+	if d.cluster != nil {
+		if err := d.cluster.deleteVolume(r.Context(), r.PathValue("name")); err != nil {
+			writeError(w, err)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
 	if err := d.volumes.Delete(r.PathValue("name")); err != nil {
 		writeError(w, err)
 		return
@@ -103,6 +150,10 @@ func (d *Daemon) resize(w http.ResponseWriter, r *http.Request) {
 	var req api.ResizeRequest
 	if err := readJSON(r, &req); err != nil {
 		writeError(w, err)
+		return
+	}
+	if d.isClusterVolume(r.PathValue("name")) {
+		writeError(w, api.Errorf(api.CodeInvalid, "%w", errNoClusterResize))
 		return
 	}
 	s, err := d.volumes.Resize(r.PathValue("name"), int64(req.Size))
@@ -119,7 +170,7 @@ func (d *Daemon) update(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s, err := d.volumes.Update(r.PathValue("name"), func(s *api.Spec) error {
+	change := func(s *api.Spec) error {
 		if req.Profile != nil {
 			s.Profile = *req.Profile
 		}
@@ -132,7 +183,17 @@ func (d *Daemon) update(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 		return nil
-	})
+	}
+	if d.cluster != nil {
+		v, err := d.cluster.updateVolume(r.Context(), r.PathValue("name"), change)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, v)
+		return
+	}
+	s, err := d.volumes.Update(r.PathValue("name"), change)
 	if err != nil {
 		writeError(w, err)
 		return
@@ -146,10 +207,24 @@ func (d *Daemon) attach(w http.ResponseWriter, r *http.Request) {
 		writeError(w, err)
 		return
 	}
-	s, err := d.devices.Attach(r.PathValue("name"), req)
+	name := r.PathValue("name")
+	if d.isClusterVolume(name) {
+		// The kernel device is a frontend: this node must own the
+		// volume.
+		if _, err := d.cluster.acquire(name, "attach"); err != nil {
+			writeError(w, err)
+			return
+		}
+	}
+	s, err := d.devices.Attach(name, req)
 	if err != nil {
 		writeError(w, err)
 		return
+	}
+	if d.isClusterVolume(name) {
+		if err := d.cluster.attached(name, s.Attachment.Device); err != nil {
+			d.log.Warn("recording the attachment in the cluster", "volume", name, "err", err)
+		}
 	}
 	d.updateProbeDevices()
 	d.reply(w, http.StatusOK, s.Name)
@@ -160,6 +235,11 @@ func (d *Daemon) detach(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		writeError(w, err)
 		return
+	}
+	if d.isClusterVolume(s.Name) {
+		if err := d.cluster.attached(s.Name, ""); err != nil {
+			d.log.Warn("clearing the attachment in the cluster", "volume", s.Name, "err", err)
+		}
 	}
 	d.updateProbeDevices()
 	d.reply(w, http.StatusOK, s.Name)
@@ -179,6 +259,10 @@ func (d *Daemon) promote(w http.ResponseWriter, r *http.Request) {
 	var req api.PromoteRequest
 	if err := readJSON(r, &req); err != nil {
 		writeError(w, err)
+		return
+	}
+	if d.isClusterVolume(r.PathValue("name")) {
+		writeError(w, api.Errorf(api.CodeConflict, "in a cluster the owner is not promoted by hand: a frontend on a node with an in-sync copy takes the volume once its owner's lease expires, or `blockd volume move %s --to NODE` hands it over", r.PathValue("name")))
 		return
 	}
 	s, err := d.volumes.Promote(r.PathValue("name"), req.Force)

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"golang.org/x/sys/unix"
 
+	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/attach"
 	"github.com/blockd/blockd/kernel/module"
 	"github.com/blockd/blockd/metrics"
@@ -58,6 +59,9 @@ type Config struct {
 	QoSCapacity   qos.Capacity // what reservations and weights divide
 	// Replication joins the daemon to its peers (Node empty: none).
 	Replication ReplicationConfig
+	// Cluster joins the daemon to a cluster on etcd (no Endpoints: none);
+	// it needs Replication.
+	Cluster ClusterConfig
 	// Pprof serves Go's profiles at /debug/pprof/ on the metrics
 	// listener.
 	Pprof bool
@@ -78,6 +82,7 @@ type Daemon struct {
 	qos         *qos.Node
 	transport   *transport.Transport // nil without replication
 	replHandler *replHandler
+	cluster     *agent // nil without a cluster
 	volumes     *volume.Registry
 	nbd         *nbd.Server
 	devices     *attach.Devices
@@ -160,6 +165,12 @@ func (d *Daemon) start() (err error) {
 		volOpts.OnFenced = d.fenced
 		d.reg.MustRegister(metrics.Replication(d.replicatedVolumes))
 	}
+	if len(cfg.Cluster.Endpoints) > 0 {
+		if err := d.startCluster(); err != nil {
+			return err
+		}
+		volOpts.Cluster, volOpts.ClusterID = d.cluster, d.cluster.st.ID()
+	}
 	// Volumes open before the kernel frontends exist (those need the
 	// volumes); a profile change reaches the devices once they do.
 	volOpts.OnProfileChange = func(vol string, eff profile.Profile) {
@@ -171,6 +182,9 @@ func (d *Daemon) start() (err error) {
 	// it is gone (or find a new volume of the same name) when they
 	// reconnect.
 	volOpts.OnDelete = func(v *volume.Volume) {
+		if d.nbd == nil {
+			return // a volume reopened while the daemon starts: no client yet
+		}
 		if n := d.nbd.Disconnect(v); n > 0 {
 			d.log.Info("closed the NBD connections of a deleted volume", "volume", v.Name(), "connections", n)
 		}
@@ -181,8 +195,15 @@ func (d *Daemon) start() (err error) {
 	if replNode != nil {
 		d.replHandler.svc.Store(replication.NewService(replNode.Name, d.volumes, replNode.Log))
 	}
+	if d.cluster != nil {
+		d.cluster.run()
+		// A kernel device here needs its volume: take back what the
+		// node no longer owns (its lease ran out while it was down), if
+		// no other node took it meanwhile.
+		d.cluster.reclaimAttached()
+	}
 
-	d.nbd = nbd.NewServer(nbdExports{d.volumes}, nbd.Options{Logger: d.log})
+	d.nbd = nbd.NewServer(nbdExports{m: d.volumes, a: d.cluster}, nbd.Options{Logger: d.log})
 	d.devices = attach.New(d.nbd, d.volumes, cfg.Kernel)
 	d.profileHook.Store(d.devices)
 	if cfg.Kernel.Disabled {
@@ -292,8 +313,19 @@ func (d *Daemon) stop(ctx context.Context) error {
 		d.devices.Close()
 	}
 	d.wg.Wait()
+	keep := false
+	if d.cluster != nil {
+		// No frontend is left: hand the volumes over cleanly, except
+		// those a kernel device here still uses (the next run keeps
+		// them, with the node's lease).
+		d.cluster.stop()
+		keep = d.cluster.releaseAll(ctx) > 0
+	}
 	if d.volumes != nil {
 		errs = append(errs, d.volumes.Close())
+	}
+	if d.cluster != nil {
+		d.cluster.close(keep)
 	}
 	if d.transport != nil {
 		// After the volumes: their last flush reaches the replicas.
@@ -368,10 +400,23 @@ func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
 	return ln, nil
 }
 
-// nbdExports serves every volume as an NBD export named after it.
-type nbdExports struct{ m *volume.Registry }
+// nbdExports serves every volume as an NBD export named after it; in a
+// cluster, a client's NBD_OPT_GO takes the volume's ownership (Acquire).
+type nbdExports struct {
+	m *volume.Registry
+	a *agent // nil without a cluster
+}
 
 func (e nbdExports) Export(name string) (nbd.Export, bool) {
+	if e.a != nil {
+		// Looking a cluster volume up (NBD_OPT_INFO, a list) does not
+		// take it: any copy here describes it.
+		if v, err := e.m.Volume(name); err == nil && v.Spec().Cluster != "" {
+			if _, failed := v.Failed(); !failed {
+				return v, true
+			}
+		}
+	}
 	v, ok := e.m.Lookup(name)
 	if !ok {
 		return nil, false
@@ -379,4 +424,34 @@ func (e nbdExports) Export(name string) (nbd.Export, bool) {
 	return v, true
 }
 
-func (e nbdExports) ExportNames() []string { return e.m.Names() }
+func (e nbdExports) ExportNames() []string {
+	if e.a == nil {
+		return e.m.Names()
+	}
+	var out []string
+	for _, v := range e.m.Volumes() {
+		if _, failed := v.Failed(); !failed && (v.Role() != api.RoleReplica || v.Spec().Cluster != "") {
+			out = append(out, v.Name())
+		}
+	}
+	return out
+}
+
+// Acquire implements nbd.Acquirer.
+func (e nbdExports) Acquire(name string) (nbd.Export, error) {
+	if e.a == nil {
+		if v, err := e.m.Get(name); err == nil {
+			return v, nil
+		} else {
+			return nil, err
+		}
+	}
+	v, err := e.a.acquire(name, "nbd")
+	if err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// NotFound implements nbd.Acquirer.
+func (e nbdExports) NotFound(err error) bool { return api.IsCode(err, api.CodeNotFound) }

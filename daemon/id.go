@@ -9,7 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/blockd/blockd/volume"
+	"github.com/blockd/blockd/internal/durable"
 )
 
 // idFile holds the daemon's id in the state dir. The id tells this
@@ -46,7 +46,7 @@ func daemonID(dir string) (string, error) {
 		return "", fmt.Errorf("daemon id: %w", err)
 	}
 	id := hex.EncodeToString(r[:])
-	if err := volume.WriteFileAtomic(dir, idFile, []byte(id+"\n")); err != nil {
+	if err := durable.WriteFile(dir, idFile, []byte(id+"\n")); err != nil {
 		return "", fmt.Errorf("state dir: write %s: %w", path, err)
 	}
 	return id, nil

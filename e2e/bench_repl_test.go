@@ -221,7 +221,9 @@ func benchResync(b *testing.B, runtime int) resyncRow {
 	a.waitState("v", rb.name, api.ReplicaResyncing, 30*time.Second)
 	start := time.Now()
 	during := make(chan fioResult, 1)
-	go func() { during <- runFio(b, a.nbdSock(), "v", 2, "--rw=randwrite", "--bs=4k", "--iodepth=1", "--offset=300M") }()
+	go func() {
+		during <- runFio(b, a.nbdSock(), "v", 2, "--rw=randwrite", "--bs=4k", "--iodepth=1", "--offset=300M")
+	}()
 	v := a.waitInSync("v", 5*time.Minute)
 	row.ResyncSeconds = time.Since(start).Seconds()
 	r := <-during

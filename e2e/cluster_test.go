@@ -6,12 +6,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/blockd/blockd/api"
+	"github.com/blockd/blockd/cluster/etcdtest"
 	"github.com/blockd/blockd/e2e/checker"
 	"github.com/blockd/blockd/e2e/netlab"
 	"github.com/blockd/blockd/nbd"
@@ -31,7 +33,19 @@ type testCluster struct {
 	ca    *transport.CA
 	// flags every daemon runs with, after the common ones.
 	flags []string
+	// etcd, if set, joins the daemons to a cluster through an etcd on
+	// lab node 0 (the daemons are lab nodes 1..n then).
+	etcd *etcdNode
 }
+
+// etcdNode is the etcd of a cluster test, alone on lab node 0.
+type etcdNode struct {
+	url string
+	cmd *exec.Cmd
+	log *syncBuffer
+}
+
+const etcdLabNode = 0
 
 type clusterNode struct {
 	c    *testCluster
@@ -49,7 +63,48 @@ const replPort = "10810"
 
 func newTestCluster(t testing.TB, n int, flags ...string) *testCluster {
 	t.Helper()
-	c := &testCluster{t: t, lab: netlab.New(t, n, netlab.Options{}), certs: t.TempDir(), flags: flags}
+	return newLabCluster(t, n, 0, flags)
+}
+
+// newEtcdCluster is n daemons joined through a real etcd (lab node 0)
+// with serve --cluster: they learn each other from it, no --peer flags.
+func newEtcdCluster(t testing.TB, n int, flags ...string) *testCluster {
+	t.Helper()
+	c := newLabCluster(t, n, 1, flags)
+	e := &etcdNode{log: &syncBuffer{}}
+	node := c.lab.Node(etcdLabNode)
+	e.url = "http://" + node.IP() + ":2379"
+	e.cmd = node.Command(context.Background(), etcdtest.Binary(t), etcdtest.Args("e2e", t.TempDir(), e.url, "http://"+node.IP()+":2380")...)
+	e.cmd.Stdout, e.cmd.Stderr = e.log, e.log
+	if err := e.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		e.cmd.Process.Kill()
+		e.cmd.Wait()
+		if t.Failed() {
+			t.Logf("etcd's log:\n%s", e.log)
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		conn, err := node.Dial("tcp", node.IP()+":2379")
+		if err == nil {
+			conn.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("etcd did not listen within 20s: %v\n%s", err, e.log)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	c.etcd = e
+	return c
+}
+
+func newLabCluster(t testing.TB, n, first int, flags []string) *testCluster {
+	t.Helper()
+	c := &testCluster{t: t, lab: netlab.New(t, n+first, netlab.Options{}), certs: t.TempDir(), flags: flags}
 	ca, err := transport.GenerateCA("blockd-test-ca", time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -61,7 +116,7 @@ func newTestCluster(t testing.TB, n int, flags ...string) *testCluster {
 	}
 	writeFile(t, filepath.Join(c.certs, "ca.crt"), caPEM)
 	for i := 0; i < n; i++ {
-		nd := &clusterNode{c: c, i: i, name: fmt.Sprintf("n%d", i+1), dir: t.TempDir(), log: &syncBuffer{}}
+		nd := &clusterNode{c: c, i: i + first, name: fmt.Sprintf("n%d", i+1), dir: t.TempDir(), log: &syncBuffer{}}
 		c.nodes = append(c.nodes, nd)
 		cert, err := ca.Issue(nd.name, time.Hour)
 		if err != nil {
@@ -144,8 +199,11 @@ func (n *clusterNode) command() *exec.Cmd {
 		"--node", n.name, "--repl-listen", n.ip() + ":" + replPort,
 		"--tls-ca", filepath.Join(n.c.certs, "ca.crt"),
 		"--tls-cert", filepath.Join(n.c.certs, n.name+".crt"), "--tls-key", filepath.Join(n.c.certs, n.name+".key")}
+	if n.c.etcd != nil {
+		args = append(args, "--cluster", "etcd="+n.c.etcd.url, "--label", "zone=z"+strconv.Itoa(n.i))
+	}
 	for _, o := range n.c.nodes {
-		if o != n {
+		if o != n && n.c.etcd == nil {
 			addr := o.ip() + ":" + replPort
 			if a := n.peerAddr[o.name]; a != "" {
 				addr = a
@@ -267,6 +325,19 @@ func runChecker(ctx context.Context, ck *checker.Checker, dial func(ctx context.
 		}})
 	}()
 	return done
+}
+
+// waitFlushes waits until the checker's writers have n acknowledged
+// FLUSHes behind them (a fixed sleep is not enough on a loaded machine).
+func waitFlushes(t *testing.T, ck *checker.Checker, n int64) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for ck.Flushes.Load() < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the checker made %d flushes in 30s, want %d (errors %d: %v)", ck.Flushes.Load(), n, ck.Errors.Load(), ck.FirstError())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // verifyChecker reads every checker block through node n's volume.

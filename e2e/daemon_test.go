@@ -123,7 +123,20 @@ func need(t testing.TB, tools ...string) {
 // qemuIO runs qemu-io commands against an NBD export and fails on error.
 func qemuIO(t *testing.T, uri string, cmds ...string) string {
 	t.Helper()
-	args := []string{"-f", "raw"}
+	return qemuIOWith(t, "writethrough", uri, cmds...)
+}
+
+// qemuIOWriteback is qemuIO with qemu's write-back cache mode: writes are
+// not FUA, flushes are explicit (qemu-io's default, writethrough, makes
+// every write FUA).
+func qemuIOWriteback(t *testing.T, uri string, cmds ...string) string {
+	t.Helper()
+	return qemuIOWith(t, "writeback", uri, cmds...)
+}
+
+func qemuIOWith(t *testing.T, cache, uri string, cmds ...string) string {
+	t.Helper()
+	args := []string{"-f", "raw", "--cache=" + cache}
 	for _, c := range cmds {
 		args = append(args, "-c", c)
 	}

@@ -82,25 +82,3 @@ func TestProfileFIOVerify(t *testing.T) {
 		})
 	}
 }
-
-// qemuIOWriteback is qemuIO with qemu's write-back cache mode: writes are
-// not FUA, flushes are explicit (qemu-io's default, writethrough, makes
-// every write FUA).
-func qemuIOWriteback(t *testing.T, uri string, cmds ...string) string {
-	t.Helper()
-	args := []string{"-f", "raw", "--cache=writeback"}
-	for _, c := range cmds {
-		args = append(args, "-c", c)
-	}
-	args = append(args, uri)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	out, err := exec.CommandContext(ctx, "qemu-io", args...).CombinedOutput()
-	s := string(out)
-	if err != nil || strings.Contains(s, "Pattern verification failed") || strings.Contains(s, "failed:") {
-		t.Fatalf("qemu-io %v: %v\n%s", cmds, err, s)
-	}
-	return s
-}
-
-func ptr[T any](v T) *T { return &v }

@@ -35,6 +35,32 @@ func createRepl(t *testing.T, owner *clusterNode, vol string, repl int, nodes ..
 	}
 }
 
+// startRepl starts n nodes and creates volume v with repl copies owned by
+// the first node, on the next repl-1 nodes.
+func startRepl(t *testing.T, n, repl int, flags ...string) (*testCluster, []*clusterNode) {
+	t.Helper()
+	c := newTestCluster(t, n, append(replFlags, flags...)...)
+	c.startAll()
+	var others []string
+	for _, o := range c.nodes[1:repl] {
+		others = append(others, o.name)
+	}
+	createRepl(t, c.nodes[0], "v", repl, others...)
+	return c, c.nodes
+}
+
+// mustDial opens an NBD connection to the node's volume, closed at the
+// end of the test.
+func (n *clusterNode) mustDial(vol string) *nbd.Client {
+	n.c.t.Helper()
+	c, err := n.dial(context.Background(), vol)
+	if err != nil {
+		n.c.t.Fatal(err)
+	}
+	n.c.t.Cleanup(func() { c.Close() })
+	return c
+}
+
 func ownerDial(n *clusterNode, vol string) func(context.Context) (*nbd.Client, error) {
 	return func(ctx context.Context) (*nbd.Client, error) { return n.dial(ctx, vol) }
 }
@@ -43,14 +69,12 @@ func ownerDial(n *clusterNode, vol string) func(context.Context) (*nbd.Client, e
 // lost; it returns and receives exactly the regions written while it was
 // gone; the copies are identical.
 func TestReplicaKill9(t *testing.T) {
-	c := newTestCluster(t, 2, replFlags...)
-	c.startAll()
-	a, b := c.nodes[0], c.nodes[1]
-	createRepl(t, a, "v", 2)
+	_, ns := startRepl(t, 2, 2)
+	a, b := ns[0], ns[1]
 	ck := checker.New(0, 2048, 4) // 8 MiB of blocks
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runChecker(ctx, ck, ownerDial(a, "v"))
-	time.Sleep(500 * time.Millisecond)
+	waitFlushes(t, ck, 8)
 	b.kill9()
 	a.waitState("v", b.name, api.ReplicaUnreachable, 10*time.Second)
 	time.Sleep(500 * time.Millisecond)
@@ -75,10 +99,8 @@ func TestReplicaKill9(t *testing.T) {
 // fio with verification runs through a replica's kill -9: no error.
 func TestReplicaKill9UnderFio(t *testing.T) {
 	need(t, "fio")
-	c := newTestCluster(t, 2, replFlags...)
-	c.startAll()
-	a, b := c.nodes[0], c.nodes[1]
-	createRepl(t, a, "v", 2)
+	_, ns := startRepl(t, 2, 2)
+	a, b := ns[0], ns[1]
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	fio := exec.CommandContext(ctx, "fio", "--name=verify", "--ioengine=nbd",
@@ -103,10 +125,8 @@ func TestReplicaKill9UnderFio(t *testing.T) {
 
 // A replica partitioned away mid-workload and healed: the same.
 func TestReplicaPartition(t *testing.T) {
-	c := newTestCluster(t, 2, replFlags...)
-	c.startAll()
-	a, b := c.nodes[0], c.nodes[1]
-	createRepl(t, a, "v", 2)
+	c, ns := startRepl(t, 2, 2)
+	a, b := ns[0], ns[1]
 	ck := checker.New(0, 2048, 4)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runChecker(ctx, ck, ownerDial(a, "v"))
@@ -132,15 +152,9 @@ func TestReplicaPartition(t *testing.T) {
 // is dropped from the in-sync set once, not again and again, and the
 // other replica stays in sync: never the last copy.
 func TestReplicaLossAndAckDrop(t *testing.T) {
-	c := newTestCluster(t, 3, replFlags...)
-	c.startAll()
-	a, b, cc := c.nodes[0], c.nodes[1], c.nodes[2]
-	createRepl(t, a, "v", 3, b.name, cc.name)
-	dev, err := a.dial(context.Background(), "v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
+	c, ns := startRepl(t, 3, 3)
+	a, b, cc := ns[0], ns[1], ns[2]
+	dev := a.mustDial("v")
 	c.lab.Loss(1, 5)
 	var worst time.Duration
 	buf := bytes.Repeat([]byte{0x5a}, 4096)
@@ -251,14 +265,12 @@ func TestResyncSurvivesCuts(t *testing.T) {
 // acknowledged-and-flushed write is on it. The old owner comes back: it is
 // fenced (the replicas refuse its epoch) and resyncs as a replica.
 func TestOwnerKillPromote(t *testing.T) {
-	c := newTestCluster(t, 3, replFlags...)
-	c.startAll()
-	a, b, cc := c.nodes[0], c.nodes[1], c.nodes[2]
-	createRepl(t, a, "v", 3, b.name, cc.name)
+	_, ns := startRepl(t, 3, 3)
+	a, b := ns[0], ns[1]
 	ck := checker.New(0, 2048, 4)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := runChecker(ctx, ck, ownerDial(a, "v"))
-	time.Sleep(700 * time.Millisecond)
+	waitFlushes(t, ck, 8)
 	a.kill9()
 	cancel()
 	<-done
@@ -288,15 +300,9 @@ func TestOwnerKillPromote(t *testing.T) {
 // promoted and writes; the old owner resumes: its write is refused by the
 // replicas and lands nowhere.
 func TestPausedOwnerFenced(t *testing.T) {
-	c := newTestCluster(t, 3, replFlags...)
-	c.startAll()
-	a, b, cc := c.nodes[0], c.nodes[1], c.nodes[2]
-	createRepl(t, a, "v", 3, b.name, cc.name)
-	old, err := a.dial(context.Background(), "v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer old.Close()
+	_, ns := startRepl(t, 3, 3)
+	a, b := ns[0], ns[1]
+	old := a.mustDial("v")
 	orig := bytes.Repeat([]byte{0x11}, 4096)
 	if _, err := old.WriteAt(orig, 0); err != nil {
 		t.Fatal(err)
@@ -310,11 +316,7 @@ func TestPausedOwnerFenced(t *testing.T) {
 		t.Fatalf("promote while the owner is paused: %v", err)
 	}
 	fresh := bytes.Repeat([]byte{0x22}, 4096)
-	nb, err := b.dial(context.Background(), "v")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nb.Close()
+	nb := b.mustDial("v")
 	if _, err := nb.WriteAt(fresh, 4096); err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/blockd/blockd/internal/leakcheck"
+
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/ioengine/enginetest"
 	"golang.org/x/sys/unix"
@@ -111,7 +113,7 @@ func BenchmarkFileDirectWrite4K(b *testing.B) {
 // Close releases both descriptors.
 func TestFileWriteAtCached(t *testing.T) {
 	dir := t.TempDir()
-	fdsBefore := openFDs(t)
+	fdsBefore := leakcheck.FDs(t)
 	const stripe, writers, rounds = 64 << 10, 4, 200
 	e, err := ioengine.OpenFileWith(filepath.Join(dir, "vol.img"), stripe*writers, ioengine.OpenFileOptions{Direct: true})
 	if err != nil {
@@ -175,7 +177,7 @@ func TestFileWriteAtCached(t *testing.T) {
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := openFDs(t); n != fdsBefore {
+	if n := leakcheck.FDs(t); n != fdsBefore {
 		t.Errorf("%d open descriptors after Close, %d before Open", n, fdsBefore)
 	}
 	e = openDirect(t, dir, stripe*writers)
@@ -183,14 +185,6 @@ func TestFileWriteAtCached(t *testing.T) {
 	if _, err := e.ReadAt(got, 0); err != nil || !bytes.Equal(got, model) {
 		t.Fatalf("after reopen the file differs from the writes: %v", err)
 	}
-}
-
-func openFDs(t *testing.T) int {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Skip("no /proc/self/fd")
-	}
-	return len(ents)
 }
 
 // resident counts the pages of path's first n bytes in the page cache.

@@ -1,6 +1,7 @@
 # Kernel tests in QEMU (see vm/README.md): `make test-kernel`,
 # `make test-kernel VM_KERNELS=6.12 VM_RUN=TestNBDExt4`.
-APT_PACKAGES += qemu-system-x86 busybox-static e2fsprogs kmod util-linux
+# etcd-server: the cluster test runs etcd in the guest (a tool of vmrun's -tools).
+APT_PACKAGES += qemu-system-x86 busybox-static e2fsprogs kmod util-linux etcd-server
 TEST_TARGETS += test-kernel
 
 VM_KERNELS ?= 6.12 6.1

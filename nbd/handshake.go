@@ -115,10 +115,10 @@ func (h *handshaker) option(opt uint32, data []byte, noZeroes bool) (Export, err
 	c := h.c
 	switch opt {
 	case optExportName:
-		e, ok := c.srv.exps.Export(string(data))
-		if !ok {
+		e, err := c.srv.acquire(string(data))
+		if err != nil {
 			// The spec leaves no way to refuse EXPORT_NAME but closing.
-			return nil, fmt.Errorf("handshake: unknown export %q", data)
+			return nil, fmt.Errorf("handshake: export %q: %w", data, err)
 		}
 		var b [10 + 124]byte
 		binary.BigEndian.PutUint64(b[0:], uint64(e.Size()))
@@ -197,8 +197,21 @@ func (h *handshaker) infoGo(opt uint32, data []byte, _ bool) (Export, error) {
 	if len(rest) != 2*nreq {
 		return nil, h.replyErr(opt, repErrInvalid, "bad information request count")
 	}
-	e, ok := c.srv.exps.Export(string(name))
-	if !ok {
+	var e Export
+	if a, ok := c.srv.exps.(Acquirer); ok && opt == optGo {
+		var err error
+		if e, err = a.Acquire(string(name)); err != nil {
+			typ := uint32(repErrPolicy)
+			if a.NotFound(err) {
+				typ = repErrUnknown
+			}
+			msg := err.Error()
+			if len(msg) > maxNameLen {
+				msg = msg[:maxNameLen]
+			}
+			return nil, h.replyErr(opt, typ, msg)
+		}
+	} else if e, ok = c.srv.exps.Export(string(name)); !ok {
 		return nil, h.replyErr(opt, repErrUnknown, "unknown export")
 	}
 	if opt == optGo && c.metaName != string(name) {

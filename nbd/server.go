@@ -120,6 +120,31 @@ type Exports interface {
 	ExportNames() []string
 }
 
+// Acquirer is implemented by Exports whose exports a client may use only
+// once the server has taken them (a cluster volume's ownership, which one
+// node holds at a time): NBD_OPT_GO and NBD_OPT_EXPORT_NAME call Acquire
+// instead of Export, and a refusal's text reaches the client (with
+// NBD_REP_ERR_UNKNOWN when NotFound says the export does not exist,
+// NBD_REP_ERR_POLICY otherwise). Other options only look exports up.
+type Acquirer interface {
+	Acquire(name string) (Export, error)
+	NotFound(err error) bool
+}
+
+// errUnknownExport is a lookup that found nothing.
+var errUnknownExport = errors.New("unknown export")
+
+// acquire takes export name for a client that is about to use it.
+func (s *Server) acquire(name string) (Export, error) {
+	if a, ok := s.exps.(Acquirer); ok {
+		return a.Acquire(name)
+	}
+	if e, ok := s.exps.Export(name); ok {
+		return e, nil
+	}
+	return nil, errUnknownExport
+}
+
 // Options tune a Server. The zero value is usable.
 type Options struct {
 	// MaxPayload bounds READ and WRITE lengths (advertised as the maximum

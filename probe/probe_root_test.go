@@ -1,6 +1,7 @@
 package probe
 
 import (
+	"github.com/blockd/blockd/internal/leakcheck"
 	"github.com/blockd/blockd/probe/podio"
 
 	"context"
@@ -171,15 +172,6 @@ func cgroupID(t *testing.T, dir string) uint64 {
 	return st.Ino
 }
 
-func openFDs(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
-
 type ioCount struct{ reads, writes, readBytes, writeBytes uint64 }
 
 func within1pct(got, want uint64) bool {
@@ -226,7 +218,7 @@ func TestPodAttribution(t *testing.T) {
 			if tp == "io" && !kernelAtLeast(t, 6, 5) {
 				t.Skip("block_io_start arrived in 6.5")
 			}
-			fds, gor := openFDs(t), runtime.NumGoroutine()
+			fds, gor := leakcheck.FDs(t), runtime.NumGoroutine()
 			p, err := New(Options{PodLogDir: logs, Tracepoints: tp})
 			if err != nil {
 				t.Fatal(err)
@@ -318,7 +310,7 @@ func TestPodAttribution(t *testing.T) {
 			if _, err := p.Snapshot(); !errors.Is(err, os.ErrClosed) {
 				t.Errorf("snapshot after close: %v, want os.ErrClosed", err)
 			}
-			if n := openFDs(t); n != fds {
+			if n := leakcheck.FDs(t); n != fds {
 				t.Errorf("fd leak: %d open before New, %d after Close", fds, n)
 			}
 			// Goroutines of the test's own that are winding down (a

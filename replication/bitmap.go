@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+
+	"github.com/blockd/blockd/internal/durable"
 )
 
 // Bitmap marks the regions of a volume that one replica may be missing:
@@ -86,48 +88,12 @@ func OpenBitmap(path string, size, region int64) (*Bitmap, error) {
 func nregions(size, region int64) int64 { return (size + region - 1) / region }
 
 func createBitmap(path string, region, n int64) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
+	b := make([]byte, bitmapHeader+8*((n+63)/64))
+	copy(b, bitmapMagic)
+	binary.LittleEndian.PutUint64(b[8:], uint64(region))
+	binary.LittleEndian.PutUint64(b[16:], uint64(n))
+	if err := durable.WriteFile(filepath.Dir(path), filepath.Base(path), b); err != nil {
 		return fmt.Errorf("bitmap: %w", err)
-	}
-	ok := false
-	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	hdr := make([]byte, bitmapHeader)
-	copy(hdr, bitmapMagic)
-	binary.LittleEndian.PutUint64(hdr[8:], uint64(region))
-	binary.LittleEndian.PutUint64(hdr[16:], uint64(n))
-	if _, err := tmp.Write(hdr); err != nil {
-		return fmt.Errorf("bitmap: %w", err)
-	}
-	if err := tmp.Truncate(bitmapHeader + 8*((n+63)/64)); err != nil {
-		return fmt.Errorf("bitmap: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("bitmap: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("bitmap: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("bitmap: %w", err)
-	}
-	ok = true
-	return syncDir(filepath.Dir(path))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
 	}
 	return nil
 }
@@ -338,5 +304,5 @@ func (b *Bitmap) Remove() error {
 	if err := os.Remove(b.path); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
-	return errors.Join(cerr, syncDir(filepath.Dir(b.path)))
+	return errors.Join(cerr, durable.SyncDir(filepath.Dir(b.path)))
 }

@@ -107,6 +107,7 @@ type cluster struct {
 	rep     *replication.Replicator
 	handler pipeline.Handler
 	fenced  chan uint64
+	lease   replication.Lease // set before start: the owner's lease
 }
 
 const testSize = 4 << 20
@@ -143,6 +144,7 @@ func (c *cluster) start(state api.Replication, created bool) {
 			return nil
 		},
 		OnFenced: func(e uint64) { c.fenced <- e },
+		Lease:    c.lease,
 	})
 	if err != nil {
 		c.t.Fatal(err)

@@ -83,9 +83,26 @@ type VolumeConfig struct {
 	// Dir holds the volume's bitmaps (one per replica) and its
 	// activity log.
 	Dir string
-	// OnFenced is called (on its own goroutine) when a replica answers
-	// with a higher epoch: another node owns the volume now.
+	// OnFenced is called (on its own goroutine) when the volume is
+	// fenced: a replica answered with a higher epoch (epoch is that
+	// epoch), or the owner's lease was lost (epoch 0). Another node may
+	// own the volume now.
 	OnFenced func(epoch uint64)
+	// Lease, if set, is the owner's right to serve the volume (a
+	// cluster's ownership lease): a request starts and is acknowledged
+	// only while it is valid.
+	Lease Lease
+}
+
+// Lease is an owner's right to serve a volume for a while, kept alive
+// elsewhere (package cluster renews it with etcd). While Valid, the owner
+// may serve; once it is not, a request waits in Wait until the lease is
+// renewed (nil) or lost (an error: another node may own the volume now,
+// and this owner must never acknowledge again). Valid is on the data path:
+// an atomic load or two.
+type Lease interface {
+	Valid() bool
+	Wait(ctx context.Context) error
 }
 
 // Peer states.
@@ -165,6 +182,7 @@ func (n *Node) NewReplicator(cfg VolumeConfig) (*Replicator, error) {
 		epoch: cfg.Spec.Replication.Epoch, state: cloneState(*cfg.Spec.Replication)}
 	r.rl.init()
 	r.ops.New = func() any { return new(op) }
+	r.ctx, r.cancel = context.WithCancel(context.Background())
 	size := cfg.Engine.Size()
 	var err error
 	if r.al, err = OpenBitmap(filepath.Join(cfg.Dir, r.name+".al"), size, alRegion); err != nil {
@@ -178,10 +196,7 @@ func (n *Node) NewReplicator(cfg VolumeConfig) (*Replicator, error) {
 			r.closeFiles()
 			return nil, err
 		}
-		p := &peer{r: r, node: rep.Node, idx: i, bm: bm, compare: rep.Compare, wake: make(chan struct{}, 1)}
-		if n.Latency != nil {
-			p.latency = n.Latency(r.name, rep.Node)
-		}
+		p := r.newPeer(rep.Node, i, bm, rep.Compare)
 		if hot {
 			// Writes may have been in flight when the owner stopped:
 			// the replicas may differ from us there.
@@ -220,6 +235,7 @@ func (n *Node) NewReplicator(cfg VolumeConfig) (*Replicator, error) {
 	if changed {
 		r.state.Generation++
 		if err := cfg.Save(cloneState(r.state)); err != nil {
+			r.cancel()
 			r.closeFiles()
 			return nil, fmt.Errorf("replication: %s: %w", r.name, err)
 		}
@@ -244,11 +260,11 @@ func cloneState(s api.Replication) api.Replication {
 func (r *Replicator) Stage() pipeline.Stage {
 	return func(next pipeline.Handler) pipeline.Handler {
 		r.next = next
-		r.ctx, r.cancel = context.WithCancel(context.Background())
+		r.mu.Lock()
 		for _, p := range r.peers {
-			r.wg.Add(1)
-			go p.loop()
+			r.startLoop(p)
 		}
+		r.mu.Unlock()
 		return r
 	}
 }
@@ -258,11 +274,43 @@ func (r *Replicator) Handle(ctx context.Context, req *pipeline.Request) error {
 	if r.fenced.Load() {
 		return ErrFenced
 	}
+	if err := r.leased(ctx); err != nil {
+		return err
+	}
+	var err error
 	switch req.Op {
 	case pipeline.OpWrite, pipeline.OpTrim, pipeline.OpWriteZeroes, pipeline.OpFlush:
-		return r.replicate(ctx, req)
+		err = r.replicate(ctx, req)
+	default:
+		err = r.next.Handle(ctx, req) // reads are local
 	}
-	return r.next.Handle(ctx, req) // reads are local
+	if err != nil {
+		return err
+	}
+	// The lease may have run out while the request ran: no answer
+	// without it (a read, too, could be older than a new owner's write).
+	return r.leased(ctx)
+}
+
+// leased returns nil while the owner's lease is valid, waits while it is
+// being renewed, and fences the volume when it is lost.
+func (r *Replicator) leased(ctx context.Context) error {
+	l := r.cfg.Lease
+	if l == nil || l.Valid() {
+		return nil
+	}
+	err := l.Wait(ctx)
+	switch {
+	case err == nil:
+		if r.fenced.Load() {
+			return ErrFenced
+		}
+		return nil
+	case ctx.Err() != nil:
+		return ctx.Err()
+	}
+	r.fenceLost(err)
+	return ErrFenced
 }
 
 var msgOf = [...]uint8{pipeline.OpWrite: MsgWrite, pipeline.OpTrim: MsgTrim, pipeline.OpWriteZeroes: MsgWriteZeroes, pipeline.OpFlush: MsgFlush}
@@ -389,13 +437,25 @@ func (r *Replicator) syncBitmaps() error {
 // remaining in-sync replicas before the request that saw the failure is
 // acknowledged. An error means the miss could not be recorded.
 func (r *Replicator) peerFailed(p *peer, m Msg, cause error) error {
+	r.mu.RLock()
+	if r.peers[p.idx] != p {
+		// Replaced while the request was in flight: its misses no
+		// longer matter.
+		r.mu.RUnlock()
+		return nil
+	}
 	if m.Type != MsgFlush {
 		if err := p.bm.SetRange(m.Offset, int64(m.Length)); err != nil {
+			r.mu.RUnlock()
 			return fmt.Errorf("replication: recording a write %s missed: %w", p.node, err)
 		}
 	}
+	r.mu.RUnlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.peers[p.idx] != p {
+		return nil
+	}
 	p.setErr(cause)
 	switch p.state.Load() {
 	case peerInSync:
@@ -473,6 +533,22 @@ func (r *Replicator) fence(cause error) {
 	}
 }
 
+// fenceLost fences the volume because its owner lost its lease.
+func (r *Replicator) fenceLost(cause error) {
+	if !r.fenced.CompareAndSwap(false, true) {
+		return
+	}
+	r.log.Error("this node lost its ownership lease of the volume: it is fenced and fails every request from now on (another node may own it)",
+		"epoch", r.epoch, "err", cause)
+	if r.cfg.OnFenced != nil {
+		go r.cfg.OnFenced(0)
+	}
+}
+
+// Fence stops the volume for good, as if its lease were lost: the cluster
+// learned that another node owns it, or it lost its ownership key.
+func (r *Replicator) Fence(cause error) { r.fenceLost(cause) }
+
 // Fenced reports whether the volume is fenced.
 func (r *Replicator) Fenced() bool { return r.fenced.Load() }
 
@@ -490,10 +566,8 @@ func (r *Replicator) Close() error {
 	if !r.closed.CompareAndSwap(false, true) {
 		return nil
 	}
-	if r.cancel != nil {
-		r.cancel()
-		r.wg.Wait()
-	}
+	r.cancel()
+	r.wg.Wait()
 	var errs []error
 	if !r.fenced.Load() {
 		for e, ok := r.al.Next(0); ok; e, ok = r.al.Next(e + 1) {
@@ -680,4 +754,132 @@ func (r *Replicator) Resync() {
 	for _, p := range r.peers {
 		p.kick()
 	}
+}
+
+// OpenSessions tells every in-sync replica this owner's epoch before the
+// volume serves anything: from then on each refuses the older epochs, so
+// an owner this one replaced can no longer write there. A replica that
+// does not answer leaves the in-sync set (persisted first); one that knows
+// a newer epoch fences this owner (ErrFenced). Call it after Stage.
+func (r *Replicator) OpenSessions() error {
+	r.mu.RLock()
+	var ps []*peer
+	for _, p := range r.peers {
+		if p.state.Load() == peerInSync {
+			ps = append(ps, p)
+		}
+	}
+	r.mu.RUnlock()
+	for _, p := range ps {
+		err := p.open(false)
+		if err == nil {
+			continue
+		}
+		if IsStale(err) {
+			r.fence(err)
+			return ErrFenced
+		}
+		r.mu.Lock()
+		p.setErr(err)
+		if p.state.Load() == peerInSync {
+			// It has every write so far: nothing to mark, it just
+			// cannot vouch for the ones to come.
+			if derr := r.dropLocked(p, err); derr != nil {
+				r.mu.Unlock()
+				return derr
+			}
+		}
+		r.mu.Unlock()
+		p.kick()
+	}
+	return nil
+}
+
+// ReplacePeer gives the volume a new replica on node next in place of the
+// one on node old, which must not be in sync (a replica gone for good).
+// The new one starts with no history: its resync compares every region by
+// checksum and copies what differs (holes cost a checksum of zeroes). The
+// new replica set is persisted before ReplacePeer returns.
+func (r *Replicator) ReplacePeer(old, next string) error {
+	r.mu.Lock()
+	var p *peer
+	for _, q := range r.peers {
+		if q.node == next {
+			r.mu.Unlock()
+			return fmt.Errorf("replication: %s already holds a replica of %s", next, r.name)
+		}
+		if q.node == old {
+			p = q
+		}
+	}
+	if next == r.n.Name {
+		r.mu.Unlock()
+		return fmt.Errorf("replication: the owner cannot be its own replica")
+	}
+	switch {
+	case p == nil:
+		r.mu.Unlock()
+		return fmt.Errorf("replication: %s holds no replica of %s", old, r.name)
+	case p.state.Load() != peerOutOfSync && p.state.Load() != peerUnreachable:
+		r.mu.Unlock()
+		return fmt.Errorf("replication: the replica on %s is %s; only a replica out of sync is replaced", old, peerStateNames[p.state.Load()])
+	}
+	p.cancel()
+	r.mu.Unlock()
+	<-p.done // its loop may have been waiting for r.mu
+
+	bm, err := OpenBitmap(bitmapPath(r.cfg.Dir, r.name, next), r.cfg.Engine.Size(), r.n.Region)
+	if err != nil {
+		return r.resumePeer(p, err)
+	}
+	if err := bm.SetAll(); err != nil {
+		bm.Close()
+		return r.resumePeer(p, err)
+	}
+	r.mu.Lock()
+	if st := p.state.Load(); st != peerOutOfSync && st != peerUnreachable {
+		// It came back while its loop stopped.
+		r.mu.Unlock()
+		bm.Close()
+		return r.resumePeer(p, fmt.Errorf("replication: the replica on %s came back in sync", old))
+	}
+	q := r.newPeer(next, p.idx, bm, true)
+	q.state.Store(peerOutOfSync)
+	st := cloneState(r.state)
+	st.Replicas[p.idx] = api.Replica{Node: next, Compare: true}
+	st.Generation++
+	if err := r.cfg.Save(cloneState(st)); err != nil {
+		r.mu.Unlock()
+		bm.Close()
+		os.Remove(bitmapPath(r.cfg.Dir, r.name, next))
+		return r.resumePeer(p, fmt.Errorf("replication: persisting the new replica set: %w", err))
+	}
+	r.state = st
+	r.peers[p.idx] = q
+	r.startLoop(q)
+	r.mu.Unlock()
+	if err := p.bm.Close(); err != nil {
+		r.log.Warn("closing a replaced replica's bitmap", "replica", old, "err", err)
+	}
+	if err := os.Remove(bitmapPath(r.cfg.Dir, r.name, old)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		r.log.Warn("removing a replaced replica's bitmap", "replica", old, "err", err)
+	}
+	r.log.Warn("replica replaced: the new one is built by a full resync", "old", old, "new", next, "generation", st.Generation)
+	return nil
+}
+
+// resumePeer restarts the loop of a peer ReplacePeer stopped and could not
+// replace, and returns err.
+func (r *Replicator) resumePeer(p *peer, err error) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	q := r.newPeer(p.node, p.idx, p.bm, p.compare)
+	q.state.Store(p.state.Load())
+	q.downSince.Store(p.downSince.Load())
+	q.lastErr = p.lastErr
+	r.peers[p.idx] = q
+	if !r.closed.Load() {
+		r.startLoop(q)
+	}
+	return err
 }

@@ -24,6 +24,15 @@ type peer struct {
 	wake    chan struct{} // nudges loop
 	latency Observer      // nil: not recorded
 
+	// ctx ends the peer's loop: when the replicator closes, or when the
+	// peer is replaced; done closes when the loop has returned.
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+	// downSince is when the replica became unreachable (unix
+	// nanoseconds; 0 while it is reached).
+	downSince atomic.Int64
+
 	mu      sync.Mutex // guards lastErr and the resync figures
 	lastErr string
 	total   int64 // regions to copy when the resync started
@@ -45,10 +54,26 @@ func (p *peer) kick() {
 	}
 }
 
+func (r *Replicator) newPeer(node string, idx int, bm *Bitmap, compare bool) *peer {
+	p := &peer{r: r, node: node, idx: idx, bm: bm, compare: compare, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	p.ctx, p.cancel = context.WithCancel(r.ctx)
+	if r.n.Latency != nil {
+		p.latency = r.n.Latency(r.name, node)
+	}
+	return p
+}
+
+// startLoop runs p's loop, owned by the replicator (r.wg).
+func (r *Replicator) startLoop(p *peer) {
+	r.wg.Add(1)
+	go p.loop()
+}
+
 // loop reaches a replica that is not in sync and resyncs it, until the
-// replicator closes.
+// replicator closes or the peer is replaced.
 func (p *peer) loop() {
 	defer p.r.wg.Done()
+	defer close(p.done)
 	r := p.r
 	backoff := time.Duration(0)
 	if p.state.Load() == peerInSync {
@@ -56,7 +81,7 @@ func (p *peer) loop() {
 		// replaced while it was down learns it here, before a client
 		// reads its stale copy for long. (Asking, not opening: a new
 		// volume's replicas are being created meanwhile.)
-		ctx, cancel := context.WithTimeout(r.ctx, r.n.Timeout)
+		ctx, cancel := context.WithTimeout(p.ctx, r.n.Timeout)
 		st, err := r.n.State(ctx, p.node, r.name)
 		cancel()
 		if err == nil && st.Has && st.Epoch > r.epoch {
@@ -66,7 +91,7 @@ func (p *peer) loop() {
 	for {
 		if p.state.Load() == peerInSync {
 			select {
-			case <-r.ctx.Done():
+			case <-p.ctx.Done():
 				return
 			case <-p.wake:
 			}
@@ -75,7 +100,7 @@ func (p *peer) loop() {
 		if backoff > 0 {
 			t := time.NewTimer(backoff)
 			select {
-			case <-r.ctx.Done():
+			case <-p.ctx.Done():
 				t.Stop()
 				return
 			case <-t.C:
@@ -84,7 +109,7 @@ func (p *peer) loop() {
 			}
 		}
 		if r.fenced.Load() {
-			<-r.ctx.Done()
+			<-p.ctx.Done()
 			return
 		}
 		if err := p.open(false); err != nil {
@@ -94,14 +119,16 @@ func (p *peer) loop() {
 			}
 			p.setErr(err)
 			if p.state.CompareAndSwap(peerOutOfSync, peerUnreachable) {
+				p.downSince.CompareAndSwap(0, time.Now().UnixNano())
 				r.log.Warn("replica unreachable; retrying", "replica", p.node, "err", err)
 			}
 			backoff = min(max(2*backoff, r.n.RetryInterval), 8*r.n.RetryInterval)
 			continue
 		}
 		backoff = 0
+		p.downSince.Store(0)
 		if err := p.resync(); err != nil {
-			if r.ctx.Err() != nil {
+			if p.ctx.Err() != nil {
 				return
 			}
 			if IsStale(err) {
@@ -136,7 +163,7 @@ func (p *peer) open(create bool) error {
 		m.Flags |= FlagCreate
 	}
 	var resp Msg
-	if _, err := r.n.Net.Call(r.ctx, p.node, r.n.Timeout, &m, payload, &resp, nil); err != nil {
+	if _, err := r.n.Net.Call(p.ctx, p.node, r.n.Timeout, &m, payload, &resp, nil); err != nil {
 		return err
 	}
 	if resp.Status != StatusOK {
@@ -197,6 +224,9 @@ func (r *Replicator) inSyncLocked(p *peer) (bool, error) {
 
 func (p *peer) status() api.ReplicaStatus {
 	st := api.ReplicaStatus{Node: p.node, State: peerStateNames[p.state.Load()], CopiedBytes: p.copied.Load(), ComparedBytes: p.checked.Load()}
+	if t := p.downSince.Load(); t != 0 && st.State == api.ReplicaUnreachable {
+		st.DownSince = time.Unix(0, t).UTC()
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if st.State != api.ReplicaInSync {

@@ -33,7 +33,7 @@ func (p *peer) resync() error {
 	lastSync, rateFrom, rateBytes := time.Now(), time.Now(), int64(0)
 	cursor := int64(0) // regions are visited in order, wrapping around
 	for {
-		if err := r.ctx.Err(); err != nil {
+		if err := p.ctx.Err(); err != nil {
 			return err
 		}
 		if p.state.Load() != peerResyncing {
@@ -104,7 +104,7 @@ func (p *peer) resync() error {
 		p.bm.Clear(reg)
 		r.rl.unlock(h)
 		if !same && r.n.Resync != nil {
-			if err := r.n.Resync.Wait(r.ctx, n); err != nil {
+			if err := r.n.Resync.Wait(p.ctx, n); err != nil {
 				return err
 			}
 		}
@@ -132,7 +132,7 @@ func (p *peer) remoteSums(reg, region int64) ([]byte, error) {
 	r := p.r
 	m := Msg{Type: MsgChecksums, Volume: r.name, Epoch: r.epoch, Offset: reg * region, Length: resyncBatch, Flags: uint32(region)}
 	var resp Msg
-	out, err := r.n.Net.Call(r.ctx, p.node, r.n.LastTimeout, &m, nil, &resp, make([]byte, 8*resyncBatch))
+	out, err := r.n.Net.Call(p.ctx, p.node, r.n.LastTimeout, &m, nil, &resp, make([]byte, 8*resyncBatch))
 	if err != nil {
 		return nil, err
 	}
@@ -146,7 +146,7 @@ func (p *peer) remoteSums(reg, region int64) ([]byte, error) {
 }
 
 // send is one synchronous message to the replica.
-func (p *peer) send(m Msg, payload []byte) error { return p.sendCtx(p.r.ctx, m, payload) }
+func (p *peer) send(m Msg, payload []byte) error { return p.sendCtx(p.ctx, m, payload) }
 
 func (p *peer) sendCtx(ctx context.Context, m Msg, payload []byte) error {
 	var resp Msg

@@ -5,8 +5,6 @@ import (
 	"crypto/tls"
 	"log/slog"
 	"maps"
-	"os"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -194,28 +192,4 @@ func payloadOf(n int, seed byte) []byte {
 		p[i] = seed + byte(i*7)
 	}
 	return p
-}
-
-// goroutinesSettle waits (at most 10s) for the goroutine count to fall to
-// at most want, and fails with every stack if it does not.
-func goroutinesSettle(t testing.TB, want int) {
-	t.Helper()
-	var n int
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if n = runtime.NumGoroutine(); n <= want {
-			return
-		}
-	}
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	t.Fatalf("%d goroutines, want at most %d:\n%s", n, want, buf)
-}
-
-func openFDs(t testing.TB) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
 }

@@ -6,9 +6,12 @@ import (
 	"errors"
 	"net"
 	"runtime"
+	"slices"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/blockd/blockd/internal/leakcheck"
 
 	"github.com/quic-go/quic-go"
 )
@@ -138,7 +141,7 @@ func (bl *blocker) ServeMessage(ctx context.Context, peer string, req *Header, p
 func TestCloseInFlight(t *testing.T) {
 	for _, side := range []string{"caller", "callee"} {
 		t.Run(side, func(t *testing.T) {
-			goroutines, fds := runtime.NumGoroutine(), openFDs(t)
+			goroutines, fds := runtime.NumGoroutine(), leakcheck.FDs(t)
 			func() {
 				bl := newBlocker()
 				a, b, _, _ := pair(t, bl)
@@ -176,8 +179,8 @@ func TestCloseInFlight(t *testing.T) {
 				a.Close()
 				b.Close()
 			}()
-			goroutinesSettle(t, goroutines)
-			if n := openFDs(t); n > fds {
+			leakcheck.Goroutines(t, goroutines)
+			if n := leakcheck.FDs(t); n > fds {
 				t.Errorf("%d fds open, %d before", n, fds)
 			}
 		})
@@ -404,12 +407,23 @@ func TestCancelMidWrite(t *testing.T) {
 	a := start(t, acfg)
 
 	errs := make(chan error, 2)
-	for _, typ := range []uint8{1, 2} { // 1 holds the worker, 2 holds the reader
+	for i, typ := range []uint8{1, 2} { // 1 holds the worker, 2 holds the reader
 		go func() {
 			_, _, err := call(a, &Header{Type: typ}, nil)
 			errs <- err
 		}()
-		time.Sleep(50 * time.Millisecond)
+		waitSent(t, a, "b", i+1) // in order, whatever the machine's load
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		mu.Lock()
+		n := seen[1]
+		mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the first call never reached the handler")
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
@@ -463,5 +477,97 @@ func TestSilentPeer(t *testing.T) {
 	}
 	if d < 500*time.Millisecond || d > 5*time.Second {
 		t.Errorf("it failed after %v, want about the idle timeout (1s)", d)
+	}
+}
+
+// TestSetPeer: a cluster learns its nodes as they join. A peer added later
+// is called and may call in; a changed address reaches the node at its new
+// address; a removed peer can be neither called nor call in.
+func TestSetPeer(t *testing.T) {
+	hb := &echo{}
+	bcfg := testConfig(t, "b", nil, hb)
+	b := start(t, bcfg)
+	acfg := testConfig(t, "a", nil, &echo{})
+	a := start(t, acfg)
+	if _, _, err := call(a, &Header{Type: 1}, nil); !errors.Is(err, ErrUnknownPeer) {
+		t.Fatalf("call before SetPeer: %v, want ErrUnknownPeer", err)
+	}
+	if err := a.SetPeer("b", b.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	// b does not know a yet: it refuses the connection.
+	if _, _, err := call(a, &Header{Type: 1}, nil); !errors.Is(err, ErrRefused) {
+		t.Fatalf("call to a node that does not know us: %v, want ErrRefused", err)
+	}
+	if err := b.SetPeer("a", a.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := call(a, &Header{Type: 1}, nil); err != nil {
+		t.Fatalf("call once both know each other: %v", err)
+	}
+	if got := hb.count()["a"]; got != 1 {
+		t.Fatalf("b served %d calls of a, want 1", got)
+	}
+
+	// b moves: a restarted b2 under the same name at another address.
+	hb2 := &echo{}
+	b2 := start(t, testConfig(t, "b", map[string]string{"a": a.Addr().String()}, hb2))
+	if err := a.SetPeer("b", b2.Addr().String()); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := call(a, &Header{Type: 1}, nil); err != nil {
+		t.Fatalf("call after the address changed: %v", err)
+	}
+	if hb2.count()["a"] != 1 || hb.count()["a"] != 1 {
+		t.Fatalf("calls: old b %v, new b %v; want the new address to get the call", hb.count(), hb2.count())
+	}
+	if got := a.PeerNames(); !slices.Equal(got, []string{"b"}) {
+		t.Fatalf("PeerNames %v", got)
+	}
+
+	a.RemovePeer("b")
+	if _, _, err := call(a, &Header{Type: 1}, nil); !errors.Is(err, ErrUnknownPeer) {
+		t.Fatalf("call after RemovePeer: %v, want ErrUnknownPeer", err)
+	}
+	if err := a.SetPeer("a", "127.0.0.1:1"); err == nil {
+		t.Fatal("a node became its own peer")
+	}
+	if err := a.SetPeer("c", "no port"); err == nil {
+		t.Fatal("SetPeer took an address without a port")
+	}
+}
+
+// waitSent waits (at most 10s) until tr's connection to peer has n calls
+// written and awaiting their answers.
+func waitSent(t *testing.T, tr *Transport, peer string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		sent := 0
+		if p := tr.peer(peer); p != nil {
+			p.mu.Lock()
+			cc := p.cur
+			p.mu.Unlock()
+			if cc != nil {
+				for i := range cc.streams {
+					if ms := cc.streams[i].Load(); ms != nil {
+						ms.mu.Lock()
+						for j := range ms.calls {
+							if ms.calls[j].state == slotSent && ms.writing != &ms.calls[j] {
+								sent++
+							}
+						}
+						ms.mu.Unlock()
+					}
+				}
+			}
+		}
+		if sent >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d calls sent to %s within 10s, want %d", sent, peer, n)
+		}
+		time.Sleep(time.Millisecond)
 	}
 }

@@ -63,7 +63,7 @@ func (t *Transport) serverTLS() *tls.Config {
 func (t *Transport) peerName(c *x509.Certificate) (string, bool) {
 	names := certNames(c)
 	for _, n := range names {
-		if _, ok := t.peers[n]; ok {
+		if t.peer(n) != nil {
 			return n, true
 		}
 	}

@@ -131,7 +131,10 @@ type Transport struct {
 	qt      *quic.Transport
 	ln      *quic.Listener
 	dialCfg *quic.Config
-	peers   map[string]*peer // fixed at New
+	// peers maps node names to peers, replaced whole by SetPeer
+	// (copy on write): a call looks its peer up without a lock.
+	peers   atomic.Pointer[map[string]*peer]
+	peersMu sync.Mutex // serializes SetPeer and RemovePeer
 
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc
@@ -193,16 +196,17 @@ func New(cfg Config) (*Transport, error) {
 		cfg:     cfg,
 		log:     cfg.Logger,
 		udp:     udp,
-		peers:   make(map[string]*peer, len(cfg.Peers)),
 		conns:   make(map[*quic.Conn]struct{}),
 		watches: make(map[*connWatch]struct{}),
 	}
 	t.release, _ = cfg.Handler.(ResponseReleaser)
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	t.qt = &quic.Transport{Conn: udp, StatelessResetKey: &resetKey, ConnContext: t.watchConn}
+	peers := make(map[string]*peer, len(cfg.Peers))
 	for name, addr := range cfg.Peers {
-		t.peers[name] = &peer{name: name, addr: addr, tls: t.clientTLS(name)}
+		peers[name] = &peer{name: name, addr: addr, tls: t.clientTLS(name)}
 	}
+	t.peers.Store(&peers)
 	t.dialCfg = t.quicConfig()
 	t.dialCfg.MaxIncomingStreams = -1 // peers call in on their own connection
 	if cfg.Listen != "" {
@@ -380,6 +384,80 @@ func (t *Transport) close(graceful bool) error {
 
 func (t *Transport) isClosed() bool { return t.ctx.Err() != nil }
 
+// peer returns the configured peer called name, or nil.
+func (t *Transport) peer(name string) *peer { return (*t.peers.Load())[name] }
+
+// SetPeer adds a peer or changes its address (a cluster learns its nodes
+// from its store as they join). A changed address closes the connection
+// to the old one; calls in flight on it fail as if it had dropped.
+func (t *Transport) SetPeer(name, addr string) error {
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		return fmt.Errorf("transport: peer %s: %w", name, err)
+	}
+	if name == "" || name == t.cfg.Node {
+		return fmt.Errorf("transport: %q cannot be a peer of node %s", name, t.cfg.Node)
+	}
+	t.peersMu.Lock()
+	defer t.peersMu.Unlock()
+	cur := *t.peers.Load()
+	old := cur[name]
+	if old != nil && old.addr == addr {
+		return nil
+	}
+	next := make(map[string]*peer, len(cur)+1)
+	for n, p := range cur {
+		next[n] = p
+	}
+	next[name] = &peer{name: name, addr: addr, tls: t.clientTLS(name)}
+	t.peers.Store(&next)
+	if old != nil {
+		t.dropPeer(old, "peer address changed")
+	}
+	return nil
+}
+
+// RemovePeer forgets a peer: calls to it fail with ErrUnknownPeer, and it
+// may no longer call in (unless AcceptAnyNode).
+func (t *Transport) RemovePeer(name string) {
+	t.peersMu.Lock()
+	defer t.peersMu.Unlock()
+	cur := *t.peers.Load()
+	old := cur[name]
+	if old == nil {
+		return
+	}
+	next := make(map[string]*peer, len(cur))
+	for n, p := range cur {
+		if n != name {
+			next[n] = p
+		}
+	}
+	t.peers.Store(&next)
+	t.dropPeer(old, "peer removed")
+}
+
+// PeerNames returns the configured peers' names, sorted.
+func (t *Transport) PeerNames() []string {
+	var out []string
+	for n := range *t.peers.Load() {
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// dropPeer closes the connection this node dialed to a peer it no longer
+// reaches at that address.
+func (t *Transport) dropPeer(p *peer, why string) {
+	p.mu.Lock()
+	cc := p.cur
+	p.cur = nil
+	p.mu.Unlock()
+	if cc != nil {
+		cc.qc.CloseWithError(codeShutdown, why)
+	}
+}
+
 // Call sends req and payload to peer and waits for the response: it fills
 // resp and returns the response payload, read into respBuf when it fits
 // (else into a new slice). payload must stay unchanged until Call returns.
@@ -399,7 +477,7 @@ func (t *Transport) Call(ctx context.Context, peer string, req *Header, payload 
 // only). Unlike a context.WithTimeout per call, it costs no allocation:
 // the replication layer puts a deadline on every write it sends.
 func (t *Transport) CallTimeout(ctx context.Context, peer string, timeout time.Duration, req *Header, payload []byte, resp *Header, respBuf []byte) ([]byte, error) {
-	p := t.peers[peer]
+	p := t.peer(peer)
 	switch {
 	case p == nil:
 		return nil, &Error{Peer: peer, Kind: ErrUnknownPeer, Err: ErrUnknownPeer}
@@ -459,7 +537,7 @@ func (t *Transport) Start(ctx context.Context, peer string, timeout time.Duratio
 func (pd *Pending) start() {
 	t := pd.t
 	pd.attempts++
-	p := t.peers[pd.peer]
+	p := t.peer(pd.peer)
 	switch {
 	case p == nil:
 		pd.err = &Error{Peer: pd.peer, Kind: ErrUnknownPeer, Err: ErrUnknownPeer}

@@ -27,8 +27,9 @@ type InitramfsOptions struct {
 	Busybox string
 	// Binaries are static programs (CGO_ENABLED=0 Go builds).
 	Binaries []Binary
-	// Tools are dynamic host programs (mke2fs, e2fsck); they are copied to
-	// the same path with the shared libraries and loader ldd names.
+	// Tools are dynamic host programs (mke2fs, e2fsck, etcd); they are
+	// copied to the same path with the shared libraries and loader ldd
+	// names.
 	Tools []string
 	// Files are extra host files copied to the same path (e.g.
 	// /etc/mke2fs.conf).
@@ -135,6 +136,9 @@ mount -t tmpfs tmp /tmp
 mount -t tmpfs shm /dev/shm
 mount -t tmpfs run /run
 echo /sbin/modprobe > /proc/sys/kernel/modprobe
+# Loopback only (QEMU runs with -nic none): etcd and blockd's replication
+# between daemons in the guest.
+ip link set lo up
 # Real tools (e2fsprogs, util-linux) before busybox's applets of the same name.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp BLOCKD_VM=1
 `)

@@ -150,6 +150,9 @@ func TestInitScriptQuotesCommand(t *testing.T) {
 	if !strings.Contains(s, `'/usr/bin/kerneltest.test' '-test.run=Test(A|B)'\''x'`) {
 		t.Errorf("command not shell-quoted:\n%s", s)
 	}
+	if !strings.Contains(s, "\nip link set lo up\n") {
+		t.Errorf("script does not bring up loopback (etcd and replication in the guest need it):\n%s", s)
+	}
 	if !strings.Contains(s, "VMTEST EXIT $?") || !strings.HasSuffix(s, "poweroff -f\n") {
 		t.Errorf("script does not report and power off:\n%s", s)
 	}

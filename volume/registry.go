@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/blockd/blockd/internal/durable"
+
 	"github.com/blockd/blockd/api"
 	"github.com/blockd/blockd/ioengine"
 	"github.com/blockd/blockd/pipeline"
@@ -49,6 +51,13 @@ type Options struct {
 	// it holds for others. Without it a replicated volume cannot be
 	// created or opened here.
 	Replication *replication.Node
+	// Cluster, if set, joins the registry to a cluster (ClusterID): the
+	// owner pipelines of its volumes hold their ownership lease and
+	// persist their replication state in the cluster store first. A
+	// volume of another cluster, or of any cluster when Cluster is nil,
+	// does not open (it is failed, with the reason).
+	Cluster   Cluster
+	ClusterID string
 	// OnFenced, if set, is told that a volume this node owned is fenced
 	// (another node owns it at a higher epoch): the daemon cuts its
 	// frontends off.
@@ -163,7 +172,7 @@ func Open(opts Options) (*Registry, error) {
 	return m, nil
 }
 
-// isTempFile reports whether n is a temp file of WriteFileAtomic.
+// isTempFile reports whether n is a temp file of durable.WriteFile.
 func isTempFile(n string) bool {
 	return strings.HasPrefix(n, ".") && strings.Contains(n, ".json.tmp-")
 }
@@ -186,6 +195,19 @@ func (m *Registry) load(name string) *Volume {
 	if err := Validate(&s); err != nil {
 		return newFailed(s, fmt.Sprintf("metadata %s is invalid: %v", path, err))
 	}
+	if r := s.Replication; s.Cluster != "" && r != nil && r.Role == api.RoleOwner && m.opts.Cluster != nil &&
+		s.Cluster == m.opts.ClusterID && !m.opts.Cluster.Owns(name, r.Epoch) {
+		// It owned the volume when the daemon stopped, and the cluster
+		// has let it go since (the node's lease expired): a replica
+		// now, which a frontend here may take again. Its bitmaps stay:
+		// if no other node owned the volume meanwhile, they are still
+		// this node's history.
+		r.Role = api.RoleReplica
+		if err := m.persist(s); err != nil {
+			return newFailed(s, fmt.Sprintf("metadata %s cannot be written: %v", path, err))
+		}
+		m.log.Warn("this node owned the volume when it stopped; the cluster let it go since: it opens as a replica", "volume", name, "epoch", r.Epoch)
+	}
 	v, err := m.open(s, m.opts.reopenEngine)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
@@ -193,6 +215,8 @@ func (m *Registry) load(name string) *Volume {
 			"(restore the file and restart, or delete the volume)", m.DataPath(name)))
 	case errors.Is(err, ioengine.ErrTruncated):
 		return newFailed(s, fmt.Sprintf("%v (restore the file and restart, or delete the volume)", err))
+	case errors.Is(err, errCluster):
+		return newFailed(s, err.Error())
 	case err != nil:
 		return newFailed(s, fmt.Sprintf("cannot open: %v", err))
 	}
@@ -213,7 +237,7 @@ func (m *Registry) sweepData() error {
 			// A replicated volume's bitmap or activity log.
 			if !owned {
 				m.log.Warn("removing a replication bitmap without its volume (interrupted delete)", "file", filepath.Join(m.dataDir(), e.Name()))
-				if err := removeFileDurable(m.dataDir(), e.Name()); err != nil {
+				if err := durable.Remove(m.dataDir(), e.Name()); err != nil {
 					return err
 				}
 			}
@@ -228,7 +252,7 @@ func (m *Registry) sweepData() error {
 			continue
 		}
 		m.log.Warn("removing backing file without metadata (interrupted create or delete)", "file", filepath.Join(m.dataDir(), e.Name()))
-		if err := removeFileDurable(m.dataDir(), e.Name()); err != nil {
+		if err := durable.Remove(m.dataDir(), e.Name()); err != nil {
 			return err
 		}
 	}
@@ -270,6 +294,9 @@ func (m *Registry) setFailedMetric(name string, v *Volume) {
 //
 //	metrics -> read-only -> qos -> profile -> engine
 func (m *Registry) open(s api.Spec, openEngine func(kind, path string, size int64) (ioengine.Engine, error)) (*Volume, error) {
+	if s.Cluster != "" && (m.opts.Cluster == nil || s.Cluster != m.opts.ClusterID) {
+		return nil, errForeignCluster(s.Cluster, m.opts.ClusterID)
+	}
 	e, err := openEngine(s.Engine, m.DataPath(s.Name), int64(s.Size))
 	if err != nil {
 		return nil, err
@@ -368,7 +395,7 @@ func (m *Registry) persist(s api.Spec) error {
 	if err != nil {
 		return err
 	}
-	return WriteFileAtomic(m.metaDir(), s.Name+".json", append(b, '\n'))
+	return durable.WriteFile(m.metaDir(), s.Name+".json", append(b, '\n'))
 }
 
 // Create makes a new volume. It returns once the volume's metadata is
@@ -414,7 +441,7 @@ func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 	}
 	// A backing file without metadata is garbage from an interrupted
 	// create or delete: never hand its old data to a new volume.
-	if err := removeFileDurable(m.dataDir(), s.Name+".img"); err != nil {
+	if err := durable.Remove(m.dataDir(), s.Name+".img"); err != nil {
 		return nil, fmt.Errorf("create %s: %w", s.Name, err)
 	}
 	if s.Replication != nil {
@@ -429,7 +456,7 @@ func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 		return nil, fmt.Errorf("create %s: %w", s.Name, err)
 	}
 	if s.Engine == ioengine.KindFile {
-		if err := syncDir(m.dataDir()); err != nil {
+		if err := durable.SyncDir(m.dataDir()); err != nil {
 			v.close()
 			return nil, fmt.Errorf("create %s: %w", s.Name, err)
 		}
@@ -438,7 +465,7 @@ func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 		if cerr := v.close(); cerr != nil {
 			m.log.Warn("closing the volume of a failed create", "volume", s.Name, "err", cerr)
 		}
-		if rerr := removeFileDurable(m.dataDir(), s.Name+".img"); rerr != nil {
+		if rerr := durable.Remove(m.dataDir(), s.Name+".img"); rerr != nil {
 			// The next start removes it: no metadata claims it.
 			m.log.Warn("removing the backing file of a failed create", "volume", s.Name, "err", rerr)
 		}
@@ -452,13 +479,13 @@ func (m *Registry) createLocked(s api.Spec) (*Volume, error) {
 // removeLocked undoes createLocked for a volume that is no longer in
 // vols: metadata first, then the engine and its files.
 func (m *Registry) removeLocked(v *Volume) {
-	if err := removeFileDurable(m.metaDir(), v.name+".json"); err != nil {
+	if err := durable.Remove(m.metaDir(), v.name+".json"); err != nil {
 		m.log.Error("removing the metadata of a failed create", "volume", v.name, "err", err)
 	}
 	if err := v.close(); err != nil {
 		m.log.Warn("closing the volume of a failed create", "volume", v.name, "err", err)
 	}
-	if err := removeFileDurable(m.dataDir(), v.name+".img"); err != nil {
+	if err := durable.Remove(m.dataDir(), v.name+".img"); err != nil {
 		m.log.Warn("removing the backing file of a failed create", "volume", v.name, "err", err)
 	}
 	if r := v.Spec().Replication; r != nil {
@@ -572,7 +599,7 @@ func (m *Registry) delete(name string, forOwner bool) error {
 	}
 	// Metadata goes first: a crash after this leaves an orphan backing
 	// file, which the next start removes, never a volume without data.
-	if err := removeFileDurable(m.metaDir(), name+".json"); err != nil {
+	if err := durable.Remove(m.metaDir(), name+".json"); err != nil {
 		m.mu.Unlock()
 		return fmt.Errorf("delete %s: %w", name, err)
 	}
@@ -592,7 +619,8 @@ func (m *Registry) delete(name string, forOwner bool) error {
 		// The data is being deleted: what did not reach it is moot.
 		m.log.Warn("closing deleted volume", "volume", name, "err", err)
 	}
-	if v.repl != nil {
+	if v.repl != nil && v.Spec().Cluster == "" {
+		// (A cluster volume's nodes each remove their own copy.)
 		if err := v.repl.DeleteReplicas(); err != nil {
 			m.log.Warn("some replicas could not be told to delete their copies", "volume", name, "err", err)
 		}
@@ -605,7 +633,7 @@ func (m *Registry) delete(name string, forOwner bool) error {
 	if m.opts.Metrics != nil {
 		m.opts.Metrics.Forget(name)
 	}
-	if err := removeFileDurable(m.dataDir(), name+".img"); err != nil {
+	if err := durable.Remove(m.dataDir(), name+".img"); err != nil {
 		return fmt.Errorf("delete %s: remove data: %w", name, err)
 	}
 	m.log.Info("volume deleted", "volume", name)

@@ -23,7 +23,7 @@ func (m *Registry) newReplicator(v *Volume, s api.Spec, e ioengine.Engine) (*rep
 	if m.opts.Replication == nil {
 		return nil, api.Errorf(api.CodeUnavailable, "volume %s is replicated, but this daemon runs without replication (serve --node and --peer)", s.Name)
 	}
-	return m.opts.Replication.NewReplicator(replication.VolumeConfig{
+	cfg := replication.VolumeConfig{
 		Spec: s, Engine: e, Dir: m.dataDir(),
 		Save: func(r api.Replication) error {
 			_, err := m.saveSpec(v, func(s *api.Spec) error { s.Replication = &r; return nil })
@@ -34,7 +34,22 @@ func (m *Registry) newReplicator(v *Volume, s api.Spec, e ioengine.Engine) (*rep
 				m.opts.OnFenced(v)
 			}
 		},
-	})
+	}
+	if s.Cluster != "" {
+		// The cluster store learns of a state change before this
+		// node's copy of it, and the pipeline serves only under the
+		// ownership lease.
+		c := m.opts.Cluster
+		cfg.Lease = c.Lease(s.Name, s.Replication.Epoch)
+		local := cfg.Save
+		cfg.Save = func(r api.Replication) error {
+			if err := c.SaveState(s.Name, r); err != nil {
+				return err
+			}
+			return local(r)
+		}
+	}
+	return m.opts.Replication.NewReplicator(cfg)
 }
 
 // placeReplicas fills in a new volume's replication state: the nodes of
@@ -130,7 +145,10 @@ func (m *Registry) Copy(name string) (replication.Copy, error) {
 // CreateCopy creates a replica for its owner.
 func (m *Registry) CreateCopy(spec api.Spec, r api.Replication) (replication.Copy, error) {
 	s := api.Spec{Name: spec.Name, Size: spec.Size, BlockSize: spec.BlockSize, Engine: spec.Engine, Profile: spec.Profile,
-		Repl: spec.Repl, Replication: &r, CreatedAt: time.Now().UTC().Truncate(time.Second)}
+		QoS: spec.QoS, ReadOnly: spec.ReadOnly, Repl: spec.Repl, Cluster: spec.Cluster, Replication: &r, CreatedAt: spec.CreatedAt}
+	if s.CreatedAt.IsZero() {
+		s.CreatedAt = time.Now().UTC().Truncate(time.Second)
+	}
 	if err := Validate(&s); err != nil {
 		return nil, err
 	}
@@ -201,11 +219,25 @@ func (v *Volume) StepDown(owner string, epoch uint64) error {
 // pipeline of its new role: the old one drains (its requests fail if it
 // was fenced), the engine's data stays.
 func (m *Registry) reopen(name string, change func(*api.Replication) error) error {
+	return m.reopenWith(name, change, nil, nil)
+}
+
+// reopenWith is reopen with two hooks: afterShut, if set, decides the new
+// state once the old pipeline has drained (told whether the drain and its
+// final flush failed) and the state is persisted only then; beforeOpen,
+// if set, runs between the two pipelines (to remove files the new role
+// must not inherit).
+func (m *Registry) reopenWith(name string, change func(*api.Replication) error, beforeOpen func() error,
+	afterShut func(v *Volume, shutErr error) (api.Replication, error)) error {
 	m.mu.Lock()
 	v, ok := m.vols[name]
 	if !ok || v.Role() == "" {
 		m.mu.Unlock()
 		return notFound(name)
+	}
+	if why, failed := v.Failed(); failed {
+		m.mu.Unlock()
+		return api.Errorf(api.CodeConflict, "volume %s is failed: %s", name, why)
 	}
 	r := v.Replication()
 	r.Replicas = slices.Clone(r.Replicas)
@@ -213,10 +245,13 @@ func (m *Registry) reopen(name string, change func(*api.Replication) error) erro
 		m.mu.Unlock()
 		return err
 	}
-	s, err := m.saveSpec(v, func(s *api.Spec) error { s.Replication = &r; return nil })
-	if err != nil {
-		m.mu.Unlock()
-		return err
+	s := v.Spec()
+	if afterShut == nil {
+		var err error
+		if s, err = m.saveSpec(v, func(s *api.Spec) error { s.Replication = &r; return nil }); err != nil {
+			m.mu.Unlock()
+			return err
+		}
 	}
 	delete(m.vols, name)
 	m.deleting[name] = true
@@ -224,15 +259,28 @@ func (m *Registry) reopen(name string, change func(*api.Replication) error) erro
 	if m.opts.OnDelete != nil {
 		m.opts.OnDelete(v) // frontends of the old role go
 	}
-	if err := v.shut(false); err != nil {
-		m.log.Warn("closing the volume to change its role", "volume", name, "err", err)
+	shutErr := v.shut(false)
+	if shutErr != nil {
+		m.log.Warn("closing the volume to change its role", "volume", name, "err", shutErr)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	delete(m.deleting, name)
-	// The same engine, in the pipeline of the new role: a memory
-	// volume's data stays too.
-	nv, err := m.open(s, func(string, string, int64) (ioengine.Engine, error) { return v.engine, nil })
+	var err error
+	if afterShut != nil {
+		if r, err = afterShut(v, shutErr); err == nil {
+			s, err = m.saveSpec(v, func(s *api.Spec) error { s.Replication = &r; return nil })
+		}
+	}
+	if err == nil && beforeOpen != nil {
+		err = beforeOpen()
+	}
+	var nv *Volume
+	if err == nil {
+		// The same engine, in the pipeline of the new role: a memory
+		// volume's data stays too.
+		nv, err = m.open(s, func(string, string, int64) (ioengine.Engine, error) { return v.engine, nil })
+	}
 	if err != nil {
 		v.engine.Close()
 		nv = newFailed(s, fmt.Sprintf("reopening as %s: %v", r.Role, err))

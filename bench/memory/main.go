@@ -220,4 +220,3 @@ func fail(format string, a ...any) {
 	fmt.Fprintf(os.Stderr, "memorybench: "+format+"\n", a...)
 	os.Exit(1)
 }
-

@@ -3,6 +3,7 @@ package checker
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -61,16 +62,37 @@ func TestChecker(t *testing.T) {
 		t.Fatalf("writes %d errors %d", c.Writes.Load(), c.Errors.Load())
 	}
 
-	// Lose a flushed write: block 5 back to zeroes.
-	copy(dev.data[5*BlockSize:6*BlockSize], make([]byte, BlockSize))
-	// Tear block 6, and put block 8's content in block 7.
-	dev.data[6*BlockSize+100] ^= 1
-	copy(dev.data[7*BlockSize:8*BlockSize], dev.data[8*BlockSize:9*BlockSize])
+	// Damage four blocks that hold a flushed write (which ones did get
+	// one depends on the scheduler): lose one, tear one, and put one's
+	// content in another.
+	var written []int
+	for b := 0; b < 64 && len(written) < 4; b++ {
+		if !isZeroBlock(dev.data[b*BlockSize : (b+1)*BlockSize]) {
+			written = append(written, b)
+		}
+	}
+	if len(written) < 4 {
+		t.Fatalf("only %d blocks were written in the run", len(written))
+	}
+	lost, torn, to, from := written[0], written[1], written[2], written[3]
+	copy(dev.data[lost*BlockSize:(lost+1)*BlockSize], make([]byte, BlockSize))
+	dev.data[torn*BlockSize+100] ^= 1
+	copy(dev.data[to*BlockSize:(to+1)*BlockSize], dev.data[from*BlockSize:(from+1)*BlockSize])
 	rep, _ = c.Verify(dev)
 	all := strings.Join(rep.Problems, "\n")
-	if rep.Lost != 3 || !strings.Contains(all, "block 5: token 0, older") || !strings.Contains(all, "block 6: torn") || !strings.Contains(all, "block 7: holds block 8") {
+	if rep.Lost != 3 || !strings.Contains(all, fmt.Sprintf("block %d: token 0, older", lost)) ||
+		!strings.Contains(all, fmt.Sprintf("block %d: torn", torn)) || !strings.Contains(all, fmt.Sprintf("block %d: holds block %d", to, from)) {
 		t.Fatalf("damage not caught: %v", rep)
 	}
+}
+
+func isZeroBlock(b []byte) bool {
+	for _, x := range b {
+		if x != 0 {
+			return false
+		}
+	}
+	return true
 }
 
 type failingDev struct{ *memDev }

@@ -151,7 +151,21 @@ type volumeJSON struct {
 		Connections int    `json:"connections"`
 		Backend     string `json:"backend"`
 	} `json:"attachment"`
-	Reason string `json:"reason"`
+	Reason    string `json:"reason"`
+	Placement *struct {
+		Nodes        []string `json:"nodes"`
+		InSync       []string `json:"in_sync"`
+		Owner        string   `json:"owner"`
+		Epoch        uint64   `json:"epoch"`
+		LastFailover *struct {
+			From   string `json:"from"`
+			To     string `json:"to"`
+			Epoch  uint64 `json:"epoch"`
+			Clean  bool   `json:"clean"`
+			Waited string `json:"waited"`
+			By     string `json:"by"`
+		} `json:"last_failover"`
+	} `json:"placement"`
 }
 
 func (d *blockd) get(name string) volumeJSON {
@@ -168,7 +182,15 @@ func (d *blockd) get(name string) volumeJSON {
 // shows.
 func (d *blockd) attach(name string, conns int) string {
 	d.t.Helper()
-	dev := strings.TrimSpace(d.must("attach", name, "--connections", strconv.Itoa(conns)))
+	return d.attached(name, d.must("attach", name, "--connections", strconv.Itoa(conns)), conns)
+}
+
+// attached checks an attach of name over conns sockets that printed out:
+// the device it names, what the daemon reports and the kernel shows. It
+// returns the device.
+func (d *blockd) attached(name, out string, conns int) string {
+	d.t.Helper()
+	dev := strings.TrimSpace(out)
 	if !strings.HasPrefix(dev, "/dev/nbd") {
 		d.t.Fatalf("attach printed %q, want /dev/nbdN", dev)
 	}
@@ -223,19 +245,31 @@ func TestBlockdAttachExt4(t *testing.T) {
 	// goes through the daemon's socket replacement quickly when it does.
 	d := startBlockd(t, t.TempDir(), "--nbd-timeout", "10s")
 	d.must("volume", "create", "ext", "--size", "512MiB", "--engine", "file")
-	dev := d.attach("ext", 2)
-	t.Logf("attached ext as %s", dev)
+	ext4AcrossReattach(t, d, "ext",
+		func(bool) string {
+			dev := d.attach("ext", 2)
+			t.Logf("attached ext as %s", dev)
+			return dev
+		},
+		func(dev string, _ bool) { d.detach("ext", dev) })
+	d.stop()
+}
 
+// ext4AcrossReattach is the body every frontend's attach test shares:
+// ext4 on the attached device with its files checked across umount, fsck
+// and mount (Ext4), across a detach and a new attach (DetachReattach),
+// and a discard that frees space in the backing file; then the last
+// detach. attach(first) attaches name and returns the device;
+// detach(dev, last) detaches it.
+func ext4AcrossReattach(t *testing.T, d *blockd, name string, attach func(first bool) string, detach func(dev string, last bool)) {
+	dev := attach(true)
 	var sums guest.Checksums
-	ok := t.Run("Ext4", func(t *testing.T) {
-		sums = ext4RoundTrip(t, dev)
-	})
-	if !ok {
+	if !t.Run("Ext4", func(t *testing.T) { sums = ext4RoundTrip(t, dev) }) {
 		t.FailNow()
 	}
-	ok = t.Run("DetachReattach", func(t *testing.T) {
-		d.detach("ext", dev)
-		dev = d.attach("ext", 2)
+	ok := t.Run("DetachReattach", func(t *testing.T) {
+		detach(dev, false)
+		dev = attach(false)
 		mnt := guest.Mount(t, dev, "ext4")
 		guest.VerifyFiles(t, mnt, sums)
 		guest.Umount(t, mnt)
@@ -243,9 +277,8 @@ func TestBlockdAttachExt4(t *testing.T) {
 	if !ok {
 		t.FailNow()
 	}
-	t.Run("DiscardFreesSpace", func(t *testing.T) { discardFreesSpace(t, d, "ext", dev) })
-	d.detach("ext", dev)
-	d.stop()
+	t.Run("DiscardFreesSpace", func(t *testing.T) { discardFreesSpace(t, d, name, dev) })
+	detach(dev, true)
 }
 
 // TestBlockdBadInput checks that wrong attach/detach/delete requests fail
@@ -259,12 +292,9 @@ func TestBlockdBadInput(t *testing.T) {
 	// A device that is not blockd's: /dev/nbd15 served by the test.
 	const foreign = 15
 	kern, _ := serveMemory(t, 16<<20, 1)
-	if _, err := nl.Connect(nbdnl.Config{Index: foreign, Socks: kern, SizeBytes: 16 << 20, BlockSize: 4096,
-		ServerFlags: nbdnl.FlagsDefault, Timeout: 60 * time.Second, BackendID: "not-blockd"}); err != nil {
-		closeAll(kern)
+	if _, err := connectKernel(nl, kern, 16<<20, nbdnl.Config{Index: foreign, BackendID: "not-blockd"}); err != nil {
 		t.Fatalf("connect /dev/nbd15 for the foreign-device case: %v", err)
 	}
-	closeAll(kern)
 	defer nl.Disconnect(foreign)
 	foreignDev := nbdnl.DevicePath(foreign)
 
@@ -443,10 +473,7 @@ func TestBlockdRestart(t *testing.T) {
 // nbdStatus reports whether the kernel has dev configured.
 func nbdStatus(t *testing.T, dev string) bool {
 	t.Helper()
-	idx, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/nbd"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	idx := nbdIndex(t, dev)
 	c, err := nbdnl.Dial()
 	if err != nil {
 		t.Fatal(err)
@@ -460,6 +487,16 @@ func nbdStatus(t *testing.T, dev string) bool {
 		t.Fatal(err)
 	}
 	return st.Connected
+}
+
+// nbdIndex is N of /dev/nbdN.
+func nbdIndex(t *testing.T, dev string) int {
+	t.Helper()
+	n, err := strconv.Atoi(strings.TrimPrefix(dev, "/dev/nbd"))
+	if err != nil {
+		t.Fatalf("%s is not /dev/nbdN: %v", dev, err)
+	}
+	return n
 }
 
 // TestBlockdDefaultConnections checks the connection count of an attach

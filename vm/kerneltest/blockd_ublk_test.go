@@ -203,35 +203,30 @@ func TestBlockdUblkAttachExt4(t *testing.T) {
 	d := startBlockd(t, t.TempDir())
 	d.must("volume", "create", "uext", "--size", "512MiB", "--engine", "file")
 	fds0 := d.stableFDs()
-	dev := d.attachUblk("uext", 2, 64)
-	t.Logf("attached uext as %s (2 queues of depth 64); blockd had %d open files before, %d now", dev, fds0, len(procFDs(d.p.Pid())))
-
-	var sums guest.Checksums
-	ok := t.Run("Ext4", func(t *testing.T) {
-		sums = ext4RoundTrip(t, dev)
-	})
-	if !ok {
-		t.FailNow()
-	}
-	ok = t.Run("DetachReattach", func(t *testing.T) {
-		d.detachUblk(dev, "uext", dev) // by device path
-		if devs := ublkDevices(); len(devs) != 0 {
-			t.Errorf("ublk devices left after detach: %v", devs)
-		}
-		d.waitFDs(t, fds0, "after detach")
-		dev = d.attachUblk("uext", 0, 0)
-		a := d.ublkAttachment("uext")
-		t.Logf("re-attached as %s with the defaults: %d queues of depth %d", dev, a.Queues, a.Depth)
-		mnt := guest.Mount(t, dev, "ext4")
-		guest.VerifyFiles(t, mnt, sums)
-		guest.Umount(t, mnt)
-	})
-	if !ok {
-		t.FailNow()
-	}
-	t.Run("DiscardFreesSpace", func(t *testing.T) { discardFreesSpace(t, d, "uext", dev) })
-	d.detachUblk("uext", "uext", dev)
-	d.waitFDs(t, fds0, "after the final detach")
+	ext4AcrossReattach(t, d, "uext",
+		func(first bool) string {
+			if first {
+				dev := d.attachUblk("uext", 2, 64)
+				t.Logf("attached uext as %s (2 queues of depth 64); blockd had %d open files before, %d now", dev, fds0, len(procFDs(d.p.Pid())))
+				return dev
+			}
+			dev := d.attachUblk("uext", 0, 0)
+			a := d.ublkAttachment("uext")
+			t.Logf("re-attached as %s with the defaults: %d queues of depth %d", dev, a.Queues, a.Depth)
+			return dev
+		},
+		func(dev string, last bool) {
+			if last {
+				d.detachUblk("uext", "uext", dev)
+				d.waitFDs(t, fds0, "after the final detach")
+				return
+			}
+			d.detachUblk(dev, "uext", dev) // by device path
+			if devs := ublkDevices(); len(devs) != 0 {
+				t.Errorf("ublk devices left after detach: %v", devs)
+			}
+			d.waitFDs(t, fds0, "after detach")
+		})
 	d.stop()
 }
 

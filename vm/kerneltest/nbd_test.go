@@ -88,16 +88,7 @@ func TestNBDExt4(t *testing.T) {
 	const size = 512 << 20
 	kern, r := serveMemory(t, size, 2)
 
-	idx, err := c.Connect(nbdnl.Config{
-		Index:       nbdnl.AnyIndex,
-		Socks:       kern,
-		SizeBytes:   size,
-		BlockSize:   4096,
-		ServerFlags: nbdnl.FlagsDefault,
-		Timeout:     60 * time.Second,
-		BackendID:   "blockd-test-ext4",
-	})
-	closeAll(kern)
+	idx, err := connectKernel(c, kern, size, nbdnl.Config{BackendID: "blockd-test-ext4"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,16 +161,7 @@ func TestNBDReconfigure(t *testing.T) {
 	}
 	kern, srv := socketPairs(t, 1)
 	r := serve(e, srv)
-	idx, err := c.Connect(nbdnl.Config{
-		Index:           nbdnl.AnyIndex,
-		Socks:           kern,
-		SizeBytes:       size,
-		BlockSize:       4096,
-		ServerFlags:     nbdnl.FlagsDefault,
-		Timeout:         60 * time.Second,
-		DeadConnTimeout: 60 * time.Second,
-	})
-	closeAll(kern)
+	idx, err := connectKernel(c, kern, size, nbdnl.Config{DeadConnTimeout: 60 * time.Second})
 	if err != nil {
 		r.stop()
 		t.Fatal(err)
@@ -271,11 +253,7 @@ func TestNBDDiscardAndWriteZeroes(t *testing.T) {
 	c := loadNBD(t)
 	const size = 64 << 20
 	kern, r := serveMemory(t, size, 1)
-	idx, err := c.Connect(nbdnl.Config{
-		Index: nbdnl.AnyIndex, Socks: kern, SizeBytes: size, BlockSize: 4096,
-		ServerFlags: nbdnl.FlagsDefault, Timeout: 60 * time.Second,
-	})
-	closeAll(kern)
+	idx, err := connectKernel(c, kern, size, nbdnl.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -330,4 +308,26 @@ func TestNBDDiscardAndWriteZeroes(t *testing.T) {
 		t.Logf("kernel does not use NBD_CMD_WRITE_ZEROES (write_zeroes_max_bytes=%q)", strings.TrimSpace(string(lim)))
 	}
 	t.Logf("ops: trim=%d write_zeroes=%d write=%d", r.ops[cmdTrim].Load(), r.ops[cmdWriteZeroes].Load(), r.ops[cmdWrite].Load())
+}
+
+// connectKernel connects the kernel's ends of socketpairs as a device of
+// size bytes, with the settings of cfg that are set (index: any unless
+// set; 4 KiB blocks, the default flags and a 60s request timeout unless
+// set), and closes the kernel's ends.
+func connectKernel(c *nbdnl.Client, kern []*os.File, size uint64, cfg nbdnl.Config) (int, error) {
+	defer closeAll(kern)
+	cfg.Socks, cfg.SizeBytes = kern, size
+	if cfg.Index == 0 {
+		cfg.Index = nbdnl.AnyIndex
+	}
+	if cfg.BlockSize == 0 {
+		cfg.BlockSize = 4096
+	}
+	if cfg.ServerFlags == 0 {
+		cfg.ServerFlags = nbdnl.FlagsDefault
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = 60 * time.Second
+	}
+	return c.Connect(cfg)
 }

@@ -45,7 +45,7 @@ func main() {
 	mem := flag.Int("m", 1024, "guest memory in MiB")
 	smp := flag.Int("smp", 2, "guest CPUs")
 	appendArgs := flag.String("append", "", "extra kernel command line")
-	tools := flag.String("tools", "/sbin/mke2fs,/sbin/e2fsck,/usr/sbin/blkdiscard", "dynamic host tools copied with their libraries")
+	tools := flag.String("tools", "/sbin/mke2fs,/sbin/e2fsck,/usr/sbin/blkdiscard,/usr/bin/etcd", "dynamic host tools copied with their libraries (missing ones are left out)")
 	modules := flag.String("modules", strings.Join(vm.DefaultModules, ","), "kernel modules to stage (with dependencies)")
 	flag.Var(&bins, "bin", "static binary host[:guest] to include (repeatable)")
 	flag.Parse()

@@ -1,4 +1,7 @@
-package volume
+// Package durable writes and removes files so that a crash leaves either
+// the old state or the new one: the volume metadata, the daemon's id and
+// the replication bitmaps all go through it.
+package durable
 
 import (
 	"fmt"
@@ -6,12 +9,11 @@ import (
 	"path/filepath"
 )
 
-// WriteFileAtomic replaces dir/name with data so that after a crash the
-// file holds either the old or the new contents, never a mix: write a temp
-// file (.NAME.tmp-*, mode 0600), fsync it, rename it over the target, fsync
-// the directory. The daemon keeps its other state files (its id) the same
-// way.
-func WriteFileAtomic(dir, name string, data []byte) error {
+// WriteFile replaces dir/name with data so that after a crash the file
+// holds either the old or the new contents, never a mix: write a temp file
+// (.NAME.tmp-*, mode 0600), fsync it, rename it over the target, fsync the
+// directory.
+func WriteFile(dir, name string, data []byte) error {
 	tmp, err := os.CreateTemp(dir, "."+name+".tmp-*")
 	if err != nil {
 		return err
@@ -40,18 +42,20 @@ func WriteFileAtomic(dir, name string, data []byte) error {
 		return err
 	}
 	ok = true
-	return syncDir(dir)
+	return SyncDir(dir)
 }
 
-// removeFileDurable removes dir/name and makes the removal durable.
-func removeFileDurable(dir, name string) error {
+// Remove removes dir/name (gone already is fine) and makes the removal
+// durable.
+func Remove(dir, name string) error {
 	if err := os.Remove(filepath.Join(dir, name)); err != nil && !os.IsNotExist(err) {
 		return err
 	}
-	return syncDir(dir)
+	return SyncDir(dir)
 }
 
-func syncDir(dir string) error {
+// SyncDir makes the entries of dir durable (fsync of the directory).
+func SyncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return err

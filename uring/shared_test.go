@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/blockd/blockd/internal/leakcheck"
 )
 
 func newShared(t *testing.T, entries uint32) *Shared {
@@ -132,7 +134,7 @@ func TestSharedBroken(t *testing.T) {
 
 // Close releases the ring's and the eventfd's descriptors and its reaper.
 func TestSharedCloseReleases(t *testing.T) {
-	before := openFds(t)
+	before := leakcheck.FDs(t)
 	for range 5 {
 		q := newShared(t, 16)
 		f := tempFile(t, 4096)
@@ -144,7 +146,7 @@ func TestSharedCloseReleases(t *testing.T) {
 		}
 		f.Close()
 	}
-	if n := openFds(t); n != before {
+	if n := leakcheck.FDs(t); n != before {
 		t.Fatalf("%d fds after, %d before", n, before)
 	}
 }

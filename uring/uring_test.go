@@ -10,16 +10,9 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-)
 
-func openFds(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
+	"github.com/blockd/blockd/internal/leakcheck"
+)
 
 func newRing(t *testing.T, entries, flags uint32) *Ring {
 	t.Helper()
@@ -256,7 +249,7 @@ func TestManyInFlight(t *testing.T) {
 }
 
 func TestCloseReleasesFds(t *testing.T) {
-	before := openFds(t)
+	before := leakcheck.FDs(t)
 	for i := 0; i < 20; i++ {
 		r, err := New(64, SetupSQE128)
 		if err != nil {
@@ -279,7 +272,7 @@ func TestCloseReleasesFds(t *testing.T) {
 			t.Fatalf("SubmitAndWait on closed ring: %v", err)
 		}
 	}
-	if after := openFds(t); after != before {
+	if after := leakcheck.FDs(t); after != before {
 		t.Fatalf("fds before %d after %d", before, after)
 	}
 }
@@ -367,11 +360,11 @@ func TestWaitPoll(t *testing.T) {
 	if allocs != 0 {
 		t.Fatalf("%v allocations per WaitPoll", allocs)
 	}
-	before := openFds(t)
+	before := leakcheck.FDs(t)
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if after := openFds(t); after != before-1 {
+	if after := leakcheck.FDs(t); after != before-1 {
 		t.Fatalf("Close of a polled ring: fds %d -> %d", before, after)
 	}
 }
@@ -471,7 +464,7 @@ func TestEventfd(t *testing.T) {
 	if err := r.EnableEventfd(); err != nil {
 		t.Fatal(err)
 	}
-	fds := openFds(t)
+	fds := leakcheck.FDs(t)
 	var c [4]CQE
 	for i := 0; i < 10; i++ {
 		done := make(chan error, 1)
@@ -538,7 +531,7 @@ func TestEventfd(t *testing.T) {
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := openFds(t); n != fds-2 {
+	if n := leakcheck.FDs(t); n != fds-2 {
 		t.Errorf("%d fds after Close, %d before: the ring or its eventfd leaked", n, fds)
 	}
 }

@@ -57,8 +57,8 @@ type Shared struct {
 	free   chan uint16 // slots not in use; at most len(slots) operations are in flight
 	slots  []sharedSlot
 	broken atomic.Bool
-	enters atomic.Int64 // submitting io_uring_enter calls
-	sqes   atomic.Int64 // SQEs they handed the kernel
+	enters atomic.Int64  // submitting io_uring_enter calls
+	sqes   atomic.Int64  // SQEs they handed the kernel
 	reaped chan struct{} // closed when the reaper has exited
 	ops    [probeOps]bool
 }

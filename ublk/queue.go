@@ -34,6 +34,8 @@ type qring interface {
 	// ready. errNoWait means the ring cannot (the queue then parks).
 	wait(d time.Duration) (bool, error)
 	reap(cqes []uring.CQE) int
+	// ready reports whether a completion is there to reap.
+	ready() bool
 	// waitReady blocks until a completion is ready to reap; it fails once
 	// the ring is closed. It may run concurrently with the methods above.
 	waitReady() error
@@ -118,8 +120,9 @@ type queue struct {
 	inl     Inliner          // h, if it implements Inliner
 	direct  bool             // wait in the kernel when idle (directWaitEnabled)
 
-	kick chan struct{} // capacity 1: a pending wake-up is never lost
-	ack  chan struct{} // capacity 1: the queue is about to sleep on kick; the watcher may poll again
+	kick   chan struct{} // capacity 1: a pending wake-up is never lost
+	ack    chan struct{} // capacity 1: the queue is about to sleep on kick; the watcher may poll again
+	settle *time.Timer   // the queue's second look after it turned notify on (sleep)
 
 	mu       sync.Mutex
 	done     []uint16 // tags whose handler finished, for the queue goroutine
@@ -263,14 +266,44 @@ func (q *queue) loop(ring qring) {
 			q.log.Error("ublk queue ring failed", "queue", q.id, "err", err)
 			return
 		}
-		ring.notify(true)
-		select {
-		case q.ack <- struct{}{}:
-		default: // the watcher has an ack it has not taken yet
-		}
-		<-q.kick
-		ring.notify(false)
+		q.sleep(ring)
 	}
+}
+
+// sleep parks the queue goroutine until a worker or the watcher kicks it,
+// with the watcher's wakeups on. Completions posted while they were off
+// signal nobody, so the queue looks at the ring itself once they are on,
+// and again after notifySettle: a completion posted at the instant they
+// turned on may have seen them still off (uring.Ring.SetEventfd). The
+// watcher cannot be relied on for that second look: it may be waiting
+// already, its own look done while the queue was awake (an ack or a kick
+// left over from a round the queue ended by itself, in the kernel or
+// woken by a worker).
+func (q *queue) sleep(ring qring) {
+	ring.notify(true)
+	defer ring.notify(false)
+	if ring.ready() {
+		return
+	}
+	select {
+	case q.ack <- struct{}{}:
+	default: // the watcher has an ack it has not taken yet
+	}
+	if q.settle == nil {
+		q.settle = time.NewTimer(notifySettle)
+	} else {
+		q.settle.Reset(notifySettle)
+	}
+	select {
+	case <-q.kick:
+		q.settle.Stop()
+		return
+	case <-q.settle.C:
+	}
+	if ring.ready() {
+		return
+	}
+	<-q.kick
 }
 
 // commit queues the COMMIT_AND_FETCH of s's result.
@@ -357,15 +390,13 @@ func worker(ctx context.Context, h pipeline.Handler, work <-chan *slot) {
 
 // kernelRing is the qring on a real ublk character device.
 type kernelRing struct {
-	ring    *uring.Ring
-	charFd  int
-	qid     uint16
-	eventfd bool // waitReady waits on the ring's eventfd (else the ring fd)
+	ring   *uring.Ring
+	charFd int
+	qid    uint16
 }
 
-// notifySettle bounds waitReady's first wait after the eventfd's signals
-// were turned on: a completion posted at that very instant may have seen
-// them still off (uring.Ring.SetEventfd).
+// notifySettle is how long after turning the eventfd's signals on a
+// sleeping queue looks at the ring once more (queue.sleep).
 const notifySettle = time.Millisecond
 
 func newKernelRing(charFd, qid, depth int) (*kernelRing, error) {
@@ -384,7 +415,6 @@ func newKernelRing(charFd, qid, depth int) (*kernelRing, error) {
 		}
 		return k, nil
 	}
-	k.eventfd = true
 	r.SetEventfd(false)
 	return k, nil
 }
@@ -418,14 +448,8 @@ func (k *kernelRing) wait(d time.Duration) (bool, error) {
 }
 
 func (k *kernelRing) reap(cqes []uring.CQE) int { return k.ring.Reap(cqes) }
-func (k *kernelRing) waitReady() error {
-	if k.eventfd {
-		if ok, err := k.ring.WaitReadyTimeout(notifySettle); ok || err != nil {
-			return err
-		}
-	}
-	return k.ring.WaitReady()
-}
+func (k *kernelRing) ready() bool               { return k.ring.Ready() > 0 }
+func (k *kernelRing) waitReady() error          { return k.ring.WaitReady() }
 
 func (k *kernelRing) notify(on bool) { k.ring.SetEventfd(on) }
 func (k *kernelRing) close() error   { return k.ring.Close() }

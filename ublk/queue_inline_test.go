@@ -228,6 +228,12 @@ func (d *loopDriver) waitReady() error {
 
 func (d *loopDriver) notify(bool) {}
 
+func (d *loopDriver) ready() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return len(d.cqes) > 0
+}
+
 func (d *loopDriver) close() error {
 	d.mu.Lock()
 	d.closed = true

@@ -36,6 +36,15 @@ type fakeDriver struct {
 	fail      error
 	noWait    bool // wait refuses (set before the queue starts)
 	waits     int  // calls of wait
+
+	// With edge set (before the queue starts), waitReady plays the
+	// eventfd: it returns only for completions posted while notify is
+	// on, as the kernel signals the eventfd only then.
+	edge     bool
+	notifyOn bool
+	signals  int    // completions posted with notify on
+	seen     int    // signals waitReady has returned for
+	onNotify func() // run once, by the next notify(true), before notify turns on
 }
 
 func newFakeDriver(t *testing.T, depth, maxIO int) *fakeDriver {
@@ -103,12 +112,37 @@ func (f *fakeDriver) wait(d time.Duration) (bool, error) {
 	return len(f.cqes) > 0, nil
 }
 
-func (f *fakeDriver) notify(bool) {}
+func (f *fakeDriver) notify(on bool) {
+	f.mu.Lock()
+	hook := f.onNotify
+	if on {
+		f.onNotify = nil
+	}
+	f.mu.Unlock()
+	if on && hook != nil {
+		hook()
+	}
+	f.mu.Lock()
+	f.notifyOn = on
+	f.mu.Unlock()
+}
+
+func (f *fakeDriver) ready() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.cqes) > 0
+}
 
 // waitReady is called by the queue's watcher goroutine.
 func (f *fakeDriver) waitReady() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if f.edge {
+		for f.signals == f.seen && !f.closed {
+			f.cond.Wait()
+		}
+		f.seen = f.signals
+	}
 	for len(f.cqes) == 0 && !f.closed {
 		f.cond.Wait()
 	}
@@ -148,6 +182,9 @@ func (f *fakeDriver) request(tag uint16, d ioDesc) {
 	binary.LittleEndian.PutUint64(b[8:], d.StartSector)
 	f.inKernel[tag] = false
 	f.cqes = append(f.cqes, uring.CQE{UserData: uint64(tag)})
+	if f.notifyOn {
+		f.signals++
+	}
 	f.cond.Broadcast()
 }
 
@@ -161,6 +198,27 @@ func (f *fakeDriver) waitResult(tag uint16, n int) int32 {
 	return f.results[tag][n-1]
 }
 
+// waitResultWithin is waitResult for at most d; ok is false if the
+// commit did not come.
+func (f *fakeDriver) waitResultWithin(tag uint16, n int, d time.Duration) (res int32, ok bool) {
+	tm := time.AfterFunc(d, func() {
+		f.mu.Lock()
+		f.cond.Broadcast()
+		f.mu.Unlock()
+	})
+	defer tm.Stop()
+	deadline := time.Now().Add(d)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for len(f.results[tag]) < n {
+		if !time.Now().Before(deadline) {
+			return 0, false
+		}
+		f.cond.Wait()
+	}
+	return f.results[tag][n-1], true
+}
+
 // abort completes every fetched tag with UBLK_IO_RES_ABORT, as STOP_DEV.
 func (f *fakeDriver) abort() {
 	f.mu.Lock()
@@ -169,6 +227,9 @@ func (f *fakeDriver) abort() {
 		if in {
 			f.inKernel[tag] = false
 			f.cqes = append(f.cqes, uring.CQE{UserData: uint64(tag), Res: ioResAbort})
+			if f.notifyOn {
+				f.signals++
+			}
 		}
 	}
 	f.cond.Broadcast()
@@ -421,4 +482,43 @@ func TestQueueStopBeforeRing(t *testing.T) {
 	if !f.closed {
 		t.Fatal("ring not closed")
 	}
+}
+
+// A request the driver posts just before the queue turns the watcher's
+// wakeups on signals nobody (the kernel signals the eventfd only while
+// they are on); the queue must find it itself before it sleeps, or the
+// request waits forever (a hung fio in the 6.12 guest, seen once the
+// watcher's own second look had fallen out of step with the queue).
+func TestQueueCompletionBeforeNotify(t *testing.T) {
+	const size = 1 << 20
+	mem, err := ioengine.NewMemory(size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mem.Close()
+	f := newFakeDriver(t, 2, 4096)
+	f.edge = true
+	read := ioDesc{OpFlags: opRead, NrSectors: 8, StartSector: 8}
+	var fq *fakeQueue
+	for round := 1; round <= 3; round++ {
+		f.mu.Lock()
+		f.onNotify = func() { f.request(0, read) }
+		f.mu.Unlock()
+		if round == 1 {
+			fq = startQueue(t, f, f.descs, f.bufs, size, ioengine.Handler(mem), 1)
+			fq.f = f
+		}
+		if res, ok := f.waitResultWithin(0, round, 5*time.Second); !ok {
+			// (The queue sleeps for good: no stop.)
+			t.Fatalf("round %d: the request posted just before notify was never answered", round)
+		} else if res != 4096 {
+			t.Fatalf("round %d: result %d", round, res)
+		}
+	}
+	// The queue still serves requests that do signal.
+	f.request(1, read)
+	if res, ok := f.waitResultWithin(1, 1, 5*time.Second); !ok || res != 4096 {
+		t.Fatalf("a later request: %d, %v", res, ok)
+	}
+	fq.stop(t)
 }

@@ -2,10 +2,14 @@ package bench
 
 import (
 	"encoding/json"
+	"encoding/xml"
+	"io"
 	"math"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -304,6 +308,129 @@ func TestSizeString(t *testing.T) {
 	for in, want := range map[int64]string{1 << 30: "1GiB", 256 << 20: "256MiB", 4096: "4096", 3 << 30: "3GiB"} {
 		if got := SizeString(in); got != want {
 			t.Errorf("SizeString(%d) = %s, want %s", in, got, want)
+		}
+	}
+}
+
+func TestFileTargetArgs(t *testing.T) {
+	job := MakeJob(DefaultRows[1], 2, time.Second, 0, 1<<30)
+	args := job.Args(fileURI("/var/tmp/x/disk.img"), "/o.json")
+	for _, want := range []string{"--ioengine=io_uring", "--direct=1", "--filename=/var/tmp/x/disk.img", "--rw=randwrite", "--iodepth=16"} {
+		if !slices.Contains(args, want) {
+			t.Errorf("file job args lack %s: %v", want, args)
+		}
+	}
+	for _, a := range append(args, PrefillArgs(fileURI("/f"), "o")...) {
+		if strings.HasPrefix(a, "--uri=") || a == "--ioengine=nbd" {
+			t.Errorf("file job has NBD arg %s", a)
+		}
+	}
+	if p := PrefillArgs(fileURI("/f"), "o"); !slices.Contains(p, "--filename=/f") || !slices.Contains(p, "--direct=1") {
+		t.Errorf("file prefill args: %v", p)
+	}
+}
+
+// rolesReport has a blockd file volume and a disk ceiling beside the
+// peers: neither may be taken for a peer, and the pair columns compare
+// them round by round.
+func rolesReport() *Report {
+	r := testReport()
+	r.Servers = append(r.Servers, "blockd-file", "disk")
+	r.Roles = map[string]string{"blockd-file": RoleBlockd, "disk": RoleCeiling}
+	r.Pairs = []Pair{{A: "blockd-file", B: "blockd"}, {A: "blockd-file", B: "disk"}}
+	r.Results[0].Samples = []float64{100000, 90000, 110000}
+	r.Results = append(r.Results,
+		Result{Row: "4k-randread-qd32", Server: "blockd-file", Metrics: Metrics{IOPS: 60000, ServerCPUPerIO: 4}, Samples: []float64{70000, 45000, 60000}},
+		Result{Row: "4k-randread-qd32", Server: "disk", Metrics: Metrics{IOPS: 200000}, Samples: []float64{200000, 150000, 250000}},
+	)
+	return r
+}
+
+func TestRolesAndPairs(t *testing.T) {
+	r := rolesReport()
+	if ratio, peer, ok := r.Ratio("4k-randread-qd32"); !ok || peer != "nbdkit" || !near(ratio, 1.25) {
+		t.Errorf("Ratio = %v %q %v: blockd-file or disk taken for a peer", ratio, peer, ok)
+	}
+	if ratio, peer, ok := r.CPURatio("4k-randread-qd32"); !ok || peer != "qemu-nbd" || !near(ratio, 0.8) {
+		t.Errorf("CPURatio = %v %q %v", ratio, peer, ok)
+	}
+	// Per round: 0.7, 0.5, 0.545: median 0.545.
+	med, lo, hi, ok := r.PairRatio("4k-randread-qd32", r.Pairs[0])
+	if !ok || !near(med, 60000.0/110000) || !near(lo, 0.5) || !near(hi, 0.7) {
+		t.Errorf("PairRatio file/memory = %v (%v–%v) %v", med, lo, hi, ok)
+	}
+	if _, _, _, ok := r.PairRatio("4k-randread-qd1", r.Pairs[0]); ok {
+		t.Error("pair ratio without results")
+	}
+	var b strings.Builder
+	if err := r.WriteMarkdown(&b); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"| blockd / best peer | blockd CPU/IO ÷ leanest peer | blockd-file / blockd | blockd-file / disk |",
+		"| 4k-randread-qd32 | 100000 | 80000 | 50000 | – | 60000 | 200000 | 1.25× (nbdkit) | 0.80× (qemu-nbd) | 0.55× (0.50–0.70) | 0.30× (0.24–0.35) |",
+	} {
+		if !strings.Contains(b.String(), want) {
+			t.Errorf("markdown lacks\n%s\n--- got:\n%s", want, b.String())
+		}
+	}
+}
+
+func TestWriteSVG(t *testing.T) {
+	r := rolesReport()
+	var b strings.Builder
+	if err := r.WriteSVG(&b); err != nil {
+		t.Fatal(err)
+	}
+	svg := b.String()
+	// Well-formed XML with an svg root.
+	d := xml.NewDecoder(strings.NewReader(svg))
+	var root string
+	for {
+		tok, err := d.Token()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("chart is not well-formed XML: %v\n%s", err, svg)
+		}
+		if se, ok := tok.(xml.StartElement); ok && root == "" {
+			root = se.Name.Local
+		}
+	}
+	if root != "svg" {
+		t.Fatalf("root element %q", root)
+	}
+	for _, want := range []string{
+		"4k-randread-qd32", "4k-randread-qd1", "blockd-file", "disk", "nbdkit",
+		"100000 IOPS (90000–110000)", // the median and the rounds' range
+		"bin/gonbd not built",        // a skipped server is named, not drawn
+		"error: fio 4k-randread-qd1: exit status 1",
+		`stroke-dasharray="4 2"`, // the ceiling is an outline
+	} {
+		if !strings.Contains(svg, want) {
+			t.Errorf("chart lacks %q", want)
+		}
+	}
+	// Bars are on the row's scale: disk (200000, the row's largest with
+	// its 250000 whisker) against blockd (100000).
+	widths := map[string]float64{}
+	re := regexp.MustCompile(`width="([0-9.]+)" height="16" fill="[^"]*"[^>]*><title>4k-randread-qd32 ([a-z-]+):`)
+	for _, m := range re.FindAllStringSubmatch(svg, -1) {
+		w, _ := strconv.ParseFloat(m[1], 64)
+		widths[m[2]] = w
+	}
+	if len(widths) != 5 || !near(widths["disk"]/widths["blockd"], 2) || !near(widths["blockd-file"]/widths["blockd"], 0.6) {
+		t.Errorf("bar widths %v", widths)
+	}
+	dir := t.TempDir()
+	path, err := r.SaveSVG(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{path, filepath.Join(dir, "latest.svg")} {
+		if got, err := os.ReadFile(p); err != nil || string(got) != svg {
+			t.Errorf("%s: %v", p, err)
 		}
 	}
 }

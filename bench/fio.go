@@ -106,27 +106,25 @@ const percentileList = "50:99:99.9"
 // Args returns fio's command line (without the program name) for the job
 // against uri, writing JSON to out.
 func (j Job) Args(uri, out string) []string {
-	args := []string{
-		"--name=" + j.Row.Name,
-		"--ioengine=nbd",
-		"--uri=" + uri,
-		"--rw=" + j.Row.RW,
-		"--bs=" + strconv.FormatInt(j.Row.BS, 10),
-		"--iodepth=" + strconv.Itoa(j.IODepth),
-		"--numjobs=" + strconv.Itoa(j.Jobs),
+	args := append([]string{"--name=" + j.Row.Name}, targetArgs(uri)...)
+	args = append(args,
+		"--rw="+j.Row.RW,
+		"--bs="+strconv.FormatInt(j.Row.BS, 10),
+		"--iodepth="+strconv.Itoa(j.IODepth),
+		"--numjobs="+strconv.Itoa(j.Jobs),
 		// Threads, not processes: one fio process to kill, and no fork cost
 		// charged to the first second of the run.
 		"--thread",
 		"--group_reporting",
 		"--time_based",
-		"--runtime=" + fioDuration(j.Runtime),
-		"--ramp_time=" + fioDuration(j.Ramp),
-		"--percentile_list=" + percentileList,
+		"--runtime="+fioDuration(j.Runtime),
+		"--ramp_time="+fioDuration(j.Ramp),
+		"--percentile_list="+percentileList,
 		"--clat_percentiles=1",
 		"--lat_percentiles=1",
 		"--output-format=json",
-		"--output=" + out,
-	}
+		"--output="+out,
+	)
 	if j.Row.Random() {
 		// One fixed seed per row so every server sees the same offsets.
 		args = append(args, "--randrepeat=1", "--norandommap", "--random_generator=tausworthe64")
@@ -144,18 +142,24 @@ func (j Job) Args(uri, out string) []string {
 // anything, which would flatter them). fio's default buffers are random
 // bytes, so no server can store them as holes.
 func PrefillArgs(uri, out string) []string {
-	return []string{
-		"--name=prefill",
-		"--ioengine=nbd",
-		"--uri=" + uri,
+	return append(append([]string{"--name=prefill"}, targetArgs(uri)...),
 		"--rw=write",
 		"--bs=1M",
 		"--iodepth=8",
 		"--numjobs=1",
 		"--thread",
 		"--output-format=json",
-		"--output=" + out,
+		"--output="+out,
+	)
+}
+
+// targetArgs selects fio's engine for uri: nbd for an NBD URI; io_uring
+// with O_DIRECT for a file:// URI (the Disk ceiling).
+func targetArgs(uri string) []string {
+	if path, ok := strings.CutPrefix(uri, "file://"); ok {
+		return []string{"--ioengine=io_uring", "--direct=1", "--filename=" + path}
 	}
+	return []string{"--ioengine=nbd", "--uri=" + uri}
 }
 
 func fioDuration(d time.Duration) string {

@@ -31,8 +31,13 @@ type Report struct {
 	Started  time.Time `json:"started"`
 	Finished time.Time `json:"finished"`
 	Host     Host      `json:"host"`
-	// Primary is the server compared against the best of the others.
-	Primary   string     `json:"primary"`
+	// Primary is the server compared against the best of the peers.
+	Primary string `json:"primary"`
+	// Roles names the servers that are not peers (RoleBlockd,
+	// RoleCeiling); the rest are.
+	Roles map[string]string `json:"roles,omitempty"`
+	// Pairs are the further ratio columns.
+	Pairs     []Pair     `json:"pairs,omitempty"`
 	Rows      []Row      `json:"rows"`
 	Servers   []string   `json:"servers"`
 	Instances []Instance `json:"instances"`
@@ -60,11 +65,23 @@ func (r *Report) Lookup(row, server string) (Result, bool) {
 	return Result{}, false
 }
 
-// BestPeer returns the server other than Primary with the highest IOPS on
-// row, and its IOPS; ok is false when no peer has a result.
+// Pair is a ratio column: A's IOPS over B's.
+type Pair struct {
+	A string `json:"a"`
+	B string `json:"b"`
+}
+
+// peer reports whether server is one of the peers blockd is compared with.
+func (r *Report) peer(server string) bool {
+	role := r.Roles[server]
+	return server != r.Primary && (role == "" || role == RolePeer)
+}
+
+// BestPeer returns the peer with the highest IOPS on row, and its IOPS;
+// ok is false when no peer has a result.
 func (r *Report) BestPeer(row string) (server string, iops float64, ok bool) {
 	for _, res := range r.Results {
-		if res.Row != row || res.Server == r.Primary || res.Err != "" {
+		if res.Row != row || !r.peer(res.Server) || res.Err != "" {
 			continue
 		}
 		if !ok || res.IOPS > iops {
@@ -98,7 +115,7 @@ func (r *Report) CPURatio(row string) (ratio float64, peer string, ok bool) {
 	}
 	var best float64
 	for _, res := range r.Results {
-		if res.Row != row || res.Server == r.Primary || res.Err != "" || res.ServerCPUPerIO <= 0 {
+		if res.Row != row || !r.peer(res.Server) || res.Err != "" || res.ServerCPUPerIO <= 0 {
 			continue
 		}
 		if !ok || res.ServerCPUPerIO < best {
@@ -111,6 +128,31 @@ func (r *Report) CPURatio(row string) (ratio float64, peer string, ok bool) {
 	return p.ServerCPUPerIO / best, peer, true
 }
 
+// PairRatio returns A's IOPS over B's on row: the median of the rounds'
+// ratios (each round ran A and B back to back, so a round's ratio is
+// fairer on a drifting machine than a ratio of medians) and their range.
+// Without per-round samples for both it is the ratio of the two results.
+func (r *Report) PairRatio(row string, p Pair) (med, lo, hi float64, ok bool) {
+	a, fa := r.Lookup(row, p.A)
+	b, fb := r.Lookup(row, p.B)
+	if !fa || !fb || a.Err != "" || b.Err != "" || a.IOPS <= 0 || b.IOPS <= 0 {
+		return 0, 0, 0, false
+	}
+	if len(a.Samples) < 2 || len(a.Samples) != len(b.Samples) {
+		x := a.IOPS / b.IOPS
+		return x, x, x, true
+	}
+	rs := make([]float64, len(a.Samples))
+	for i := range rs {
+		if b.Samples[i] <= 0 {
+			return 0, 0, 0, false
+		}
+		rs[i] = a.Samples[i] / b.Samples[i]
+	}
+	slices.Sort(rs)
+	return rs[(len(rs)-1)/2], rs[0], rs[len(rs)-1], true
+}
+
 // WriteMarkdown prints two tables: a summary (IOPS per server per row, the
 // primary/best-peer IOPS ratio and CPU-per-request ratio) and the detail
 // (IOPS, MiB/s, clat and total-latency p50/p99, server CPU for every
@@ -121,11 +163,15 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 	for _, s := range r.Servers {
 		fmt.Fprintf(&b, " %s IOPS |", s)
 	}
-	fmt.Fprintf(&b, " %s / best peer | %s CPU/IO ÷ leanest peer |\n|---|", r.Primary, r.Primary)
-	for range r.Servers {
+	fmt.Fprintf(&b, " %s / best peer | %s CPU/IO ÷ leanest peer |", r.Primary, r.Primary)
+	for _, p := range r.Pairs {
+		fmt.Fprintf(&b, " %s / %s |", p.A, p.B)
+	}
+	b.WriteString("\n|---|")
+	for range len(r.Servers) + 2 + len(r.Pairs) {
 		b.WriteString("---:|")
 	}
-	b.WriteString("---:|---:|\n")
+	b.WriteString("\n")
 	for _, row := range r.Rows {
 		fmt.Fprintf(&b, "| %s |", row.Name)
 		for _, s := range r.Servers {
@@ -137,10 +183,21 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 			b.WriteString(" – |")
 		}
 		if ratio, peer, ok := r.CPURatio(row.Name); ok {
-			fmt.Fprintf(&b, " %.2f× (%s) |\n", ratio, peer)
+			fmt.Fprintf(&b, " %.2f× (%s) |", ratio, peer)
 		} else {
-			b.WriteString(" – |\n")
+			b.WriteString(" – |")
 		}
+		for _, p := range r.Pairs {
+			switch med, lo, hi, ok := r.PairRatio(row.Name, p); {
+			case !ok:
+				b.WriteString(" – |")
+			case lo == hi:
+				fmt.Fprintf(&b, " %.2f× |", med)
+			default:
+				fmt.Fprintf(&b, " %.2f× (%.2f–%.2f) |", med, lo, hi)
+			}
+		}
+		b.WriteString("\n")
 	}
 	// With repetitions, show their spread: on a shared machine it is often
 	// larger than the differences between servers.
@@ -162,11 +219,7 @@ func (r *Report) WriteMarkdown(w io.Writer) error {
 			res, found := r.Lookup(row.Name, s)
 			switch {
 			case !found:
-				why := r.Skipped[s]
-				if why == "" {
-					why = "not run"
-				}
-				fmt.Fprintf(&b, "| %s | %s | %s | | | | | | | |\n", row.Name, s, mdEscape(why))
+				fmt.Fprintf(&b, "| %s | %s | %s | | | | | | | |\n", row.Name, s, mdEscape(r.whyMissing(s)))
 			case res.Err != "":
 				fmt.Fprintf(&b, "| %s | %s | error: %s | | | | | | | |\n", row.Name, s, mdEscape(firstLine(res.Err)))
 			default:
@@ -226,4 +279,12 @@ func (r *Report) Save(dir string) (string, error) {
 		return "", fmt.Errorf("save report: %w", err)
 	}
 	return path, nil
+}
+
+// whyMissing says why server has no result: skipped (and why), or not run.
+func (r *Report) whyMissing(server string) string {
+	if why := r.Skipped[server]; why != "" {
+		return why
+	}
+	return "not run"
 }

@@ -52,6 +52,9 @@ type Runner struct {
 	Dir string
 	// Primary is the server the ratio column compares with its best peer.
 	Primary string
+	// Pairs are further ratio columns, server A over server B (blockd's
+	// file volume over its memory volume, over the disk).
+	Pairs []Pair
 	// Progress receives one line per step; nil discards.
 	Progress io.Writer
 }
@@ -84,12 +87,17 @@ func (r *Runner) Run(ctx context.Context) (*Report, error) {
 	rep := &Report{
 		Started: time.Now().UTC(),
 		Primary: r.Primary,
+		Pairs:   r.Pairs,
 		Rows:    r.Rows,
 		Skipped: map[string]string{},
+		Roles:   map[string]string{},
 		Host:    hostInfo(),
 	}
 	for _, s := range r.Servers {
 		rep.Servers = append(rep.Servers, s.Name())
+		if ro, ok := s.(Roled); ok && s.Name() != r.Primary {
+			rep.Roles[s.Name()] = ro.Role()
+		}
 	}
 	var failures []string
 	fail := func(l *live, row string, err error) {

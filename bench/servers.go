@@ -112,10 +112,36 @@ func version(argv ...string) string {
 // missing, so that a run can go on with the peers.
 var ErrNotBuilt = errors.New("not built")
 
-// Blockd is the blockd daemon serving a memory-engine volume.
+// Server roles in a report (see Report.Roles). A server that names none
+// is a peer.
+const (
+	// RolePeer is another NBD server: "blockd / best peer" compares the
+	// primary with the best of these.
+	RolePeer = "peer"
+	// RoleBlockd is a blockd configuration other than the primary (a file
+	// volume): shown, never counted as a peer.
+	RoleBlockd = "blockd"
+	// RoleCeiling is not a server but the same jobs without NBD (fio on a
+	// file): what the machine gives at most.
+	RoleCeiling = "ceiling"
+)
+
+// Roled is implemented by servers that are not peers.
+type Roled interface {
+	Role() string
+}
+
+// Blockd is the blockd daemon serving one volume (memory engine unless
+// Engine says otherwise).
 type Blockd struct {
 	// Bin is the blockd binary (built from ./cmd/blockd).
 	Bin string
+	// Label is the server's name in the report; "" means "blockd". Every
+	// blockd configuration of one run needs its own (blockd-file).
+	Label string
+	// Dir, if set, is the parent of the daemon's state dir (and so of a
+	// file volume's backing file) instead of the run's directory.
+	Dir string
 	// Engine is the volume engine; "" means memory.
 	Engine string
 	// Profile is the volume's io_profile; "" leaves the daemon's default.
@@ -124,10 +150,15 @@ type Blockd struct {
 	CreateArgs []string
 	// ServeArgs are appended to `blockd serve`.
 	ServeArgs []string
+	// Env are NAME=VALUE settings for the daemon (BLOCKD_IO_URING=0).
+	Env []string
 }
 
 // Name implements Server.
-func (b Blockd) Name() string { return "blockd" }
+func (b Blockd) Name() string { return cmp.Or(b.Label, "blockd") }
+
+// Role implements Roled.
+func (b Blockd) Role() string { return RoleBlockd }
 
 // Start implements Server: `blockd serve`, then `blockd volume create`.
 func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance, err error) {
@@ -143,7 +174,11 @@ func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance
 		return nil, err
 	}
 	state := filepath.Join(dir, "blockd-state")
-	if err := os.MkdirAll(state, 0o755); err != nil {
+	if b.Dir != "" {
+		if state, err = os.MkdirTemp(b.Dir, "nbdbench-"+b.Name()+"-"); err != nil {
+			return nil, fmt.Errorf("blockd: %w", err)
+		}
+	} else if err := os.MkdirAll(state, 0o755); err != nil {
 		return nil, fmt.Errorf("blockd: %w", err)
 	}
 	// Metrics stay on, as in production, but on a free port: the default
@@ -157,8 +192,16 @@ func (b Blockd) Start(ctx context.Context, dir string, size int64) (in *Instance
 		"--nbd-listen", "127.0.0.1:" + strconv.Itoa(port), "--api-socket", sock,
 		"--metrics-listen", "127.0.0.1:" + strconv.Itoa(mport)}
 	argv = append(argv, b.ServeArgs...)
+	if len(b.Env) > 0 {
+		// env execs blockd: the process, and its CPU time, stay the same.
+		argv = append(append([]string{"env"}, b.Env...), argv...)
+	}
 	in = &Instance{Server: b.Name(), URI: nbdURI(port), Cmdline: argv,
 		Notes: "volume engine " + engine + ", profile " + cmp.Or(b.Profile, "default") + "; export name = volume name"}
+	if b.Dir != "" {
+		in.Notes += "; state dir " + state
+		in.cleanup = append(in.cleanup, func() { os.RemoveAll(state) })
+	}
 	defer func() {
 		if err != nil {
 			in.Stop()
@@ -356,3 +399,47 @@ func (g GoNBD) Start(ctx context.Context, dir string, size int64) (in *Instance,
 	}
 	return in, nil
 }
+
+// Disk is not an NBD server: it runs every row with fio's io_uring engine
+// and O_DIRECT on a file of the export's size, so the report shows what
+// the filesystem under a file volume gives at most on this machine (the
+// ceiling of a blockd file volume's column). Give it the same Dir as that
+// volume's blockd.
+type Disk struct {
+	// Dir is the parent of the file; "" means the run's directory.
+	Dir string
+}
+
+// Name implements Server.
+func (Disk) Name() string { return "disk" }
+
+// Role implements Roled.
+func (Disk) Role() string { return RoleCeiling }
+
+// Start implements Server: it creates the file (sparse; the prefill
+// writes it) and names it with a file:// URI, which Job.Args turns into
+// fio's io_uring engine.
+func (d Disk) Start(ctx context.Context, dir string, size int64) (*Instance, error) {
+	parent := cmp.Or(d.Dir, dir)
+	fdir, err := os.MkdirTemp(parent, "nbdbench-disk-")
+	if err != nil {
+		return nil, fmt.Errorf("disk: %w", err)
+	}
+	path := filepath.Join(fdir, "disk.img")
+	f, err := os.Create(path)
+	if err == nil {
+		err = f.Truncate(size)
+		f.Close()
+	}
+	if err != nil {
+		os.RemoveAll(fdir)
+		return nil, fmt.Errorf("disk: %w", err)
+	}
+	in := &Instance{Server: d.Name(), URI: fileURI(path),
+		Cmdline: []string{"fio", "--ioengine=io_uring", "--direct=1", "--filename=" + path},
+		Notes:   "not a server: fio io_uring O_DIRECT on a file in " + parent + ", the disk's ceiling"}
+	in.cleanup = append(in.cleanup, func() { os.RemoveAll(fdir) })
+	return in, nil
+}
+
+func fileURI(path string) string { return "file://" + path }

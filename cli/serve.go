@@ -95,6 +95,9 @@ lease (--lease-ttl) runs out (see docs/cluster.md).`,
 			if cfg.Logger, err = newLogger(cmd.ErrOrStderr(), logFormat, logLevel); err != nil {
 				return err
 			}
+			// Packages without a logger of their own (the file engine's
+			// io_uring fallback) log like the daemon.
+			slog.SetDefault(cfg.Logger)
 			switch probes {
 			case "on":
 				cfg.Probes = true

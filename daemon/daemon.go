@@ -161,7 +161,7 @@ func (d *Daemon) start() (err error) {
 		d.reg.MustRegister(metrics.QoS(d.qos))
 	}
 	budget := profile.NewBudget(max(cfg.CacheMemory, 0))
-	d.reg.MustRegister(metrics.CacheBudget(budget))
+	d.reg.MustRegister(metrics.CacheBudget(budget), metrics.FileEngines())
 	d.log.Info("cache memory", "limit", limitText(budget.Stats().Limit))
 	keys, err := loadKEKs(cfg.KEKFiles, cfg.KEKDir, d.log)
 	if err != nil {

@@ -19,14 +19,12 @@ func TestMemory(t *testing.T) {
 	})
 }
 
+// TestFile runs the suite on a buffered file engine doing its I/O through
+// its io_uring (TestFileSyscalls: with system calls).
 func TestFile(t *testing.T) {
+	requireURing(t)
 	enginetest.Run(t, func(t *testing.T, size int64) ioengine.Engine {
-		e, err := ioengine.OpenFile(filepath.Join(t.TempDir(), "vol.img"), size)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { e.Close() })
-		return e
+		return openFile(t, t.TempDir(), size, ioengine.OpenFileOptions{})
 	})
 }
 

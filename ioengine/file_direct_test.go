@@ -27,14 +27,16 @@ func openDirect(t *testing.T, dir string, size int64) *ioengine.File {
 }
 
 // The temp dir is on a disk filesystem, which takes O_DIRECT; the suite's
-// random offsets and lengths exercise the bounce and read-modify-write paths.
+// random offsets and lengths exercise the bounce and read-modify-write
+// paths, on the engine's io_uring.
 func TestFileDirect(t *testing.T) {
+	requireURing(t)
 	e := openDirect(t, t.TempDir(), 4096)
 	if !e.Direct() {
 		t.Skipf("filesystem of %s refuses O_DIRECT", os.TempDir())
 	}
 	enginetest.Run(t, func(t *testing.T, size int64) ioengine.Engine {
-		return openDirect(t, t.TempDir(), size)
+		return openFile(t, t.TempDir(), size, ioengine.OpenFileOptions{Direct: true})
 	})
 }
 

@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/blockd/blockd/ublk/uring"
+	"github.com/blockd/blockd/uring"
 )
 
 // ControlPath is the ublk control device.

@@ -268,7 +268,7 @@ func serve(ctx context.Context, ctrl *Control, info DevInfo, cfg Config, size in
 			bufs[t] = mem[t*maxIO : (t+1)*maxIO : (t+1)*maxIO]
 		}
 		qid := qid
-		q := newQueue(qid, size, descs, bufs, d.work, d.log, func() (qring, error) {
+		q := newQueue(d.ctx, qid, size, descs, bufs, cfg.Handler, d.work, d.log, func() (qring, error) {
 			return newKernelRing(fd, qid, depth)
 		})
 		d.queues = append(d.queues, q)

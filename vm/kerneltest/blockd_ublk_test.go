@@ -488,28 +488,8 @@ func randRead(t *testing.T, dev string, span int64, qd int, dur time.Duration) i
 // guest (make test-kernel-ublk puts it there) and returns its IOPS.
 func fioRandRead(t *testing.T, dev string, span int64, dur time.Duration) (float64, bool) {
 	t.Helper()
-	const fio = "/usr/bin/fio"
-	if _, err := os.Stat(fio); err != nil {
-		return 0, false
-	}
-	out := guest.Run(t, fio, "--name=rr", "--filename="+dev, "--rw=randread", "--bs=4k", "--iodepth=16",
-		"--ioengine=libaio", "--direct=1", "--size="+strconv.FormatInt(span, 10), "--time_based",
-		"--runtime="+strconv.Itoa(int(dur.Seconds())), "--output-format=json")
-	var res struct {
-		Jobs []struct {
-			Read struct {
-				IOPS float64 `json:"iops"`
-			} `json:"read"`
-			Error int `json:"error"`
-		} `json:"jobs"`
-	}
-	if i := strings.IndexByte(out, '{'); i >= 0 {
-		out = out[i:]
-	}
-	if err := json.Unmarshal([]byte(out), &res); err != nil || len(res.Jobs) != 1 || res.Jobs[0].Error != 0 {
-		t.Fatalf("fio on %s: %v\n%s", dev, err, out)
-	}
-	return res.Jobs[0].Read.IOPS, true
+	r, ok := runFio(t, dev, fioJob{"rr", "randread", "4k", 1, 16}, span, 0, dur)
+	return r.IOPS, ok
 }
 
 // TestBlockdUblkVsNBDLoad reads the same volume through ublk and through

@@ -1,7 +1,9 @@
-// Command nbdbench runs the fio nbd-engine job matrix against blockd and
-// its peers (nbdkit memory, qemu-nbd on tmpfs, go-nbd memory), prints a
-// markdown table and writes the raw results as JSON. `make bench` runs it;
-// every flag has a BENCH_* environment default so make can pass them.
+// Command nbdbench runs the fio nbd-engine job matrix against blockd (a
+// memory volume and a file volume) and its peers (nbdkit memory, qemu-nbd
+// on tmpfs, go-nbd memory), and with fio's io_uring engine against a file
+// beside the file volume (the disk's ceiling); it prints markdown tables
+// and writes the raw results as JSON and a chart as SVG. `make bench` runs
+// it; every flag has a BENCH_* environment default so make can pass them.
 package main
 
 import (
@@ -10,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -60,7 +63,7 @@ func run() int {
 		runtimeS  = flag.String("runtime", env("BENCH_RUNTIME", "10"), "measured seconds per row (env BENCH_RUNTIME)")
 		rampS     = flag.String("ramp", env("BENCH_RAMP", "2"), "ramp seconds per row, not measured (env BENCH_RAMP)")
 		rows      = flag.String("rows", env("BENCH_ROWS", "all"), "comma-separated rows (env BENCH_ROWS): "+rowNames())
-		servers   = flag.String("servers", env("BENCH_SERVERS", "blockd,nbdkit,qemu-nbd,go-nbd"), "comma-separated servers (env BENCH_SERVERS): "+serverNames)
+		servers   = flag.String("servers", env("BENCH_SERVERS", "blockd,blockd-file,disk,nbdkit,qemu-nbd,go-nbd"), "comma-separated servers (env BENCH_SERVERS): "+serverNames)
 		conns     = flag.Int("conns", atoi(env("BENCH_CONNS", "2")), "NBD connections (fio jobs) per row with QD>1 (env BENCH_CONNS)")
 		sizeS     = flag.String("size", env("BENCH_SIZE", "1GiB"), "export size (env BENCH_SIZE)")
 		repeat    = flag.Int("repeat", atoi(env("BENCH_REPEAT", "1")), "repetitions of the whole matrix; cells report the median (env BENCH_REPEAT)")
@@ -68,6 +71,8 @@ func run() int {
 		blockdBin = flag.String("blockd", env("BENCH_BLOCKD", "bin/blockd"), "blockd binary")
 		gonbdBin  = flag.String("gonbd", env("BENCH_GONBD", "bin/nbdbench-gonbd"), "bench/gonbd binary")
 		profile   = flag.String("blockd-profile", env("BENCH_BLOCKD_PROFILE", ""), "io_profile of blockd's volume; empty = daemon default (env BENCH_BLOCKD_PROFILE)")
+		fileProf  = flag.String("file-profile", env("BENCH_FILE_PROFILE", "none"), "io_profile of blockd-file's volume (env BENCH_FILE_PROFILE)")
+		fileDir   = flag.String("file-dir", env("BENCH_FILE_DIR", ""), "directory on a disk for blockd-file's state dir and disk's file; default: the work directory (env BENCH_FILE_DIR)")
 		shm       = flag.String("qemu-dir", env("BENCH_QEMU_DIR", "/dev/shm"), "directory (tmpfs) for qemu-nbd's image")
 		out       = flag.String("out", env("BENCH_OUT", "bench/results"), "directory for the JSON report")
 		workDir   = flag.String("workdir", env("BENCH_WORKDIR", ""), "directory for logs and fio output (default: temporary, removed on success)")
@@ -94,9 +99,28 @@ func run() int {
 		fmt.Fprintf(os.Stderr, "nbdbench: %v (rows: %s)\n", err, rowNames())
 		return 2
 	}
+	dir := *workDir
+	keep := dir != ""
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "nbdbench-"); err != nil {
+			fmt.Fprintf(os.Stderr, "nbdbench: %v\n", err)
+			return 1
+		}
+	}
+	// The file volume and the disk ceiling share a directory, so the
+	// ceiling is the disk under that volume.
+	fdir := *fileDir
+	if fdir == "" {
+		fdir = dir
+	}
+
 	all := map[string]bench.Server{}
 	for _, s := range []bench.Server{
 		bench.Blockd{Bin: *blockdBin, Profile: *profile},
+		bench.Blockd{Bin: *blockdBin, Label: "blockd-file", Engine: "file", Profile: *fileProf, Dir: fdir},
+		bench.Blockd{Bin: *blockdBin, Label: "blockd-file-syscalls", Engine: "file", Profile: *fileProf, Dir: fdir,
+			Env: []string{"BLOCKD_IO_URING=0"}},
+		bench.Disk{Dir: fdir},
 		bench.Nbdkit{},
 		bench.Nbdkit{Allocator: "malloc"},
 		bench.QemuNBD{TmpDir: *shm},
@@ -115,12 +139,12 @@ func run() int {
 		srv = append(srv, s)
 	}
 
-	dir := *workDir
-	keep := dir != ""
-	if dir == "" {
-		if dir, err = os.MkdirTemp("", "nbdbench-"); err != nil {
-			fmt.Fprintf(os.Stderr, "nbdbench: %v\n", err)
-			return 1
+	var pairs []bench.Pair
+	for _, p := range []bench.Pair{{A: "blockd-file", B: "blockd"}, {A: "blockd-file", B: "disk"},
+		{A: "blockd-file", B: "blockd-file-syscalls"}} {
+		if slices.ContainsFunc(srv, func(s bench.Server) bool { return s.Name() == p.A }) &&
+			slices.ContainsFunc(srv, func(s bench.Server) bool { return s.Name() == p.B }) {
+			pairs = append(pairs, p)
 		}
 	}
 
@@ -132,7 +156,7 @@ func run() int {
 
 	r := &bench.Runner{
 		Servers: srv, Rows: sel, Conns: *conns, Runtime: rt, Ramp: ramp, Size: size,
-		Prefill: *prefill, Repeat: *repeat, Dir: dir, Primary: "blockd", Progress: os.Stderr,
+		Prefill: *prefill, Repeat: *repeat, Dir: dir, Primary: "blockd", Pairs: pairs, Progress: os.Stderr,
 	}
 	fmt.Fprintf(os.Stderr, "nbdbench: %d rows × %d servers, runtime %v + ramp %v, export %s, up to %d conns; logs in %s\n",
 		len(sel), len(srv), rt, ramp, bench.SizeString(size), *conns, dir)
@@ -146,6 +170,11 @@ func run() int {
 		return 1
 	}
 	fmt.Printf("\nraw results: %s\n", path)
+	if path, err = rep.SaveSVG(*out); err != nil {
+		fmt.Fprintf(os.Stderr, "nbdbench: %v\n", err)
+		return 1
+	}
+	fmt.Printf("chart: %s (and latest.svg beside it)\n", path)
 	if runErr != nil {
 		fmt.Fprintf(os.Stderr, "nbdbench: %v\nlogs kept in %s\n", runErr, dir)
 		return 1
@@ -156,7 +185,7 @@ func run() int {
 	return 0
 }
 
-const serverNames = "blockd, nbdkit, nbdkit-malloc, qemu-nbd, qemu-nbd-io_uring, go-nbd"
+const serverNames = "blockd, blockd-file, blockd-file-syscalls, disk, nbdkit, nbdkit-malloc, qemu-nbd, qemu-nbd-io_uring, go-nbd"
 
 func atoi(s string) int {
 	n, err := strconv.Atoi(s)

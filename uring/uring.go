@@ -16,6 +16,7 @@ import (
 	"os"
 	"sync/atomic"
 	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -35,6 +36,7 @@ const (
 const (
 	FeatSingleMmap = 1 << 0
 	FeatNoDrop     = 1 << 1
+	FeatExtArg     = 1 << 8 // io_uring_enter takes a timeout (5.11)
 )
 
 // Opcodes used by blockd.
@@ -47,6 +49,10 @@ const (
 
 const (
 	enterGetEvents = 1 << 0
+	enterExtArg    = 1 << 3
+
+	registerEventfd = 4
+	cqEventfdOff    = 1 << 0 // IORING_CQ_EVENTFD_DISABLED in the CQ ring's flags
 
 	offSQRing = 0
 	offCQRing = 0x8000000
@@ -119,10 +125,16 @@ type Ring struct {
 	tail              uint32 // next SQE to hand out; published at submit
 
 	cqHead, cqTail *uint32
+	cqFlags        *uint32 // nil before 5.8
 	cqMask         uint32
 	cqEntries      uint32
 	cqeSize        uint32
 	cqes           unsafe.Pointer
+
+	// WaitTimeout's argument to io_uring_enter; kept here, not on the
+	// stack, so a wait allocates nothing.
+	waitArg getEventsArg
+	waitTS  unix.Timespec
 
 	// Set by EnablePolling: the ring fd in Go's netpoller.
 	file    *os.File
@@ -130,6 +142,13 @@ type Ring struct {
 	pollFn  func(uintptr) bool
 	readyFn func(uintptr) bool
 	pollErr error
+
+	// Set by EnableEventfd: an eventfd the kernel signals, in the
+	// netpoller; WaitReady waits on it instead of the ring fd.
+	evFile    *os.File
+	evRC      syscall.RawConn
+	evReadyFn func(uintptr) bool
+	evBuf     [8]byte
 }
 
 // New sets up a ring with at least entries SQEs and the given Setup* flags.
@@ -185,6 +204,9 @@ func (r *Ring) mmap(p *params) error {
 	r.sqEntries = *u32(r.sqRing, p.SQOff.RingEntries)
 	r.cqHead = u32(r.cqRing, p.CQOff.Head)
 	r.cqTail = u32(r.cqRing, p.CQOff.Tail)
+	if p.CQOff.Flags != 0 {
+		r.cqFlags = u32(r.cqRing, p.CQOff.Flags)
+	}
 	r.cqMask = *u32(r.cqRing, p.CQOff.RingMask)
 	r.cqEntries = *u32(r.cqRing, p.CQOff.RingEntries)
 	r.cqes = unsafe.Pointer(&r.cqRing[p.CQOff.CQEs])
@@ -339,6 +361,66 @@ func (r *Ring) SubmitAndWait(want uint32) error {
 	}
 }
 
+// getEventsArg is struct io_uring_getevents_arg.
+type getEventsArg struct {
+	sigmask   uint64
+	sigmaskSz uint32
+	pad       uint32
+	ts        uint64
+}
+
+// ErrNoTimeout is returned by WaitTimeout on kernels whose io_uring_enter
+// takes no timeout (before 5.11).
+var ErrNoTimeout = errors.New("uring: io_uring_enter has no timeout on this kernel")
+
+// WaitTimeout submits every prepared SQE and waits in io_uring_enter until
+// a completion is ready or d has passed; it reports whether one is ready.
+// Unlike WaitPoll the calling thread sleeps in the kernel, so task work
+// queued for it (ublk's requests) runs and posts its completion within the
+// same syscall: one wakeup, no netpoller. The goroutine keeps its P while
+// it waits (until sysmon retakes it), so keep d short. Signals interrupt
+// the wait; it is resumed with the time left.
+func (r *Ring) WaitTimeout(d time.Duration) (bool, error) {
+	if r.fd < 0 {
+		return false, ErrClosed
+	}
+	if r.features&FeatExtArg == 0 {
+		return false, ErrNoTimeout
+	}
+	deadline := time.Now().Add(d)
+	for {
+		n := r.pending()
+		if n == 0 && r.Ready() > 0 {
+			return true, nil
+		}
+		left := time.Until(deadline)
+		if left <= 0 {
+			left = 0
+		}
+		r.waitTS = unix.NsecToTimespec(int64(left))
+		r.waitArg = getEventsArg{ts: uint64(uintptr(unsafe.Pointer(&r.waitTS)))}
+		_, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(n), 1,
+			enterGetEvents|enterExtArg, uintptr(unsafe.Pointer(&r.waitArg)), unsafe.Sizeof(r.waitArg))
+		switch errno {
+		case 0, unix.ETIME:
+			if errno == unix.ETIME || r.Ready() > 0 {
+				return r.Ready() > 0, nil
+			}
+		case unix.EINTR:
+		case unix.EBUSY, unix.EAGAIN:
+			if r.Ready() > 0 {
+				return true, nil
+			}
+			return false, fmt.Errorf("io_uring_enter: %w", errno)
+		default:
+			return false, fmt.Errorf("io_uring_enter: %w", errno)
+		}
+		if left == 0 {
+			return r.Ready() > 0, nil
+		}
+	}
+}
+
 // EnablePolling puts the ring's fd in Go's netpoller so that WaitPoll can
 // wait for completions without occupying a P. A goroutine blocked in
 // io_uring_enter keeps its P until sysmon retakes it (up to 10 ms when the
@@ -409,20 +491,113 @@ func (r *Ring) Flush() error {
 	}
 }
 
+// EnableEventfd registers an eventfd with the ring
+// (IORING_REGISTER_EVENTFD), which the kernel signals when it posts
+// completions, and puts it in Go's netpoller: WaitReady then parks on the
+// eventfd instead of polling the ring fd. Its signals can be turned off
+// (SetEventfd) while the owner waits for completions in io_uring_enter
+// itself: a ring fd in epoll, by contrast, wakes the netpoller's thread
+// for every batch posted whoever waits, once it has been polled at all.
+func (r *Ring) EnableEventfd() error {
+	if r.fd < 0 {
+		return ErrClosed
+	}
+	efd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("eventfd: %w", err)
+	}
+	fd32 := int32(efd)
+	_, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerEventfd, uintptr(unsafe.Pointer(&fd32)), 1, 0, 0)
+	if errno != 0 {
+		unix.Close(efd)
+		return fmt.Errorf("io_uring_register eventfd: %w", errno)
+	}
+	r.evFile = os.NewFile(uintptr(efd), "io_uring-eventfd")
+	rc, err := r.evFile.SyscallConn()
+	if err != nil {
+		r.evFile.Close()
+		r.evFile = nil
+		return fmt.Errorf("eventfd poll: %w", err)
+	}
+	r.evRC = rc
+	// Made once: a closure per wait would allocate.
+	r.evReadyFn = func(fd uintptr) bool {
+		// Consume the signal (EAGAIN when there is none), then look.
+		unix.Read(int(fd), r.evBuf[:])
+		return r.Ready() > 0
+	}
+	return nil
+}
+
+// closeEventfd closes EnableEventfd's eventfd, which ends a WaitReady in
+// progress (and fails later ones), leaving the ring open.
+func (r *Ring) closeEventfd() error {
+	if r.evFile == nil {
+		return nil
+	}
+	err := r.evFile.Close()
+	r.evFile = nil
+	return err
+}
+
+// SetEventfd turns the signals of EnableEventfd's eventfd on or off
+// (IORING_CQ_EVENTFD_DISABLED). Only the ring's owner may call it. Turning
+// it on races with a completion being posted at that instant (neither
+// side's check has a full barrier on the kernel's side), so a waiter that
+// starts right after should look again shortly (WaitReadyTimeout).
+func (r *Ring) SetEventfd(on bool) {
+	if r.cqFlags == nil {
+		return
+	}
+	f := atomic.LoadUint32(r.cqFlags)
+	if on {
+		f &^= cqEventfdOff
+	} else {
+		f |= cqEventfdOff
+	}
+	atomic.StoreUint32(r.cqFlags, f)
+}
+
 // WaitReady parks the calling goroutine in the netpoller until a
 // completion is ready to reap. Unlike every other method it may be called
 // from a goroutine other than the ring's owner, concurrently with it: it
 // only reads the completion ring's indices. It returns an error once Close
 // has been called (Close waits for it to return before unmapping). It
-// needs EnablePolling.
+// needs EnablePolling or EnableEventfd.
 func (r *Ring) WaitReady() error {
-	if r.rc == nil {
-		return errors.New("uring: WaitReady without EnablePolling")
+	rc, fn := r.rc, r.readyFn
+	if r.evRC != nil {
+		rc, fn = r.evRC, r.evReadyFn
 	}
-	if err := r.rc.Read(r.readyFn); err != nil {
+	if rc == nil {
+		return errors.New("uring: WaitReady without EnablePolling or EnableEventfd")
+	}
+	if err := rc.Read(fn); err != nil {
 		return fmt.Errorf("ring poll: %w", err)
 	}
 	return nil
+}
+
+// WaitReadyTimeout is WaitReady for at most d; it reports whether a
+// completion is ready. It needs EnableEventfd.
+func (r *Ring) WaitReadyTimeout(d time.Duration) (bool, error) {
+	if r.evRC == nil {
+		return false, errors.New("uring: WaitReadyTimeout without EnableEventfd")
+	}
+	if err := r.evFile.SetReadDeadline(time.Now().Add(d)); err != nil {
+		return false, fmt.Errorf("ring poll: %w", err)
+	}
+	err := r.evRC.Read(r.evReadyFn)
+	if derr := r.evFile.SetReadDeadline(time.Time{}); derr != nil && err == nil {
+		err = derr
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return r.Ready() > 0, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("ring poll: %w", err)
+	}
+	return true, nil
 }
 
 // Ready returns the number of completions waiting to be reaped.
@@ -455,8 +630,10 @@ func (r *Ring) Close() error {
 		return nil
 	}
 	var errs []error
-	// With polling, close the file first: it waits for a WaitReady in
-	// progress to return, after which nothing reads the rings.
+	// With polling, close the files first: closing waits for a
+	// WaitReady in progress to return, after which nothing reads the
+	// rings.
+	errs = append(errs, r.closeEventfd())
 	if r.file != nil {
 		errs = append(errs, r.file.Close())
 	}

@@ -2,22 +2,17 @@ package uring
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-)
 
-func openFds(t *testing.T) int {
-	t.Helper()
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return len(ents)
-}
+	"github.com/blockd/blockd/internal/leakcheck"
+)
 
 func newRing(t *testing.T, entries, flags uint32) *Ring {
 	t.Helper()
@@ -254,7 +249,7 @@ func TestManyInFlight(t *testing.T) {
 }
 
 func TestCloseReleasesFds(t *testing.T) {
-	before := openFds(t)
+	before := leakcheck.FDs(t)
 	for i := 0; i < 20; i++ {
 		r, err := New(64, SetupSQE128)
 		if err != nil {
@@ -277,7 +272,7 @@ func TestCloseReleasesFds(t *testing.T) {
 			t.Fatalf("SubmitAndWait on closed ring: %v", err)
 		}
 	}
-	if after := openFds(t); after != before {
+	if after := leakcheck.FDs(t); after != before {
 		t.Fatalf("fds before %d after %d", before, after)
 	}
 }
@@ -365,11 +360,11 @@ func TestWaitPoll(t *testing.T) {
 	if allocs != 0 {
 		t.Fatalf("%v allocations per WaitPoll", allocs)
 	}
-	before := openFds(t)
+	before := leakcheck.FDs(t)
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if after := openFds(t); after != before-1 {
+	if after := leakcheck.FDs(t); after != before-1 {
 		t.Fatalf("Close of a polled ring: fds %d -> %d", before, after)
 	}
 }
@@ -415,5 +410,128 @@ func TestWaitReadyFromAnotherGoroutine(t *testing.T) {
 	}
 	if err := r.Flush(); err != ErrClosed {
 		t.Fatalf("Flush after Close: %v", err)
+	}
+}
+
+// WaitTimeout returns at the deadline when nothing completes, at once when
+// a completion is ready, and submits what is prepared.
+func TestWaitTimeout(t *testing.T) {
+	r := newRing(t, 8, SetupSQE128)
+	if r.Features()&FeatExtArg == 0 {
+		if _, err := r.WaitTimeout(time.Millisecond); !errors.Is(err, ErrNoTimeout) {
+			t.Fatalf("WaitTimeout without EXT_ARG: %v", err)
+		}
+		t.Skip("kernel without IORING_FEAT_EXT_ARG")
+	}
+	start := time.Now()
+	got, err := r.WaitTimeout(20 * time.Millisecond)
+	if err != nil || got {
+		t.Fatalf("WaitTimeout on an idle ring = %v, %v", got, err)
+	}
+	if el := time.Since(start); el < 15*time.Millisecond || el > 2*time.Second {
+		t.Fatalf("idle wait took %v, want about 20ms", el)
+	}
+	r.GetSQE().PrepNop(5)
+	got, err = r.WaitTimeout(time.Minute)
+	if err != nil || !got {
+		t.Fatalf("WaitTimeout with a NOP prepared = %v, %v", got, err)
+	}
+	var c [2]CQE
+	if n := r.Reap(c[:]); n != 1 || c[0].UserData != 5 {
+		t.Fatalf("reaped %d %+v", n, c[0])
+	}
+	allocs := testing.AllocsPerRun(100, func() {
+		r.GetSQE().PrepNop(6)
+		if ok, err := r.WaitTimeout(time.Second); !ok || err != nil {
+			t.Fatal(ok, err)
+		}
+		r.Reap(c[:])
+	})
+	if allocs != 0 {
+		t.Fatalf("WaitTimeout allocates %v per call", allocs)
+	}
+}
+
+// With EnableEventfd, WaitReady parks on the eventfd and wakes for a
+// completion another goroutine's submission posts; with the eventfd's
+// signals off it does not wake (WaitReadyTimeout runs out), and it sees
+// a completion posted before it started even without a signal.
+func TestEventfd(t *testing.T) {
+	r, err := New(8, SetupSQE128)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.EnableEventfd(); err != nil {
+		t.Fatal(err)
+	}
+	fds := leakcheck.FDs(t)
+	var c [4]CQE
+	for i := 0; i < 10; i++ {
+		done := make(chan error, 1)
+		go func() { done <- r.WaitReady() }()
+		time.Sleep(time.Millisecond)
+		r.GetSQE().PrepNop(uint64(i))
+		if err := r.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+		if n := r.Reap(c[:]); n != 1 || c[0].UserData != uint64(i) {
+			t.Fatalf("reaped %d %+v", n, c[0])
+		}
+	}
+	if r.cqFlags == nil {
+		t.Skip("kernel without CQ ring flags")
+	}
+	r.SetEventfd(false)
+	r.GetSQE().PrepNop(99)
+	if _, err := r.WaitTimeout(time.Second); err != nil && !errors.Is(err, ErrNoTimeout) {
+		t.Fatal(err)
+	}
+	// Posted while off: no signal, but WaitReady looks before parking.
+	if ok, err := r.WaitReadyTimeout(20 * time.Millisecond); !ok || err != nil {
+		t.Fatalf("WaitReadyTimeout with a completion ready = %v, %v", ok, err)
+	}
+	r.Reap(c[:])
+	// Nothing ready, signals off: a submission's completion is not
+	// signalled.
+	got := make(chan time.Duration, 1)
+	go func() {
+		start := time.Now()
+		ok, err := r.WaitReadyTimeout(100 * time.Millisecond)
+		if err != nil || !ok {
+			t.Errorf("WaitReadyTimeout = %v, %v; want the completion seen at the deadline", ok, err)
+		}
+		got <- time.Since(start)
+	}()
+	time.Sleep(5 * time.Millisecond)
+	r.GetSQE().PrepNop(100)
+	if _, err := r.Submit(); err != nil {
+		t.Fatal(err)
+	}
+	if el := <-got; el < 80*time.Millisecond {
+		t.Fatalf("woken after %v by a completion posted with the eventfd off", el)
+	}
+	r.Reap(c[:])
+	r.SetEventfd(true)
+	allocs := testing.AllocsPerRun(50, func() {
+		r.GetSQE().PrepNop(7)
+		if err := r.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.WaitReady(); err != nil {
+			t.Fatal(err)
+		}
+		r.Reap(c[:])
+	})
+	if allocs != 0 {
+		t.Errorf("WaitReady on the eventfd allocates %v per wait", allocs)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n := leakcheck.FDs(t); n != fds-2 {
+		t.Errorf("%d fds after Close, %d before: the ring or its eventfd leaked", n, fds)
 	}
 }

@@ -44,7 +44,7 @@ var (
 	cmdStartRecovery = iowr(0x10, ctrlCmdSize)
 	cmdEndRecovery   = iowr(0x11, ctrlCmdSize)
 	cmdGetFeatures   = ior(0x13, ctrlCmdSize)
-	cmdDelDevAsync   = ior(0x14, ctrlCmdSize) // 6.9+: DEL_DEV that does not wait for the disk's openers
+	cmdDelDevAsync   = ior(0x14, ctrlCmdSize)  // 6.9+: DEL_DEV that does not wait for the disk's openers
 	cmdUpdateSize    = iowr(0x15, ctrlCmdSize) // with FlagUpdateSize (6.16+): the size of a live device, in sectors
 )
 

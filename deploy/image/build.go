@@ -243,7 +243,7 @@ func build(o options) (string, error) {
 	}
 	_, tag, _ := strings.Cut(path.Base(o.tag), ":")
 	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{
-		"io.containerd.image.name":         name,
+		"io.containerd.image.name":          name,
 		"org.opencontainers.image.ref.name": tag,
 	})); err != nil {
 		return "", err

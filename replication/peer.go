@@ -162,8 +162,16 @@ func (p *peer) open(create bool) error {
 	if create {
 		m.Flags |= FlagCreate
 	}
+	// A create makes files and fsyncs them on the replica, and no write
+	// waits on it (only the user's create): it gets the longer timeout,
+	// so a busy replica node does not fail a create the data path would
+	// have waited for.
+	timeout := r.n.Timeout
+	if create {
+		timeout = r.n.LastTimeout
+	}
 	var resp Msg
-	if _, err := r.n.Net.Call(p.ctx, p.node, r.n.Timeout, &m, payload, &resp, nil); err != nil {
+	if _, err := r.n.Net.Call(p.ctx, p.node, timeout, &m, payload, &resp, nil); err != nil {
 		return err
 	}
 	if resp.Status != StatusOK {
